@@ -1,0 +1,40 @@
+"""quantizer_plugin: low-bit (NF4/FP4/LLM.int8) weights for Hugging Face Transformers.
+
+Importing the package registers the quantization method "lowbit" with transformers, so that
+
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=LowBitConfig(weights="nf4"))
+
+quantizes the model's linear layers while it loads, and a saved quantized model reloads without a config.
+"""
+
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
+
+from .config import FORMAT_VERSION, QUANT_METHOD, LowBitConfig, preset_names
+from .modules import LowBitLinear
+from .quantizer import LowBitHfQuantizer
+from .serialization import CheckpointFormatError
+
+__version__ = "0.1.0"
+
+# Idempotent: a re-import (importlib.reload in a notebook) must not fail on "already registered".
+if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LowBitConfig:
+    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
+    register_quantization_config(QUANT_METHOD)(LowBitConfig)
+if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LowBitHfQuantizer:
+    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+    register_quantizer(QUANT_METHOD)(LowBitHfQuantizer)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointFormatError",
+    "LowBitConfig",
+    "LowBitHfQuantizer",
+    "LowBitLinear",
+    "preset_names",
+    "__version__",
+]

@@ -1,0 +1,186 @@
+"""LowBitConfig: what the user asked for, validated on construction, stored in config.json as a versioned dict."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Any
+
+import torch
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .formats import QuantScheme, format_names, get_format
+
+QUANT_METHOD = "lowbit"
+# The on-disk layout version (tensor names, shapes, codebooks). A checkpoint written by a newer layout is refused.
+FORMAT_VERSION = 1
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+_FIELDS = ("weights", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules")
+
+
+def _resolve_compute_dtype(value: Any) -> torch.dtype:
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        name = _DTYPE_ALIASES.get(name, name)
+        dtype = getattr(torch, name, None)
+        if not isinstance(dtype, torch.dtype):
+            raise ValueError(f"LowBitConfig.compute_dtype: {value!r} is not a torch dtype name")
+        value = dtype
+    if not isinstance(value, torch.dtype):
+        raise TypeError(f"LowBitConfig.compute_dtype must be a torch.dtype or its name, got {type(value).__name__}")
+    if value not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"LowBitConfig.compute_dtype must be float16, bfloat16 or float32, got {value}")
+    return value
+
+
+class LowBitConfig(QuantizationConfigMixin):
+    """Quantization settings for `from_pretrained(..., quantization_config=LowBitConfig(...))`.
+
+    Args:
+        weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible) or "int8" (LLM.int8).
+        double_quant: 4-bit only (default True): store the per-block absmax as 8-bit codes around their mean.
+        block_size: 4-bit only (default 64): elements per absmax block, a power of two from 16 to 4096.
+        compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
+        outlier_threshold: int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
+            16-bit; 0 turns the decomposition off.
+        skip_modules: module names (or patterns) kept in full precision. Default: the output embedding, tied
+            weights and the last module, as transformers' bitsandbytes integration does.
+    """
+
+    def __init__(
+        self,
+        weights: str = "nf4",
+        double_quant: bool | None = None,
+        block_size: int | None = None,
+        compute_dtype: torch.dtype | str = torch.bfloat16,
+        outlier_threshold: float | None = None,
+        skip_modules: list[str] | None = None,
+        format_version: int = FORMAT_VERSION,
+        quant_method: str = QUANT_METHOD,
+    ):
+        if quant_method != QUANT_METHOD:
+            raise ValueError(f"LowBitConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
+        if not isinstance(format_version, int) or format_version < 1:
+            raise ValueError(f"LowBitConfig.format_version must be a positive integer, got {format_version!r}")
+        if format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"LowBitConfig.format_version is {format_version}, newer than the layout this quantizer_plugin knows "
+                f"({FORMAT_VERSION}); upgrade quantizer_plugin to load this checkpoint"
+            )
+        if weights not in format_names():
+            raise ValueError(f"LowBitConfig.weights: unknown format {weights!r}; expected one of {format_names()}")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.weights = weights
+        is_4bit = get_format(weights).bits == 4
+
+        if is_4bit:
+            if outlier_threshold is not None:
+                raise ValueError(f"LowBitConfig.outlier_threshold applies to int8 only, not to weights={weights!r}")
+            double_quant = True if double_quant is None else double_quant
+            block_size = 64 if block_size is None else block_size
+            if not isinstance(double_quant, bool):
+                raise TypeError(f"LowBitConfig.double_quant must be a bool, got {double_quant!r}")
+            if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
+                16 <= block_size <= 4096 and block_size & (block_size - 1) == 0
+            ):
+                raise ValueError(f"LowBitConfig.block_size must be a power of two from 16 to 4096, got {block_size!r}")
+        else:
+            for field, value in (("double_quant", double_quant), ("block_size", block_size)):
+                if value is not None:
+                    raise ValueError(f"LowBitConfig.{field} applies to 4-bit formats only, not to weights={weights!r}")
+            outlier_threshold = 6.0 if outlier_threshold is None else outlier_threshold
+            if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) or outlier_threshold < 0:
+                raise ValueError(f"LowBitConfig.outlier_threshold must be a number >= 0, got {outlier_threshold!r}")
+            outlier_threshold = float(outlier_threshold)
+        self.double_quant = double_quant
+        self.block_size = block_size
+        self.outlier_threshold = outlier_threshold
+        self.compute_dtype = _resolve_compute_dtype(compute_dtype)
+        if skip_modules is not None:
+            if isinstance(skip_modules, str) or not all(isinstance(name, str) for name in skip_modules):
+                raise TypeError(f"LowBitConfig.skip_modules must be a list of module names, got {skip_modules!r}")
+            skip_modules = list(skip_modules)
+        self.skip_modules = skip_modules
+
+    @property
+    def scheme(self) -> QuantScheme:
+        """The per-layer settings the formats need."""
+        if self.weights == "int8":
+            return QuantScheme(self.weights, outlier_threshold=self.outlier_threshold)
+        return QuantScheme(self.weights, block_size=self.block_size, double_quant=self.double_quant)
+
+    # --- serialization -------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "quant_method": QUANT_METHOD,
+            "format_version": self.format_version,
+            "weights": self.weights,
+            "double_quant": self.double_quant,
+            "block_size": self.block_size,
+            "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "outlier_threshold": self.outlier_threshold,
+            "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
+        }
+
+    def __iter__(self):
+        yield from self.to_dict().items()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, LowBitConfig) and self.to_dict() == other.to_dict()
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], return_unused_kwargs: bool = False, **kwargs):
+        config_dict = dict(config_dict)
+        # The version decides which fields exist, so it is checked before anything else.
+        version = config_dict.get("format_version", FORMAT_VERSION)
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            cls(format_version=version)  # raises the "newer format" error
+        unknown = set(config_dict) - set(_FIELDS) - {"quant_method", "format_version"}
+        if unknown:
+            raise ValueError(f"LowBitConfig: unknown fields {sorted(unknown)}")
+        config = cls(**config_dict)
+        unused = {key: value for key, value in kwargs.items() if key not in _FIELDS}
+        if any(key in _FIELDS for key in kwargs):
+            merged = config.to_dict() | {key: value for key, value in kwargs.items() if key in _FIELDS}
+            config = cls(**merged)
+        return (config, unused) if return_unused_kwargs else config
+
+    @classmethod
+    def from_preset(cls, name: str) -> LowBitConfig:
+        """A preset from quantizer_plugin/configs by name, e.g. "nf4", "fp4", "int8"."""
+        available = preset_names()
+        if name not in available:
+            raise ValueError(f"unknown preset {name!r}; available presets: {available}")
+        text = resources.files("quantizer_plugin.configs").joinpath(f"{name}.json").read_text()
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_bnb(cls, bnb_config) -> LowBitConfig:
+        """Map a transformers BitsAndBytesConfig onto ours (same numerics for 4-bit; LLM.int8 for 8-bit)."""
+        skip = bnb_config.llm_int8_skip_modules
+        if bnb_config.load_in_4bit:
+            if bnb_config.bnb_4bit_quant_storage not in (None, torch.uint8):
+                raise ValueError(
+                    f"BitsAndBytesConfig.bnb_4bit_quant_storage={bnb_config.bnb_4bit_quant_storage} is not supported; "
+                    "lowbit stores packed codes as uint8"
+                )
+            return cls(
+                weights=bnb_config.bnb_4bit_quant_type,
+                double_quant=bool(bnb_config.bnb_4bit_use_double_quant),
+                block_size=64,  # bitsandbytes' Linear4bit block size
+                compute_dtype=bnb_config.bnb_4bit_compute_dtype or torch.float32,
+                skip_modules=skip,
+            )
+        if bnb_config.load_in_8bit:
+            if bnb_config.llm_int8_has_fp16_weight:
+                raise ValueError("BitsAndBytesConfig.llm_int8_has_fp16_weight=True (16-bit master weights) is not supported")
+            # bitsandbytes multiplies LLM.int8 activations in float16
+            return cls(weights="int8", outlier_threshold=bnb_config.llm_int8_threshold, compute_dtype=torch.float16, skip_modules=skip)
+        raise ValueError("BitsAndBytesConfig sets neither load_in_4bit nor load_in_8bit: nothing to map")
+
+
+def preset_names() -> list[str]:
+    folder = resources.files("quantizer_plugin.configs")
+    return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))

@@ -1,0 +1,89 @@
+"""What every weight format provides, and the registry that maps a format name to its implementation.
+
+A format is a storage spec (the tensors a quantized linear layer holds, with their shapes and dtypes),
+a quantize step, a dequantize step and a plain-PyTorch reference linear. The reference linear runs on any
+device and is the oracle the Triton kernels are tested against.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """The per-layer quantization settings a format needs (a projection of LowBitConfig)."""
+
+    weights: str
+    block_size: int = 64
+    double_quant: bool = True
+    outlier_threshold: float = 6.0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and dtype of one stored tensor of a quantized layer."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+class WeightFormat(ABC):
+    """One low-bit storage format. Subclasses are stateless; one instance per format is registered."""
+
+    name: str
+    bits: int
+
+    @abstractmethod
+    def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
+        """The tensors a layer of this shape stores, keyed by attribute name (`weight` first)."""
+
+    @abstractmethod
+    def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+        """Quantize a float weight of shape (out_features, in_features) into the tensors of `tensor_specs`."""
+
+    @abstractmethod
+    def dequantize(
+        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Rebuild the (out_features, in_features) weight in `dtype`."""
+
+    def reference_linear(
+        self,
+        x: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+        out_features: int,
+        in_features: int,
+        scheme: QuantScheme,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """y = x @ dequant(W).T + bias in `compute_dtype`, returned in x's dtype. Plain torch, differentiable in x."""
+        weight = self.dequantize(tensors, out_features, in_features, scheme, compute_dtype)
+        bias = None if bias is None else bias.to(compute_dtype)
+        return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+
+
+_FORMATS: dict[str, WeightFormat] = {}
+
+
+def register_format(fmt: WeightFormat) -> WeightFormat:
+    if fmt.name in _FORMATS:
+        raise ValueError(f"weight format {fmt.name!r} is already registered")
+    _FORMATS[fmt.name] = fmt
+    return fmt
+
+
+def get_format(name: str) -> WeightFormat:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown weight format {name!r}; known formats: {sorted(_FORMATS)}") from None
+
+
+def format_names() -> list[str]:
+    return sorted(_FORMATS)

@@ -1,0 +1,116 @@
+"""4-bit codebook formats (NF4, FP4): blockwise absmax scaling, 16-value code look-up, two codes per byte.
+
+The layout and numerics are those of bitsandbytes' `quantize_4bit`/`dequantize_4bit`, so that our packed codes
+and dequantized weights equal theirs exactly:
+- the weight is flattened row-major and cut into blocks of `block_size` elements (a block may span rows; the
+  last block may be short), each scaled by its absmax into [-1, 1];
+- each scaled value takes the code whose value is nearest (ties to the lower value), two codes per byte with
+  the first element in the high nibble;
+- with double quantization the float32 absmax vector is centred on its mean and stored as 8-bit dynamic codes
+  in blocks of 256 (see dynamic8bit.py).
+
+Stored tensors of a layer with n = out_features * in_features weights and b = ceil(n / block_size) blocks:
+  weight               uint8   (ceil(n / 2),)   packed codes
+  weight_absmax        float32 (b,)             without double quant
+  weight_absmax_code   uint8   (b,)             with double quant: the absmax, 8-bit coded around its mean
+  weight_absmax_scale  float32 (ceil(b / 256),) with double quant: absmax of each 256-block of centred absmax
+  weight_absmax_offset float32 ()               with double quant: the mean that was subtracted
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+
+from .base import QuantScheme, TensorSpec, WeightFormat
+from .dynamic8bit import DOUBLE_QUANT_BLOCK, dequantize_dynamic, quantize_dynamic
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class Codebook4BitFormat(WeightFormat):
+    bits = 4
+
+    def __init__(self, name: str, code: torch.Tensor):
+        if code.shape != (16,) or code.dtype != torch.float32:
+            raise ValueError(f"a 4-bit codebook holds 16 float32 values, got {tuple(code.shape)} {code.dtype}")
+        self.name = name
+        self._code = code
+
+    def code(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return self._code.to(device)
+
+    @lru_cache(maxsize=None)
+    def _bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        # Rounding to the nearest code = bucketizing against the midpoints of the sorted code; `order` maps a
+        # position in the sorted code back to the code's index (NF4 is sorted already, FP4 is in bit order).
+        code = self.code(device)
+        order = torch.argsort(code)
+        midpoints = (code[order[:-1]] + code[order[1:]]) / 2
+        return midpoints, order
+
+    def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
+        n = out_features * in_features
+        n_blocks = _cdiv(n, scheme.block_size)
+        specs = {"weight": TensorSpec((_cdiv(n, 2),), torch.uint8)}
+        if scheme.double_quant:
+            specs["weight_absmax_code"] = TensorSpec((n_blocks,), torch.uint8)
+            specs["weight_absmax_scale"] = TensorSpec((_cdiv(n_blocks, DOUBLE_QUANT_BLOCK),), torch.float32)
+            specs["weight_absmax_offset"] = TensorSpec((), torch.float32)
+        else:
+            specs["weight_absmax"] = TensorSpec((n_blocks,), torch.float32)
+        return specs
+
+    def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+        if not weight.is_floating_point():
+            raise TypeError(f"{self.name} quantizes float weights, got {weight.dtype}")
+        codes, absmax = self.quantize_codes(weight.reshape(-1), scheme.block_size)
+        tensors = {"weight": codes}
+        if scheme.double_quant:
+            offset = absmax.mean()
+            absmax_code, absmax_scale = quantize_dynamic(absmax - offset, DOUBLE_QUANT_BLOCK)
+            tensors.update(weight_absmax_code=absmax_code, weight_absmax_scale=absmax_scale, weight_absmax_offset=offset)
+        else:
+            tensors["weight_absmax"] = absmax
+        return tensors
+
+    def quantize_codes(self, flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Packed uint8 codes and float32 per-block absmax of a 1-D float tensor."""
+        flat = flat.float()
+        n = flat.numel()
+        full = n - n % block_size
+        blocks = flat[:full].view(-1, block_size)
+        absmax = blocks.abs().amax(dim=1)
+        # bitsandbytes multiplies full blocks by the reciprocal of their absmax but divides the short tail block;
+        # the two differ in the last bit for some inputs, so we do the same to keep the codes identical.
+        scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+        if full < n:
+            tail_absmax = flat[full:].abs().amax().clamp(min=1e-38)
+            absmax = torch.cat([absmax, tail_absmax[None]])
+            scaled = torch.cat([scaled, (flat[full:] / tail_absmax).clamp(-1, 1)])
+        if n % 2:
+            scaled = torch.nn.functional.pad(scaled, (0, 1))
+        midpoints, order = self._bounds(flat.device)
+        codes = order[torch.bucketize(scaled, midpoints, out_int32=True)].to(torch.uint8)
+        return (codes[0::2] << 4) | codes[1::2], absmax
+
+    def absmax(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
+        """The float32 per-block absmax, undoing double quantization if it was applied."""
+        if not scheme.double_quant:
+            return tensors["weight_absmax"]
+        centred = dequantize_dynamic(tensors["weight_absmax_code"], tensors["weight_absmax_scale"], DOUBLE_QUANT_BLOCK)
+        return centred + tensors["weight_absmax_offset"]
+
+    def dequantize(
+        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
+    ) -> torch.Tensor:
+        packed = tensors["weight"]
+        n = out_features * in_features
+        codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
+        values = self.code(packed.device)[codes.long()]
+        absmax = self.absmax(tensors, scheme)
+        block_of = torch.arange(n, device=packed.device) // scheme.block_size
+        return (values * absmax[block_of]).view(out_features, in_features).to(dtype)

@@ -1,0 +1,90 @@
+"""LLM.int8 (Dettmers et al. 2022): int8 weights with one absmax scale per output row, and a mixed-precision matmul.
+
+At matmul time the activation columns (input features) holding any |x| >= outlier_threshold are multiplied in
+floating point against the dequantized weight columns; every other column goes through int8 x int8 with one
+absmax scale per activation row and per weight row; the two parts are summed. A threshold of 0 turns the
+decomposition off.
+
+Stored tensors:
+  weight        int8    (out_features, in_features)  round(W * 127 / row_absmax)
+  weight_scale  float32 (out_features,)              row_absmax (bitsandbytes' SCB)
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .base import QuantScheme, TensorSpec, WeightFormat, register_format
+
+INT8_MAX = 127.0
+
+
+def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8 quantization of a 2-D float tensor: (int8 values, float32 row absmax)."""
+    matrix = matrix.float()
+    absmax = matrix.abs().amax(dim=1)
+    scaled = matrix * (INT8_MAX / absmax.clamp(min=torch.finfo(torch.float32).tiny))[:, None]
+    return scaled.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8), absmax
+
+
+def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices of the input features where any activation has |x| >= threshold (empty when threshold is 0)."""
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.long, device=x2d.device)
+    return torch.nonzero((x2d.abs() >= threshold).any(dim=0)).flatten()
+
+
+class Int8RowwiseFormat(WeightFormat):
+    name = "int8"
+    bits = 8
+
+    def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
+        return {
+            "weight": TensorSpec((out_features, in_features), torch.int8),
+            "weight_scale": TensorSpec((out_features,), torch.float32),
+        }
+
+    def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+        if not weight.is_floating_point():
+            raise TypeError(f"int8 quantizes float weights, got {weight.dtype}")
+        values, absmax = quantize_rows(weight)
+        return {"weight": values, "weight_scale": absmax}
+
+    def dequantize(
+        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
+    ) -> torch.Tensor:
+        scale = tensors["weight_scale"] / INT8_MAX
+        return (tensors["weight"].float() * scale[:, None]).to(dtype)
+
+    def reference_linear(
+        self,
+        x: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        bias: torch.Tensor | None,
+        out_features: int,
+        in_features: int,
+        scheme: QuantScheme,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        w_int8, w_absmax = tensors["weight"], tensors["weight_scale"]
+        x2d = x.reshape(-1, in_features).to(compute_dtype)
+        outliers = outlier_columns(x2d, scheme.outlier_threshold)
+
+        inliers = x2d.float()
+        if outliers.numel():
+            inliers = inliers.index_fill(1, outliers, 0.0)
+        x_int8, x_absmax = quantize_rows(inliers)
+        # int8 x int8 products summed exactly: float64 holds every partial sum of |127 * 127| * K for K < 2^39.
+        accumulated = x_int8.double() @ w_int8.double().T
+        y = (accumulated * (x_absmax.double()[:, None] * w_absmax.double()[None, :] / (INT8_MAX * INT8_MAX))).float()
+
+        if outliers.numel():
+            w_outlier_cols = w_int8.index_select(1, outliers).float() * (w_absmax / INT8_MAX)[:, None]
+            x_outlier_cols = x2d.index_select(1, outliers)
+            y = y + (x_outlier_cols.to(compute_dtype) @ w_outlier_cols.to(compute_dtype).T).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+INT8 = register_format(Int8RowwiseFormat())

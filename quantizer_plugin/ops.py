@@ -1,0 +1,136 @@
+"""The one dispatch seam between a quantized layer and the code that multiplies by its weight.
+
+Every format has a plain-PyTorch reference ("torch" backend) that runs on any device; faster backends
+(the Triton kernels in quantizer_plugin.kernels) register per format. The backend is chosen by device
+(Triton on CUDA when a kernel for the format is registered, torch otherwise) unless the environment variable
+QUANTIZER_PLUGIN_KERNELS names one ("torch" or "triton"), so that tests can force the Triton kernels on CPU
+under TRITON_INTERPRET=1.
+
+The autograd rule lives here too, once for all backends: the weight is frozen, so the backward is
+grad_x = grad_y @ dequant(W), the product QLoRA needs to train adapters on a quantized base.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .formats import get_format
+
+if TYPE_CHECKING:
+    from .modules import LowBitLinear
+
+KERNELS_ENV = "QUANTIZER_PLUGIN_KERNELS"
+BACKENDS = ("torch", "triton")
+
+# (format name, backend) -> fn(x, layer) -> y            y = x @ dequant(W).T + bias, in x's dtype
+ForwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
+# (format name, backend) -> fn(grad_y, layer) -> grad_x  grad_x = grad_y @ dequant(W)
+BackwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
+_FORWARD: dict[tuple[str, str], ForwardKernel] = {}
+_BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
+_triton_loaded = False
+
+
+def register_kernel(format_name: str, backend: str, *, backward: bool = False):
+    """Decorator registering a forward (or, with backward=True, an input-gradient) kernel for one format."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    table = _BACKWARD if backward else _FORWARD
+
+    def register(fn):
+        table[(format_name, backend)] = fn
+        return fn
+
+    return register
+
+
+def _load_triton_kernels() -> None:
+    # Imported on first need: the kernels package imports triton, which a CPU-only user may not want loaded.
+    global _triton_loaded
+    if not _triton_loaded:
+        _triton_loaded = True
+        try:
+            importlib.import_module("quantizer_plugin.kernels")
+        except ImportError:
+            pass
+
+
+def forced_backend() -> str | None:
+    """The backend named by QUANTIZER_PLUGIN_KERNELS, or None when it is unset."""
+    value = os.environ.get(KERNELS_ENV, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{KERNELS_ENV}={value!r} is not a backend; expected one of {BACKENDS}")
+    return value
+
+
+def select_backend(format_name: str, device: torch.device) -> str:
+    forced = forced_backend()
+    if forced == "triton" or (forced is None and device.type == "cuda"):
+        _load_triton_kernels()
+    if forced is not None:
+        if (format_name, forced) not in _FORWARD:
+            raise RuntimeError(f"{KERNELS_ENV}={forced} but no {forced} kernel is available for format {format_name!r}")
+        return forced
+    if device.type == "cuda" and (format_name, "triton") in _FORWARD:
+        return "triton"
+    return "torch"
+
+
+def _reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    return layer.fmt.reference_linear(
+        x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
+    )
+
+
+def _reference_backward(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    weight = layer.dequantize_weight(layer.compute_dtype)
+    return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+
+
+def _register_references() -> None:
+    from .formats import format_names
+
+    for name in format_names():
+        _FORWARD.setdefault((name, "torch"), _reference_forward)
+        _BACKWARD.setdefault((name, "torch"), _reference_backward)
+
+
+_register_references()
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """y = x @ dequant(W).T + b with W frozen; gradients flow to x (and to b when it is trainable)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: LowBitLinear, backend: str):
+        ctx.layer, ctx.backend = layer, backend
+        ctx.x_dtype = x.dtype
+        return _FORWARD[(layer.fmt.name, backend)](x, layer)
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        layer = ctx.layer
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            kernel = _BACKWARD.get((layer.fmt.name, ctx.backend), _reference_backward)
+            grad_x = kernel(grad_y, layer).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0).to(layer.bias.dtype)
+        return grad_x, grad_bias, None, None
+
+
+def lowbit_linear(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    """The quantized layer's forward: picks the backend and applies the frozen-weight autograd rule."""
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
+    backend = select_backend(layer.fmt.name, x.device)
+    if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):
+        return _FrozenWeightLinear.apply(x, layer.bias, layer, backend)
+    return _FORWARD[(layer.fmt.name, backend)](x, layer)

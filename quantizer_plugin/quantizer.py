@@ -1,0 +1,77 @@
+"""LowBitHfQuantizer: the thin adapter between transformers' from_pretrained hooks and our package. No maths here."""
+
+from __future__ import annotations
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import get_module_from_name
+
+from .config import LowBitConfig
+from .loading import LowBitQuantize
+from .modules import LowBitLinear
+from .replace import dequantize_modules, replace_linear_modules
+from .serialization import check_prequantized_checkpoint
+
+
+class LowBitHfQuantizer(HfQuantizer):
+    requires_calibration = False
+    quantization_config: LowBitConfig
+
+    def __init__(self, quantization_config: LowBitConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.modules_to_not_convert: list[str] = []
+
+    def update_device_map(self, device_map):
+        # As with bitsandbytes: without a device_map, load straight onto the accelerator when there is one.
+        if device_map is None:
+            device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else {"": "cpu"}
+        return device_map
+
+    def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
+        if self.pre_quantized:
+            return False
+        module, tensor_name = get_module_from_name(model, param_name)
+        return isinstance(module, LowBitLinear) and tensor_name == "weight"
+
+    def get_quantize_ops(self):
+        return LowBitQuantize(self)
+
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        config = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)
+        )
+        replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
+        if not replaced:
+            raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D module to quantize outside skip_modules")
+        if self.pre_quantized:
+            if not checkpoint_files:
+                raise ValueError("a pre-quantized lowbit model loads from safetensors checkpoint files only")
+            check_prequantized_checkpoint(model, checkpoint_files)
+        elif config.skip_modules is None:
+            # Record what was kept in full precision, so that the saved config reloads the very same layout.
+            config.skip_modules = sorted(self.modules_to_not_convert)
+        return model
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        # The loader makes float tensors it sets trainable; the stored tensors of a quantized layer never are.
+        for module in model.modules():
+            if isinstance(module, LowBitLinear):
+                module.requires_grad_(False)
+        return model
+
+    def dequantize(self, model, dtype=None):
+        # Default to the compute dtype: the dequantized model should run like the quantized one did.
+        return super().dequantize(model, dtype=dtype or self.quantization_config.compute_dtype)
+
+    def _dequantize(self, model, dtype=None):
+        dequantize_modules(model, dtype)
+        return model
+
+    def is_serializable(self):
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        # Adapters (LoRA) train on top of the frozen quantized layers: gradients flow to their inputs.
+        return True

@@ -1,0 +1,47 @@
+"""Module swap: nn.Linear and GPT-2 style Conv1D -> LowBitLinear, on the meta-device skeleton before weights load."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from .formats import QuantScheme
+from .modules import LowBitLinear
+
+
+def replace_linear_modules(
+    model: nn.Module, scheme: QuantScheme, compute_dtype: torch.dtype, modules_to_not_convert: list[str] | None
+) -> list[str]:
+    """Swap every eligible layer of `model` in place; returns the names of the swapped modules."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        if not name or not should_convert_module(name, modules_to_not_convert):
+            continue
+        # Exact nn.Linear only: subclasses (e.g. NonDynamicallyQuantizableLinear inside attention) carry extra behaviour.
+        if type(module) is nn.Linear:
+            in_features, out_features, is_conv1d = module.in_features, module.out_features, False
+        elif isinstance(module, Conv1D):
+            (in_features, out_features), is_conv1d = module.weight.shape, True
+        else:
+            continue
+        with torch.device("meta"):
+            new_module = LowBitLinear(
+                in_features, out_features, module.bias is not None, scheme, compute_dtype, source_is_conv1d=is_conv1d
+            )
+        if module.bias is not None:
+            new_module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
+        model.set_submodule(name, new_module)
+        replaced.append(name)
+    return replaced
+
+
+def dequantize_modules(model: nn.Module, dtype: torch.dtype | None = None) -> int:
+    """Swap every LowBitLinear back for an nn.Linear holding its dequantized weight; returns how many."""
+    count = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LowBitLinear):
+            model.set_submodule(name, module.to_linear(dtype))
+            count += 1
+    return count

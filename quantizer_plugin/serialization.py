@@ -1,0 +1,76 @@
+"""The on-disk layout of a quantized checkpoint, and its check before a pre-quantized load.
+
+save_pretrained writes each LowBitLinear's stored tensors (quantizer_plugin.formats gives their names, shapes and
+dtypes) as ordinary safetensors entries beside the model's other weights, and the LowBitConfig (with its
+format_version) into config.json. Before a pre-quantized load we read only the safetensors headers and check that
+every quantized module's tensors are there with the right shape and dtype, so that a bad checkpoint fails with an
+error naming the module, before any weight is loaded, and no half-loaded model is returned.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .modules import LowBitLinear
+
+SAFETENSORS_DTYPES = {
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+}
+
+
+class CheckpointFormatError(ValueError):
+    """A pre-quantized checkpoint does not hold what its quantization config says it holds."""
+
+
+def read_tensor_headers(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) for every tensor of the checkpoint, reading headers only."""
+    headers = {}
+    for path in checkpoint_files:
+        if not str(path).endswith(".safetensors"):
+            raise CheckpointFormatError(f"{path}: pre-quantized lowbit checkpoints are read from safetensors files only")
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+    return headers
+
+
+def _find_key(headers: dict, key: str, base_prefix: str) -> str | None:
+    # A checkpoint saved from a model with a head (`model.layers...`) may be loaded into the bare model and back.
+    for candidate in (key, f"{base_prefix}.{key}", key.removeprefix(f"{base_prefix}.")):
+        if candidate in headers:
+            return candidate
+    return None
+
+
+def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: list[str]) -> int:
+    """Raise CheckpointFormatError naming the first module whose stored tensors are missing or malformed.
+
+    Returns the number of quantized modules checked.
+    """
+    headers = read_tensor_headers(checkpoint_files)
+    base_prefix = getattr(model, "base_model_prefix", "") or "\0"
+    checked = 0
+    for module_name, module in model.named_modules():
+        if not isinstance(module, LowBitLinear):
+            continue
+        for tensor_name, spec in module.tensor_specs().items():
+            key = _find_key(headers, f"{module_name}.{tensor_name}", base_prefix)
+            what = f"quantized module '{module_name}': tensor '{tensor_name}'"
+            if key is None:
+                raise CheckpointFormatError(f"{what} is missing from the checkpoint")
+            shape, dtype = headers[key]
+            if shape != spec.shape:
+                raise CheckpointFormatError(f"{what} has shape {shape} in the checkpoint, expected {spec.shape}")
+            if dtype != SAFETENSORS_DTYPES[spec.dtype]:
+                raise CheckpointFormatError(
+                    f"{what} has dtype {dtype} in the checkpoint, expected {SAFETENSORS_DTYPES[spec.dtype]}"
+                )
+        checked += 1
+    return checked
