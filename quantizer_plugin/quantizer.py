@@ -66,7 +66,8 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
-        return model
+        # One dtype for the whole model, so that the dequantized layers and the rest run together.
+        return model.to(dtype)
 
     def is_serializable(self):
         return True

@@ -11,13 +11,20 @@ from .formats import QuantScheme
 from .modules import LowBitLinear
 
 
+def is_skipped(name: str, modules_to_not_convert: list[str] | None) -> bool:
+    """A module is kept in full precision when it, or any module containing it, matches a skip pattern."""
+    parts = name.split(".")
+    prefixes = (".".join(parts[: i + 1]) for i in range(len(parts)))
+    return any(not should_convert_module(prefix, modules_to_not_convert) for prefix in prefixes)
+
+
 def replace_linear_modules(
     model: nn.Module, scheme: QuantScheme, compute_dtype: torch.dtype, modules_to_not_convert: list[str] | None
 ) -> list[str]:
     """Swap every eligible layer of `model` in place; returns the names of the swapped modules."""
     replaced = []
     for name, module in list(model.named_modules()):
-        if not name or not should_convert_module(name, modules_to_not_convert):
+        if not name or is_skipped(name, modules_to_not_convert):
             continue
         # Exact nn.Linear only: subclasses (e.g. NonDynamicallyQuantizableLinear inside attention) carry extra behaviour.
         if type(module) is nn.Linear:

@@ -1,0 +1,159 @@
+"""from_pretrained quantizes while loading; save_pretrained/from_pretrained round-trips bit for bit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from quantizer_plugin import LowBitConfig, LowBitLinear
+
+from helpers import cosine, load_quantized, lowbit_modules, read_safetensors
+
+FORMATS = [dict(weights="nf4"), dict(weights="nf4", double_quant=False), dict(weights="fp4"), dict(weights="int8")]
+FORMAT_IDS = ["nf4", "nf4-no-dq", "fp4", "int8"]
+
+
+@pytest.fixture(scope="module")
+def reference_logits(llama_dir):
+    model = AutoModelForCausalLM.from_pretrained(llama_dir)
+    return model
+
+
+@pytest.mark.parametrize("config", FORMATS, ids=FORMAT_IDS)
+def test_quantizes_every_linear_but_the_head(llama_dir, reference_logits, token_ids, config):
+    model = load_quantized(llama_dir, **config)
+    quantized = lowbit_modules(model)
+    full_precision = {n for n, m in reference_logits.named_modules() if type(m) is nn.Linear}
+    assert set(quantized) == full_precision - {"lm_head"}
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    assert all(layer.fmt.name == config["weights"] for layer in quantized.values())
+    with torch.no_grad():
+        similarity = cosine(model(token_ids).logits, reference_logits(token_ids).logits)
+    assert similarity > (0.999 if config["weights"] == "int8" else 0.97)
+
+
+@pytest.mark.parametrize("config", FORMATS, ids=FORMAT_IDS)
+def test_weights_equal_the_format_applied_to_the_checkpoint(llama_dir, reference_logits, config):
+    model = load_quantized(llama_dir, **config)
+    layer = model.model.layers[1].mlp.down_proj  # 96 x 150: blocks span rows
+    expected = layer.fmt.quantize(reference_logits.model.layers[1].mlp.down_proj.weight.detach(), layer.scheme)
+    for name, tensor in expected.items():
+        assert torch.equal(getattr(layer, name), tensor), name
+        assert not getattr(layer, name).requires_grad
+
+
+@pytest.mark.parametrize("config", FORMATS, ids=FORMAT_IDS)
+def test_save_and_reload_without_config_is_bit_exact(llama_dir, tmp_path, token_ids, config):
+    model = load_quantized(llama_dir, **config)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)  # no quantization_config: it comes from config.json
+    assert again.config.quantization_config.to_dict() == model.config.quantization_config.to_dict()
+    assert set(lowbit_modules(again)) == set(lowbit_modules(model))
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    with torch.no_grad():
+        assert torch.equal(again(token_ids).logits, model(token_ids).logits)
+
+
+def test_sharded_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
+    model = load_quantized(llama_dir, weights="nf4")
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2 and (tmp_path / "model.safetensors.index.json").exists()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert torch.equal(again(token_ids).logits, model(token_ids).logits)
+
+
+@pytest.mark.parametrize("config, low, high", [(FORMATS[0], 0.25, 0.27), (FORMATS[1], 0.25, 0.29), (FORMATS[3], 0.5, 0.52)], ids=["nf4", "nf4-no-dq", "int8"])
+def test_saved_linear_bytes_are_a_quarter_or_half_of_bf16(llama_dir, tmp_path, config, low, high):
+    model = load_quantized(llama_dir, **config)
+    model.save_pretrained(tmp_path)
+    saved, source = read_safetensors(tmp_path), read_safetensors(llama_dir)
+    quantized_bytes = bf16_bytes = 0
+    for name, layer in lowbit_modules(model).items():
+        quantized_bytes += sum(saved[f"{name}.{t}"].nbytes for t in layer.tensor_specs())
+        bf16_bytes += source[f"{name}.weight"].nbytes
+    assert low <= quantized_bytes / bf16_bytes <= high, quantized_bytes / bf16_bytes
+
+
+def test_gpt2_conv1d_is_quantized_in_linear_orientation(gpt2_dir, token_ids):
+    reference = AutoModelForCausalLM.from_pretrained(gpt2_dir)
+    model = load_quantized(gpt2_dir, weights="nf4", compute_dtype="float32")
+    attention = model.transformer.h[0].attn.c_attn
+    assert isinstance(attention, LowBitLinear) and attention.source_is_conv1d
+    conv_weight = reference.transformer.h[0].attn.c_attn.weight.detach()  # (in, out)
+    assert (attention.in_features, attention.out_features) == tuple(conv_weight.shape)
+    expected = attention.fmt.quantize(conv_weight.T, attention.scheme)
+    assert torch.equal(attention.weight, expected["weight"])
+    with torch.no_grad():
+        assert cosine(model(token_ids).logits, reference(token_ids).logits) > 0.97
+
+
+def test_skip_modules_keeps_named_modules_in_full_precision(llama_dir, tmp_path):
+    model = load_quantized(llama_dir, weights="nf4", skip_modules=["mlp", "lm_head"])
+    for layer in model.model.layers:
+        assert all(type(m) is nn.Linear for m in (layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj))
+        assert isinstance(layer.self_attn.q_proj, LowBitLinear)
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert type(again.model.layers[0].mlp.up_proj) is nn.Linear
+
+
+def test_default_skips_tied_output_embedding(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path)
+    model = load_quantized(tmp_path, weights="int8")
+    assert type(model.lm_head) is nn.Linear
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert "lm_head" in model.config.quantization_config.skip_modules
+
+
+def test_dequantize_returns_an_ordinary_model_in_compute_dtype(llama_dir, token_ids):
+    model = load_quantized(llama_dir, weights="nf4", compute_dtype="float32")
+    with torch.no_grad():
+        quantized_logits = model(token_ids).logits
+    expected_weight = model.model.layers[0].self_attn.o_proj.dequantize_weight()
+    plain = model.dequantize()
+    assert not lowbit_modules(plain)
+    o_proj = plain.model.layers[0].self_attn.o_proj
+    assert type(o_proj) is nn.Linear and o_proj.weight.dtype == torch.float32
+    assert torch.equal(o_proj.weight, expected_weight)
+    assert getattr(plain.config, "quantization_config", None) is None
+    with torch.no_grad():
+        assert cosine(plain(token_ids).logits, quantized_logits) > 0.9999
+
+
+def test_model_dtype_cast_moves_but_never_casts_stored_tensors(llama_dir):
+    model = load_quantized(llama_dir, weights="nf4", double_quant=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    absmax = layer.weight_absmax.clone()
+    model.model.layers[0].half()  # transformers refuses .half() on the quantized model itself; a block does not
+    assert layer.bias is None and model.model.layers[0].input_layernorm.weight.dtype == torch.float16
+    assert layer.weight_absmax.dtype == torch.float32 and torch.equal(layer.weight_absmax, absmax)
+    assert layer.weight.dtype == torch.uint8
+
+
+def test_reload_does_not_need_bitsandbytes(llama_dir, tmp_path):
+    load_quantized(llama_dir, weights="nf4").save_pretrained(tmp_path)
+    script = (
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'bitsandbytes': raise ModuleNotFoundError(name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import torch, quantizer_plugin\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+        "print(type(model.model.layers[0].mlp.up_proj).__name__, model(torch.tensor([[1, 2, 3]])).logits.shape)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LowBitLinear torch.Size([1, 3, 320])" in result.stdout
