@@ -91,3 +91,10 @@ def test_dequantize_is_close_to_the_weight():
     restored = get_format("nf4").dequantize(get_format("nf4").quantize(weight, scheme), 256, 512, scheme, torch.float32)
     snr_db = 10 * torch.log10(weight.pow(2).mean() / (weight - restored).pow(2).mean())
     assert snr_db > 18
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_equal_to_bitsandbytes_across_quantization_chunks(quant_type):
+    # more elements than one quantization chunk (2^22), with a short tail block: chunks must join seamlessly
+    weight = torch.randn(4099, 1025, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+    assert_equal_to_bnb(weight, quant_type, 64, True)

@@ -27,6 +27,10 @@ from .base import QuantScheme, TensorSpec, WeightFormat
 from .dynamic8bit import DOUBLE_QUANT_BLOCK, dequantize_dynamic, quantize_dynamic
 
 
+# Elements quantized at a time (a multiple of every block size, and even, so chunks pack independently).
+_CHUNK_ELEMENTS = 1 << 22
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -50,7 +54,7 @@ class Codebook4BitFormat(WeightFormat):
         code = self.code(device)
         order = torch.argsort(code)
         midpoints = (code[order[:-1]] + code[order[1:]]) / 2
-        return midpoints, order
+        return midpoints, order.to(torch.uint8)
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         n = out_features * in_features
@@ -78,7 +82,21 @@ class Codebook4BitFormat(WeightFormat):
         return tensors
 
     def quantize_codes(self, flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Packed uint8 codes and float32 per-block absmax of a 1-D float tensor."""
+        """Packed uint8 codes and float32 per-block absmax of a 1-D float tensor.
+
+        Works through the tensor in chunks of whole blocks so that the float32 temporaries stay a few tens of
+        megabytes, whatever the size of the weight being loaded.
+        """
+        n = flat.numel()
+        chunk = max(block_size, _CHUNK_ELEMENTS // block_size * block_size)
+        codes, absmax = [], []
+        for start in range(0, n, chunk):
+            chunk_codes, chunk_absmax = self._quantize_chunk(flat[start : start + chunk], block_size)
+            codes.append(chunk_codes)
+            absmax.append(chunk_absmax)
+        return torch.cat(codes), torch.cat(absmax)
+
+    def _quantize_chunk(self, flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         flat = flat.float()
         n = flat.numel()
         full = n - n % block_size
@@ -86,15 +104,16 @@ class Codebook4BitFormat(WeightFormat):
         absmax = blocks.abs().amax(dim=1)
         # bitsandbytes multiplies full blocks by the reciprocal of their absmax but divides the short tail block;
         # the two differ in the last bit for some inputs, so we do the same to keep the codes identical.
-        scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp(-1, 1).reshape(-1)
+        scaled = (blocks * (1.0 / absmax.clamp(min=1e-38))[:, None]).clamp_(-1, 1).reshape(-1)
         if full < n:
             tail_absmax = flat[full:].abs().amax().clamp(min=1e-38)
             absmax = torch.cat([absmax, tail_absmax[None]])
             scaled = torch.cat([scaled, (flat[full:] / tail_absmax).clamp(-1, 1)])
+        del flat, blocks
         if n % 2:
             scaled = torch.nn.functional.pad(scaled, (0, 1))
-        midpoints, order = self._bounds(flat.device)
-        codes = order[torch.bucketize(scaled, midpoints, out_int32=True)].to(torch.uint8)
+        midpoints, order = self._bounds(scaled.device)
+        codes = order[torch.bucketize(scaled, midpoints, out_int32=True)]
         return (codes[0::2] << 4) | codes[1::2], absmax
 
     def absmax(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
