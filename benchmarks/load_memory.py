@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import threading
@@ -124,6 +125,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
+    parser.add_argument("--repeats", type=int, default=3, help="fresh-process loads per cell; the table shows medians")
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -141,12 +143,16 @@ def main() -> None:
     rows = []
     for allocator, variables in ALLOCATORS.items():
         for provider in args.providers:
-            print(f"loading with {provider} ({allocator}) ...", flush=True)
-            result = subprocess.run(
-                [sys.executable, __file__, "--child", provider, str(model_dir)],
-                capture_output=True, text=True, check=True, env=os.environ | variables,
-            )  # fmt: skip
-            rows.append(json.loads(result.stdout.strip().splitlines()[-1]) | facts | {"allocator": allocator})
+            print(f"loading with {provider} ({allocator}) x{args.repeats} ...", flush=True)
+            runs = []
+            for _ in range(args.repeats):
+                result = subprocess.run(
+                    [sys.executable, __file__, "--child", provider, str(model_dir)],
+                    capture_output=True, text=True, check=True, env=os.environ | variables,
+                )  # fmt: skip
+                runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+            medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "provider"}
+            rows.append({"provider": provider, "allocator": allocator, "repeats": len(runs)} | medians | facts | {"runs": runs})
     import torch
     import transformers
 
@@ -156,7 +162,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
     (out / "load_memory.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
-    print(f"\n{environment}")
+    print(f"\n{environment}; medians of {args.repeats} fresh-process loads per row")
     print("| provider | allocator | load s | peak anon increase MB | peak RSS increase MB | loaded tensors MB | bf16 checkpoint MB | largest tensor MB |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:

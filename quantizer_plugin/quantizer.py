@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
@@ -18,7 +20,8 @@ class LowBitHfQuantizer(HfQuantizer):
     quantization_config: LowBitConfig
 
     def __init__(self, quantization_config: LowBitConfig, **kwargs):
-        super().__init__(quantization_config, **kwargs)
+        # Our own copy: loading records the resolved skip list in it, which must not leak into the user's object.
+        super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.modules_to_not_convert: list[str] = []
 
     def update_device_map(self, device_map):

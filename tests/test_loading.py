@@ -157,3 +157,10 @@ def test_reload_does_not_need_bitsandbytes(llama_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "LowBitLinear torch.Size([1, 3, 320])" in result.stdout
+
+
+def test_the_users_config_object_is_not_modified(llama_dir):
+    config = LowBitConfig(weights="nf4")
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=config)
+    assert config.skip_modules is None  # reusable for another model
+    assert "lm_head" in model.config.quantization_config.skip_modules  # the model records what it kept
