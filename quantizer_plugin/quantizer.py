@@ -11,6 +11,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from .config import LowBitConfig
 from .loading import LowBitQuantize
 from .modules import LowBitLinear
+from .offload import check_device_map, repack_offloaded_weights
 from .replace import dequantize_modules, replace_linear_modules
 from .serialization import check_prequantized_checkpoint
 
@@ -39,7 +40,7 @@ class LowBitHfQuantizer(HfQuantizer):
     def get_quantize_ops(self):
         return LowBitQuantize(self)
 
-    def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+    def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         config = self.quantization_config
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)
@@ -47,6 +48,8 @@ class LowBitHfQuantizer(HfQuantizer):
         replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
         if not replaced:
             raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D module to quantize outside skip_modules")
+        # Checked here, on the swapped skeleton (so a quantized layer's tensors can be named), before anything loads.
+        check_device_map(model, device_map)
         if self.pre_quantized:
             if not checkpoint_files:
                 raise ValueError("a pre-quantized lowbit model loads from safetensors checkpoint files only")
@@ -61,6 +64,9 @@ class LowBitHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, LowBitLinear):
                 module.requires_grad_(False)
+        if not self.pre_quantized:
+            # transformers' disk-offload index points a weight quantized while loading at its 16-bit source tensor.
+            repack_offloaded_weights(model, self.get_quantize_ops())
         return model
 
     def dequantize(self, model, dtype=None):
