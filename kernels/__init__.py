@@ -1,6 +1,14 @@
 """Triton kernels for the low-bit GEMMs, installed as quantizer_plugin.kernels.
 
-Importing this package registers its kernels with quantizer_plugin.ops (the dispatch seam). It must import
-without a GPU; the Triton kernels themselves arrive with the kernels issue, until then every format runs on
-the plain-PyTorch reference in quantizer_plugin.formats.
+Importing this package registers its kernels with quantizer_plugin.ops (the dispatch seam), which imports it on
+first need: on CUDA, or when QUANTIZER_PLUGIN_KERNELS=triton (on CPU, with TRITON_INTERPRET=1). Each module holds
+one family of kernels and its launchers; nothing here needs a GPU to import.
 """
+
+from .tuning import interpreting
+
+# Whether these kernels were defined for Triton's interpreter (TRITON_INTERPRET=1 at import) rather than a GPU.
+INTERPRETED = interpreting()
+
+from . import codebook4bit  # noqa: F401  (NF4/FP4: fused dequantize-and-multiply, forward and input gradient)
+from . import int8  # noqa: F401  (LLM.int8: outlier-decomposed int8 GEMM, forward and input gradient)

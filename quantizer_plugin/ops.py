@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,12 @@ def _load_triton_kernels() -> None:
             pass
 
 
+def _kernels_interpreted() -> bool:
+    # Triton decides at kernel definition (import) time whether kernels compile for a GPU or run interpreted.
+    kernels = sys.modules.get("quantizer_plugin.kernels")
+    return bool(getattr(kernels, "INTERPRETED", False))
+
+
 def forced_backend() -> str | None:
     """The backend named by QUANTIZER_PLUGIN_KERNELS, or None when it is unset."""
     value = os.environ.get(KERNELS_ENV, "").strip().lower()
@@ -77,6 +84,11 @@ def select_backend(format_name: str, device: torch.device) -> str:
     if forced is not None:
         if (format_name, forced) not in _FORWARD:
             raise RuntimeError(f"{KERNELS_ENV}={forced} but no {forced} kernel is available for format {format_name!r}")
+        if forced == "triton" and device.type != "cuda" and not _kernels_interpreted():
+            raise RuntimeError(
+                f"{KERNELS_ENV}=triton on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                "before quantizer_plugin.kernels is first imported"
+            )
         return forced
     if device.type == "cuda" and (format_name, "triton") in _FORWARD:
         return "triton"

@@ -1,0 +1,121 @@
+"""The timing harness shared by the GEMM benchmarks (4-bit and int8): medians, rows, the summary table.
+
+Timings are triton.testing.do_bench medians with the 20th and 80th percentiles. A decode-shaped GEMM reads its
+weight once, and an H100's 50 MB L2 holds a whole 4-bit 4096x4096 weight, so `rotating` cycles through enough
+copies of the operands that each call finds its weight in HBM, not in L2.
+
+Every measurement becomes one long-form row (shape, M, provider, median, p20, p80, derived rates, device,
+versions, date), written as JSON lines so runs can be compared later; `print_table` summarises them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+# Llama-style (N, K) = (out_features, in_features) of the projections of Llama-3 8B and 70B.
+LLAMA_SHAPES: list[tuple[int, int]] = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192)]
+BATCH_SIZES: list[int] = [1, 4, 16, 64, 256, 1024, 4096]
+L2_BYTES = 50 * 2**20  # H100 L2; a safe overestimate for A100 (40 MB) too
+
+
+@dataclass
+class Row:
+    shape: str
+    m: int
+    provider: str
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    bytes_moved: int = 0
+    flops: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes_moved / self.median_ms / 1e6
+
+    @property
+    def tflop_per_s(self) -> float:
+        return self.flops / self.median_ms / 1e9
+
+
+def environment() -> dict:
+    """Device, versions and date, stored with every result file."""
+    import transformers
+    import triton
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+    }
+    try:
+        import bitsandbytes
+
+        info["bitsandbytes"] = bitsandbytes.__version__
+    except ImportError:
+        info["bitsandbytes"] = None
+    return info
+
+
+def copies_to_defeat_l2(bytes_per_call: int) -> int:
+    """How many operand sets to rotate through so that consecutive calls never share a cached weight."""
+    return max(1, -(-2 * L2_BYTES // max(bytes_per_call, 1)))
+
+
+def time_rotating(make_call: Callable[[int], Callable[[], object]], copies: int, warmup: int = 25, rep: int = 100):
+    """Median, p20 and p80 in ms of calls that cycle through `copies` prepared operand sets.
+
+    `make_call(i)` returns a zero-argument callable using the i-th operand set; all are built before timing.
+    """
+    import triton.testing
+
+    calls = [make_call(i) for i in range(copies)]
+    state = {"i": 0}
+
+    def run():
+        calls[state["i"] % copies]()
+        state["i"] += 1
+
+    median, p20, p80 = triton.testing.do_bench(run, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+def write_rows(rows: Sequence[Row], path: Path, env: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as out:
+        for row in rows:
+            record = {**asdict(row), "gb_per_s": row.gb_per_s, "tflop_per_s": row.tflop_per_s, **env}
+            out.write(json.dumps(record) + "\n")
+
+
+def print_table(rows: Sequence[Row], baseline: str, peers: Sequence[str], ours: str, decode_max_m: int = 16) -> str:
+    """A markdown table: one line per (shape, M, provider), rate, and our speedups over the baseline and peers."""
+    index = {(r.shape, r.m, r.provider): r for r in rows}
+    header = "| shape (N x K) | M | provider | median ms | p20-p80 ms | GB/s or TFLOP/s | " + " | ".join(
+        f"{ours} speedup vs {p}" for p in [baseline, *peers]
+    ) + " |"
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in rows:
+        rate = f"{r.gb_per_s:.0f} GB/s" if r.m <= decode_max_m else f"{r.tflop_per_s:.1f} TFLOP/s"
+        speedups = []
+        for peer in [baseline, *peers]:
+            other = index.get((r.shape, r.m, peer))
+            speedups.append(f"{other.median_ms / r.median_ms:.2f}x" if r.provider == ours and other else "")
+        lines.append(
+            f"| {r.shape} | {r.m} | {r.provider} | {r.median_ms:.4f} | {r.p20_ms:.4f}-{r.p80_ms:.4f} | {rate} | "
+            + " | ".join(speedups) + " |"
+        )
+    table = "\n".join(lines)
+    print(table)
+    return table

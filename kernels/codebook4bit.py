@@ -1,0 +1,341 @@
+"""Fused dequantize-and-multiply kernels for the 4-bit codebook formats (NF4, FP4), forward and input gradient.
+
+The weight stays in the stored layout of quantizer_plugin.formats.codebook4bit (flat row-major codes, two per byte,
+first element in the high nibble; one absmax per `block_size` consecutive elements, optionally double-quantized),
+so checkpoints and kernels share one format. Each kernel dequantizes a [rows, BLOCK_K] tile of W in registers
+(code -> codebook value -> times the block's absmax, itself decoded from its 8-bit code, block scale and offset
+with double quantization) and feeds it to tl.dot; the 16-bit weight is never written to memory. One generic kernel
+serves both formats: the codebook is a 16-entry table passed by pointer, and the double-quant and layout variants
+are tl.constexpr flags.
+
+Two layouts of the tile load, picked by the launcher:
+- ALIGNED (in_features a multiple of block_size): each row starts on a byte and a block boundary, so the tile is
+  loaded as whole bytes split into two nibbles, and its absmax as one value per (row, block), broadcast;
+- otherwise (blocks and bytes may straddle rows): every element finds its byte and its block by its flat index.
+
+Shapes: decode (M <= 16) uses a weight-streaming configuration (a 16-row x tile, narrow N tiles so that enough
+programs stream the weight to fill the GPU, long K tiles); prefill uses tensor-core-sized tiles. Both are autotuned
+on (M bucket, N, K).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import triton
+import triton.language as tl
+
+from quantizer_plugin.formats import QuantScheme
+from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
+from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
+from quantizer_plugin.ops import register_kernel
+
+from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_configs
+
+# The kernels index the flat weight with 32-bit integers; larger layers take the reference path.
+MAX_ELEMENTS = 2**31 - 1
+
+
+# Two workarounds for Triton's CPU interpreter (INTERPRETED), so that it computes what the GPU does: its tl.dot
+# mis-multiplies bfloat16 operands, and its float32 -> bfloat16 conversion truncates where GPUs round to nearest even.
+
+
+@triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
+    """acc + a @ b; under the interpreter the (already 16-bit) operands are multiplied exactly in float32."""
+    if INTERPRETED:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cast(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
+    """float32 v in `dtype`, rounded to nearest even."""
+    if INTERPRETED and dtype == tl.bfloat16:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True).to(dtype)
+    else:
+        return v.to(dtype)
+
+
+@triton.jit
+def _load_absmax(
+    absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, blocks, mask,
+    DOUBLE_QUANT: tl.constexpr, DQ_BLOCK: tl.constexpr,
+):  # fmt: skip
+    """float32 absmax of the quantization blocks `blocks` (0 where masked)."""
+    if DOUBLE_QUANT:
+        code = tl.load(absmax_code_ptr + blocks, mask=mask, other=0).to(tl.int32)
+        centred = tl.load(dynamic_code_ptr + code) * tl.load(absmax_scale_ptr + blocks // DQ_BLOCK, mask=mask, other=0.0)
+        return tl.where(mask, centred + tl.load(absmax_offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + blocks, mask=mask, other=0.0)
+
+
+@triton.jit
+def _dequantize_tile(
+    packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, codebook_ptr,
+    rows, k0, N, K,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+):  # fmt: skip
+    """float32 tile dequant(W)[rows, k0 : k0 + BLOCK_K], zero outside W. k0 is a multiple of BLOCK_K."""
+    row_ok = rows < N
+    if ALIGNED:
+        # K % QUANT_BLOCK == 0, so K is even: row r's codes are bytes r*K/2 .. (r+1)*K/2 - 1.
+        pairs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        pair_ok = row_ok[:, None] & (pairs[None, :] < K // 2)
+        packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + pairs[None, :], mask=pair_ok, other=0)
+        codes = tl.reshape(tl.join(packed >> 4, packed & 0xF), (ROWS, BLOCK_K)).to(tl.int32)
+        values = tl.load(codebook_ptr + codes)
+        if BLOCK_K >= QUANT_BLOCK:
+            # BLOCK_K / QUANT_BLOCK whole blocks per tile row
+            first = (rows * K + k0) // QUANT_BLOCK
+            index = tl.arange(0, BLOCK_K // QUANT_BLOCK)
+            blocks = first[:, None] + index[None, :]
+            block_ok = row_ok[:, None] & ((k0 + index * QUANT_BLOCK)[None, :] < K)
+            absmax = _load_absmax(
+                absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, blocks, block_ok,
+                DOUBLE_QUANT, DQ_BLOCK,
+            )  # fmt: skip
+            scaled = tl.reshape(values, (ROWS, BLOCK_K // QUANT_BLOCK, QUANT_BLOCK)) * absmax[:, :, None]
+            return tl.reshape(scaled, (ROWS, BLOCK_K))
+        else:
+            # a tile row lies inside one block (both are powers of two and k0 is a multiple of BLOCK_K)
+            blocks = (rows * K + k0) // QUANT_BLOCK
+            absmax = _load_absmax(
+                absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, blocks,
+                row_ok, DOUBLE_QUANT, DQ_BLOCK,
+            )  # fmt: skip
+            return values * absmax[:, None]
+    else:
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (cols[None, :] < K)
+        flat = rows[:, None] * K + cols[None, :]
+        packed = tl.load(packed_ptr + flat // 2, mask=ok, other=0)
+        codes = (packed.to(tl.int32) >> (4 - 4 * (flat % 2))) & 0xF  # even elements sit in the high nibble
+        values = tl.load(codebook_ptr + codes)
+        absmax = _load_absmax(
+            absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, flat // QUANT_BLOCK, ok,
+            DOUBLE_QUANT, DQ_BLOCK,
+        )  # fmt: skip
+        return values * absmax
+
+
+@triton.jit
+def _matmul_kernel(
+    x_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
+    codebook_ptr, bias_ptr, y_ptr,
+    M, N, K, M_BUCKET, stride_xm, stride_ym,
+    QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32."""
+    # Grouped program order: GROUP_M row-tiles of x share each dequantized W tile while it is in L2.
+    pid = tl.program_id(0)
+    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * tiles_n)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
+        x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=x_ok, other=0.0)
+        w = _dequantize_tile(
+            packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
+            codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
+        )  # fmt: skip
+        acc = _dot(x, tl.trans(_cast(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
+    y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], _cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_ok)
+
+
+@triton.jit
+def _grad_input_kernel(
+    grad_y_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
+    codebook_ptr, grad_x_ptr,
+    M, N, K, M_BUCKET, stride_gm, stride_xm,
+    QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    """grad_x[M, K] = grad_y[M, N] @ dequant(W)[N, K], accumulated in float32 (the frozen weight's backward)."""
+    pid = tl.program_id(0)
+    tiles_m, tiles_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
+    group = pid // (GROUP_M * tiles_k)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * tiles_k)) % group_rows
+    pid_k = (pid % (GROUP_M * tiles_k)) // group_rows
+
+    rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    cols = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        rows_n = n0 + tl.arange(0, BLOCK_N)
+        g_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
+        g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + rows_n[None, :], mask=g_ok, other=0.0)
+        w = _dequantize_tile(
+            packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
+            codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
+        )  # fmt: skip
+        acc = _dot(g, _cast(w, g.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
+    x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
+    tl.store(grad_x_ptr + rows_m[:, None] * stride_xm + cols[None, :], _cast(acc, grad_x_ptr.dtype.element_ty, INTERPRETED), mask=x_ok)
+
+
+_KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED"]
+_FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode"), _KEY)
+_FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill"), _KEY)
+_GRAD_INPUT = autotuned(_grad_input_kernel, matmul_configs("4bit", "grad_input"), _KEY)
+
+
+@lru_cache(maxsize=None)
+def _tables(fmt: Codebook4BitFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Kept on the device once, so that a forward does no host-to-device copy.
+    return fmt.code(device).contiguous(), dynamic_code(device).contiguous()
+
+
+def _weight_args(tensors: dict[str, torch.Tensor], fmt: Codebook4BitFormat, scheme: QuantScheme, device) -> tuple:
+    """The weight's pointer arguments, in kernel order; unused statistics are given a placeholder tensor."""
+    codebook, code8 = _tables(fmt, device)
+    packed = tensors["weight"]
+    if scheme.double_quant:
+        code, scale, offset = tensors["weight_absmax_code"], tensors["weight_absmax_scale"], tensors["weight_absmax_offset"]
+        return packed, scale, code, scale, offset, code8, codebook
+    absmax = tensors["weight_absmax"]
+    return packed, absmax, packed, absmax, absmax, code8, codebook
+
+
+def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
+    if tuple(tensor.shape) != shape or tensor.dtype != dtype or tensor.device != device or not tensor.is_contiguous():
+        raise ValueError(
+            f"{name} is {tuple(tensor.shape)} {tensor.dtype} on {tensor.device} (contiguous={tensor.is_contiguous()}), "
+            f"expected contiguous {shape} {dtype} on {device}"
+        )
+
+
+def _check_weight(tensors, fmt, scheme, n, k, device) -> None:
+    for name, spec in fmt.tensor_specs(n, k, scheme).items():
+        _check(f"stored tensor {name!r}", tensors[name], spec.shape, spec.dtype, device)
+
+
+def _meta(k: int, scheme: QuantScheme, dtype: torch.dtype) -> dict:
+    return dict(
+        QUANT_BLOCK=scheme.block_size, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=scheme.double_quant,
+        ALIGNED=k % scheme.block_size == 0, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
+        INTERPRETED=interpreting(),
+    )  # fmt: skip
+
+
+def dequant_matmul(
+    x: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    fmt: Codebook4BitFormat,
+    scheme: QuantScheme,
+    out_features: int,
+    bias: torch.Tensor | None = None,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """y = x @ dequant(W).T (+ bias) for a 2-D x (M, K) in fp16/bf16/fp32; y in x's dtype.
+
+    `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses autotuning; tests use it to
+    reach every tile layout.
+    """
+    if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(1) != 1:
+        raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor with unit stride along K, got {tuple(x.shape)} {x.dtype}")
+    m, k = x.shape
+    n = out_features
+    _check_weight(tensors, fmt, scheme, n, k, x.device)
+    if bias is not None:
+        _check("bias", bias, (n,), bias.dtype, x.device)
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    meta = _meta(k, scheme, x.dtype)
+    args = (x, *_weight_args(tensors, fmt, scheme, x.device), bias if bias is not None else y, y)
+    args += (m, n, k, m_bucket(m), x.stride(0), y.stride(0))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+
+    if config is not None:
+        _matmul_kernel[grid(config)](*args, HAS_BIAS=bias is not None, **meta, **config)
+    else:
+        kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
+        kernel[grid](*args, HAS_BIAS=bias is not None, **meta)
+    return y
+
+
+def dequant_matmul_grad_input(
+    grad_y: torch.Tensor,
+    tensors: dict[str, torch.Tensor],
+    fmt: Codebook4BitFormat,
+    scheme: QuantScheme,
+    in_features: int,
+    config: dict | None = None,
+) -> torch.Tensor:
+    """grad_x = grad_y @ dequant(W) for a 2-D grad_y (M, N); grad_x in grad_y's dtype."""
+    if grad_y.dim() != 2 or grad_y.dtype not in (torch.float16, torch.bfloat16, torch.float32) or grad_y.stride(1) != 1:
+        raise ValueError(f"grad_y must be a 2-D fp16/bf16/fp32 tensor with unit stride, got {tuple(grad_y.shape)} {grad_y.dtype}")
+    m, n = grad_y.shape
+    k = in_features
+    _check_weight(tensors, fmt, scheme, n, k, grad_y.device)
+    grad_x = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
+    if m == 0:
+        return grad_x
+    meta = _meta(k, scheme, grad_y.dtype)
+    args = (grad_y, *_weight_args(tensors, fmt, scheme, grad_y.device), grad_x)
+    args += (m, n, k, m_bucket(m), grad_y.stride(0), grad_x.stride(0))
+
+    def grid(meta):
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(k, meta["BLOCK_K"]),)
+
+    if config is not None:
+        _grad_input_kernel[grid(config)](*args, **meta, **config)
+    else:
+        _GRAD_INPUT[grid](*args, **meta)
+    return grad_x
+
+
+# --- the layer-level entry points registered with the dispatch seam ---------------------------------------------
+
+
+def _fits(layer) -> bool:
+    return layer.out_features * layer.in_features <= MAX_ELEMENTS
+
+
+@register_kernel("nf4", "triton")
+@register_kernel("fp4", "triton")
+def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
+    if not _fits(layer):
+        return layer.fmt.reference_linear(
+            x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
+        )
+    x2d = x.reshape(-1, layer.in_features).to(layer.compute_dtype).contiguous()
+    y = dequant_matmul(x2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.out_features, layer.bias)
+    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+
+
+@register_kernel("nf4", "triton", backward=True)
+@register_kernel("fp4", "triton", backward=True)
+def linear_grad_input(grad_y: torch.Tensor, layer) -> torch.Tensor:
+    if not _fits(layer):
+        weight = layer.dequantize_weight(layer.compute_dtype)
+        return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype).contiguous()
+    grad_x = dequant_matmul_grad_input(g2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.in_features)
+    return grad_x.to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)
