@@ -1,0 +1,208 @@
+"""LLM.int8 mixed-precision matmul: y = int8(x_inliers) @ int8(W).T, rescaled, + x_outliers @ dequant(W).T + bias.
+
+Both parts land in one output tile, so there is no host synchronisation to learn the outlier count (bitsandbytes
+pays one to gather the outlier columns). The int8 x int8 product accumulates exactly in int32 on the tensor cores
+(tl.dot on int8); the epilogue applies the row absmax of x and of W (/ 127^2). The outlier columns come from a
+device-side column mask: a K-tile whose mask is all zero skips the 16-bit product entirely, so with a few outlier
+columns only a few K-tiles pay for it. In a K-tile that has outliers, the int8 weight tile already in registers is
+converted to 16 bits (exact: |code| <= 127) and multiplied by the outlier columns of x, read in 16 bits, into a
+second, float32 accumulator scaled by W's row absmax / 127 in the epilogue.
+
+Two kernels:
+- `_tiled_kernel` (M > STREAMING_MAX_M): output tiles over (M, N) in grouped order, fed by the two activation
+  passes of int8_activation (int8 codes, row absmax, column mask);
+- `_streaming_kernel` (decode): all rows sit in one program, so each program finds the outlier columns and the
+  row absmax of the inliers itself (a first sweep over x, which is small and shared through L2), then streams its
+  BLOCK_N rows of the int8 weight once along K. One launch, and the weight is read exactly once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .int8_activation import int8_scale, quantize_activations, quantize_to_int8
+from .int8_configs import m_bucket, streaming_configs, tiled_configs
+from .int8_interpreter import INTERPRETED, cast_rounded, dot_16bit
+
+# Up to this many rows the streaming kernel holds every row in one program. Each of its programs repeats the
+# activation quantization, which grows with M while the weight traffic it saves does not.
+STREAMING_MAX_M = 16
+# The largest M the streaming kernel accepts when asked for explicitly (its row tile is next_power_of_2(M)).
+STREAMING_LIMIT_M = 64
+DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # tf32 is moot for 16-bit
+
+
+@triton.jit
+def _epilogue(
+    acc, acc_outlier, x_absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """y = acc * x_absmax * w_absmax / 127^2 + acc_outlier * w_absmax / 127 + bias, stored in y's dtype."""
+    col_in = cols < N
+    w_step = tl.load(w_absmax_ptr + cols, mask=col_in, other=0.0) * (1.0 / 127.0)
+    y = acc.to(tl.float32) * (x_absmax * (1.0 / 127.0))[:, None] * w_step[None, :]
+    if HAS_OUTLIERS:
+        y += acc_outlier * w_step[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    mask = (rows < M)[:, None] & col_in[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rounded(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.autotune(configs=tiled_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _tiled_kernel(
+    codes_ptr, x_absmax_ptr, x_ptr, flags_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr,
+    M, N, K, M_BUCKET, stride_cm, stride_xm, stride_wn, stride_ym,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    # Grouped ordering (GROUP_M row tiles sweep N together) so that the weight tiles they share stay in L2.
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < M
+    col_in = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_outlier = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
+        acc = tl.dot(a, w_t, acc)
+        if HAS_OUTLIERS:
+            outlier = tl.load(flags_ptr + ks, mask=k_in, other=0) != 0
+            if tl.max(outlier.to(tl.int32), axis=0) > 0:
+                x_out = tl.load(
+                    x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_in[:, None] & outlier[None, :], other=0.0
+                )
+                acc_outlier = dot_16bit(x_out, w_t, acc_outlier, PRECISION, INTERPRETED)
+    x_absmax = tl.load(x_absmax_ptr + rows, mask=row_in, other=0.0)
+    _epilogue(acc, acc_outlier, x_absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
+              HAS_OUTLIERS, HAS_BIAS, INTERPRETED)  # fmt: skip
+
+
+@triton.jit
+def _load_rows(x_ptr, rows, ks, M, K, stride_xm):
+    return tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _outlier_mask(x, threshold):
+    """Per column of the (all rows) tile x: whether any |x| reaches the threshold."""
+    return tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0) > 0
+
+
+@triton.autotune(configs=streaming_configs(), key=["BLOCK_M", "N", "K"])
+@triton.jit
+def _streaming_kernel(
+    x_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, threshold,
+    HAS_THRESHOLD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    rows = tl.arange(0, BLOCK_M)  # every row of x
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_in = cols < N
+
+    # Sweep 1 over x: the absmax of each row over the inlier columns. All rows are here, so a column's outlier test
+    # is a reduction inside the tile.
+    absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _load_rows(x_ptr, rows, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm).to(tl.float32)
+        if HAS_THRESHOLD:
+            x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
+        absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
+    scale = int8_scale(absmax)
+
+    # Sweep 2: quantize x in registers and stream the weight tiles.
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    acc_outlier = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x_raw = _load_rows(x_ptr, rows, ks, M, K, stride_xm)
+        x = x_raw.to(tl.float32)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(ks < K)[:, None] & col_in[None, :], other=0)
+        if HAS_THRESHOLD:
+            outlier = _outlier_mask(x, threshold)
+            acc = tl.dot(quantize_to_int8(tl.where(outlier[None, :], 0.0, x), scale), w_t, acc)
+            if tl.max(outlier.to(tl.int32), axis=0) > 0:
+                x_out = tl.where(outlier[None, :], x_raw, tl.zeros_like(x_raw))
+                acc_outlier = dot_16bit(x_out, w_t, acc_outlier, PRECISION, INTERPRETED)
+        else:
+            acc = tl.dot(quantize_to_int8(x, scale), w_t, acc)
+    _epilogue(acc, acc_outlier, absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
+              HAS_THRESHOLD, HAS_BIAS, INTERPRETED)  # fmt: skip
+
+
+def _check_operands(x2d, weight, weight_scale, bias) -> None:
+    if x2d.dim() != 2 or x2d.stride(-1) != 1:
+        raise ValueError(f"x must be 2-D and contiguous along features, got shape {tuple(x2d.shape)} strides {x2d.stride()}")
+    if x2d.dtype not in DOT_PRECISION:
+        raise TypeError(f"x must be float16, bfloat16 or float32 (the compute dtype), got {x2d.dtype}")
+    n, k = weight.shape if weight.dim() == 2 else (None, None)
+    if weight.dtype != torch.int8 or k != x2d.shape[1] or weight.stride(-1) != 1:
+        raise ValueError(f"weight must be int8 (out_features, {x2d.shape[1]}) contiguous along in_features, got "
+                         f"{weight.dtype} {tuple(weight.shape)} strides {weight.stride()}")  # fmt: skip
+    if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (n,):
+        raise ValueError(f"weight_scale must be float32 ({n},), got {weight_scale.dtype} {tuple(weight_scale.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
+        raise ValueError(f"bias must be a contiguous ({n},) tensor, got {tuple(bias.shape)}")
+    devices = {t.device for t in (x2d, weight, weight_scale, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"x, weight, weight_scale and bias must share one device, got {sorted(map(str, devices))}")
+
+
+def int8_linear(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    threshold: float,
+    path: str | None = None,
+) -> torch.Tensor:
+    """LLM.int8 y = x2d @ dequant(weight).T + bias, in x2d's dtype (the compute dtype).
+
+    x2d (M, K) float16/bfloat16/float32; weight int8 (N, K); weight_scale float32 (N,) row absmax; columns of x2d
+    with any |x| >= threshold are multiplied in x2d's dtype (threshold 0: none). `path` forces "streaming" or
+    "tiled" (tests); by default M <= STREAMING_MAX_M streams.
+    """
+    _check_operands(x2d, weight, weight_scale, bias)
+    m, k = x2d.shape
+    n = weight.shape[0]
+    path = path or ("streaming" if m <= STREAMING_MAX_M else "tiled")
+    if path not in ("streaming", "tiled"):
+        raise ValueError(f"path must be 'streaming' or 'tiled', got {path!r}")
+    if path == "streaming" and m > STREAMING_LIMIT_M:
+        raise ValueError(f"the streaming path holds at most {STREAMING_LIMIT_M} rows, got M={m}")
+    y = torch.empty((m, n), dtype=x2d.dtype, device=x2d.device)
+    if m == 0 or n == 0:
+        return y
+    bias_arg = bias if bias is not None else weight_scale  # never read when HAS_BIAS is False
+    precision = DOT_PRECISION[x2d.dtype]
+    if path == "streaming":
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        _streaming_kernel[grid](
+            x2d, weight, weight_scale, bias_arg, y, m, n, k, x2d.stride(0), weight.stride(0), y.stride(0),
+            float(threshold), HAS_THRESHOLD=threshold > 0, HAS_BIAS=bias is not None, PRECISION=precision,
+            INTERPRETED=INTERPRETED, BLOCK_M=max(16, triton.next_power_of_2(m)), enable_fp_fusion=False,
+        )  # fmt: skip
+        return y
+    codes, x_absmax, flags = quantize_activations(x2d, threshold)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    _tiled_kernel[grid](
+        codes, x_absmax, x2d, flags if flags is not None else codes, weight, weight_scale, bias_arg, y,
+        m, n, k, m_bucket(m), codes.stride(0), x2d.stride(0), weight.stride(0), y.stride(0),
+        HAS_OUTLIERS=flags is not None, HAS_BIAS=bias is not None, PRECISION=precision, INTERPRETED=INTERPRETED,
+    )  # fmt: skip
+    return y
