@@ -10,6 +10,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from .config import LowBitConfig
 from .loading import LowBitQuantize
+from .model_card import attach_model_card, detach_model_card
 from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .replace import dequantize_modules, replace_linear_modules
@@ -67,6 +68,8 @@ class LowBitHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             # transformers' disk-offload index points a weight quantized while loading at its 16-bit source tensor.
             repack_offloaded_weights(model, self.get_quantize_ops())
+        # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
+        attach_model_card(model, self.quantization_config)
         return model
 
     def dequantize(self, model, dtype=None):
@@ -75,6 +78,7 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
+        detach_model_card(model, self.quantization_config)
         # One dtype for the whole model, so that the dequantized layers and the rest run together.
         return model.to(dtype)
 
