@@ -228,7 +228,13 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, de
         )
 
 
-def _check_weight(tensors, fmt, scheme, n, k, device) -> None:
+def _check_weight(tensors, fmt, scheme, n, k, device, full: bool) -> None:
+    if not full:
+        # A LowBitLinear's tensors were checked against the spec when loaded; a decode step is only a few
+        # microseconds of GPU time, so per call only what could have changed since (the device) is checked.
+        if tensors["weight"].device != device:
+            raise ValueError(f"the stored weight is on {tensors['weight'].device}, the input on {device}")
+        return
     for name, spec in fmt.tensor_specs(n, k, scheme).items():
         _check(f"stored tensor {name!r}", tensors[name], spec.shape, spec.dtype, device)
 
@@ -249,17 +255,19 @@ def dequant_matmul(
     out_features: int,
     bias: torch.Tensor | None = None,
     config: dict | None = None,
+    check_weight: bool = True,
 ) -> torch.Tensor:
     """y = x @ dequant(W).T (+ bias) for a 2-D x (M, K) in fp16/bf16/fp32; y in x's dtype.
 
     `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses autotuning; tests use it to
-    reach every tile layout.
+    reach every tile layout. `check_weight=False` checks only the weight's device (for LowBitLinear, whose tensors
+    were checked on load).
     """
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(1) != 1:
         raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor with unit stride along K, got {tuple(x.shape)} {x.dtype}")
     m, k = x.shape
     n = out_features
-    _check_weight(tensors, fmt, scheme, n, k, x.device)
+    _check_weight(tensors, fmt, scheme, n, k, x.device, check_weight)
     if bias is not None:
         _check("bias", bias, (n,), bias.dtype, x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -287,13 +295,14 @@ def dequant_matmul_grad_input(
     scheme: QuantScheme,
     in_features: int,
     config: dict | None = None,
+    check_weight: bool = True,
 ) -> torch.Tensor:
     """grad_x = grad_y @ dequant(W) for a 2-D grad_y (M, N); grad_x in grad_y's dtype."""
     if grad_y.dim() != 2 or grad_y.dtype not in (torch.float16, torch.bfloat16, torch.float32) or grad_y.stride(1) != 1:
         raise ValueError(f"grad_y must be a 2-D fp16/bf16/fp32 tensor with unit stride, got {tuple(grad_y.shape)} {grad_y.dtype}")
     m, n = grad_y.shape
     k = in_features
-    _check_weight(tensors, fmt, scheme, n, k, grad_y.device)
+    _check_weight(tensors, fmt, scheme, n, k, grad_y.device, check_weight)
     grad_x = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
@@ -326,7 +335,9 @@ def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
             x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
         )
     x2d = x.reshape(-1, layer.in_features).to(layer.compute_dtype).contiguous()
-    y = dequant_matmul(x2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.out_features, layer.bias)
+    y = dequant_matmul(
+        x2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.out_features, layer.bias, check_weight=False
+    )
     return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
@@ -337,5 +348,7 @@ def linear_grad_input(grad_y: torch.Tensor, layer) -> torch.Tensor:
         weight = layer.dequantize_weight(layer.compute_dtype)
         return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype).contiguous()
-    grad_x = dequant_matmul_grad_input(g2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.in_features)
+    grad_x = dequant_matmul_grad_input(
+        g2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.in_features, check_weight=False
+    )
     return grad_x.to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

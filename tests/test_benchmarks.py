@@ -1,0 +1,35 @@
+"""The GEMM benchmark runs unattended: its smoke mode (tiny shapes, Triton's interpreter on CPU) writes a report."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def gemm_4bit(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    pytest.importorskip("triton")
+    import gemm_4bit
+
+    return gemm_4bit
+
+
+def test_gemm_4bit_smoke_run_writes_rows_and_report(gemm_4bit, tmp_path):
+    assert gemm_4bit.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gemm_4bit.jsonl").read_text().splitlines()]
+    providers = {row["provider"] for row in rows}
+    assert {"bf16", "lowbit"} <= providers
+    gemm = [row for row in rows if "rel_error" in row["extra"]]
+    assert {(row["shape"], row["m"]) for row in gemm} == {
+        (f"{n}x{k}", m) for n, k in gemm_4bit.SMOKE_SHAPES for m in gemm_4bit.SMOKE_BATCH_SIZES
+    }
+    assert all(row["extra"]["rel_error"] < 2e-2 and row["median_ms"] > 0 for row in gemm)
+    assert any("decoder block" in row["shape"] for row in rows)
+    report = (tmp_path / "gemm_4bit.md").read_text()
+    assert "## GEMMs" in report and "lowbit speedup vs bf16" in report and rows[0]["torch"] in report
