@@ -15,7 +15,7 @@ import triton.language as tl
 
 from .int8_configs import grad_input_configs, m_bucket
 from .int8_interpreter import INTERPRETED, cast_rounded, dot_16bit
-from .int8_matmul import DOT_PRECISION
+from .int8_matmul import DOT_PRECISION, check_32bit_offsets
 
 
 @triton.autotune(configs=grad_input_configs(), key=["M_BUCKET", "N", "K"])
@@ -68,6 +68,7 @@ def int8_grad_input(grad_y2d: torch.Tensor, weight: torch.Tensor, weight_scale: 
     if weight_scale.dtype != torch.float32 or tuple(weight_scale.shape) != (n,):
         raise ValueError(f"weight_scale must be float32 ({n},), got {weight_scale.dtype} {tuple(weight_scale.shape)}")
     k = weight.shape[1]
+    check_32bit_offsets(grad_y=m * n, weight=n * k, grad_x=m * k)
     grad_x = torch.empty((m, k), dtype=grad_y2d.dtype, device=grad_y2d.device)
     if m == 0 or k == 0:
         return grad_x

@@ -31,6 +31,8 @@ from .int8_interpreter import INTERPRETED, cast_rounded, dot_16bit
 STREAMING_MAX_M = 16
 # The largest M the streaming kernel accepts when asked for explicitly (its row tile is next_power_of_2(M)).
 STREAMING_LIMIT_M = 64
+# The kernels index with 32-bit offsets.
+MAX_ELEMENTS = 2**31 - 1
 DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # tf32 is moot for 16-bit
 
 
@@ -145,6 +147,13 @@ def _streaming_kernel(
               HAS_THRESHOLD, HAS_BIAS, INTERPRETED)  # fmt: skip
 
 
+def check_32bit_offsets(**sizes: int) -> None:
+    for name, size in sizes.items():
+        if size > MAX_ELEMENTS:
+            raise ValueError(f"{name} would hold {size} elements; the int8 kernels index with 32-bit offsets "
+                             f"(at most {MAX_ELEMENTS})")  # fmt: skip
+
+
 def _check_operands(x2d, weight, weight_scale, bias) -> None:
     if x2d.dim() != 2 or x2d.stride(-1) != 1:
         raise ValueError(f"x must be 2-D and contiguous along features, got shape {tuple(x2d.shape)} strides {x2d.stride()}")
@@ -158,6 +167,8 @@ def _check_operands(x2d, weight, weight_scale, bias) -> None:
         raise ValueError(f"weight_scale must be float32 ({n},), got {weight_scale.dtype} {tuple(weight_scale.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({n},) tensor, got {tuple(bias.shape)}")
+    m, k = x2d.shape
+    check_32bit_offsets(x=m * k, weight=n * k, output=m * n)
     devices = {t.device for t in (x2d, weight, weight_scale, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, weight, weight_scale and bias must share one device, got {sorted(map(str, devices))}")
