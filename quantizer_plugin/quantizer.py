@@ -79,8 +79,12 @@ class LowBitHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
         detach_model_card(model, self.quantization_config)
-        # One dtype for the whole model, so that the dequantized layers and the rest run together.
-        return model.to(dtype)
+        # One dtype for all parameters, so that the dequantized layers and the rest run together. Not model.to(dtype):
+        # buffers keep their dtype (transformers holds the rotary inv_freq in float32 whatever the model dtype).
+        for param in model.parameters():
+            if param.is_floating_point():
+                param.data = param.data.to(dtype)
+        return model
 
     def is_serializable(self):
         return True
