@@ -167,8 +167,6 @@ def _check_operands(x2d, weight, weight_scale, bias) -> None:
         raise ValueError(f"weight_scale must be float32 ({n},), got {weight_scale.dtype} {tuple(weight_scale.shape)}")
     if bias is not None and (tuple(bias.shape) != (n,) or not bias.is_contiguous()):
         raise ValueError(f"bias must be a contiguous ({n},) tensor, got {tuple(bias.shape)}")
-    m, k = x2d.shape
-    check_32bit_offsets(x=m * k, weight=n * k, output=m * n)
     devices = {t.device for t in (x2d, weight, weight_scale, bias) if t is not None}
     if len(devices) != 1:
         raise ValueError(f"x, weight, weight_scale and bias must share one device, got {sorted(map(str, devices))}")
@@ -181,16 +179,23 @@ def int8_linear(
     bias: torch.Tensor | None,
     threshold: float,
     path: str | None = None,
+    check_operands: bool = True,
 ) -> torch.Tensor:
     """LLM.int8 y = x2d @ dequant(weight).T + bias, in x2d's dtype (the compute dtype).
 
     x2d (M, K) float16/bfloat16/float32; weight int8 (N, K); weight_scale float32 (N,) row absmax; columns of x2d
     with any |x| >= threshold are multiplied in x2d's dtype (threshold 0: none). `path` forces "streaming" or
-    "tiled" (tests); by default M <= STREAMING_MAX_M streams.
+    "tiled" (tests); by default M <= STREAMING_MAX_M streams. `check_operands=False` (LowBitLinear, whose tensors
+    were checked against the format's spec on load and whose x the caller prepared) checks only the sizes and that
+    the weight is on x's device: a decode step is a few microseconds of GPU time, the full checks about as long.
     """
-    _check_operands(x2d, weight, weight_scale, bias)
+    if check_operands:
+        _check_operands(x2d, weight, weight_scale, bias)
+    elif weight.device != x2d.device:
+        raise ValueError(f"weight is on {weight.device}, x on {x2d.device}")
     m, k = x2d.shape
     n = weight.shape[0]
+    check_32bit_offsets(x=m * k, weight=n * k, output=m * n)
     path = path or ("streaming" if m <= STREAMING_MAX_M else "tiled")
     if path not in ("streaming", "tiled"):
         raise ValueError(f"path must be 'streaming' or 'tiled', got {path!r}")

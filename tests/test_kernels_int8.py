@@ -6,9 +6,11 @@ them) at small odd shapes that still span several tiles; on CUDA the same tests 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -232,6 +234,23 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when the default is left implicit
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_SM90], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_benchmark_runs_unattended(monkeypatch, tmp_path):
+    """benchmarks/gemm_int8.py --smoke: tiny shapes through every provider, rows and report written."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    monkeypatch.setenv(ops.KERNELS_ENV, "triton")  # main() would set it only where unset; restored after the test
+    import gemm_int8
+
+    assert gemm_int8.main(["--smoke", "--out", str(tmp_path)]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "gemm_int8-float16-smoke.jsonl").read_text().splitlines()]
+    points = {(n, k, m, rate) for n, k in gemm_int8.SMOKE_SHAPES for m in gemm_int8.SMOKE_BATCH_SIZES
+              for rate in gemm_int8.OUTLIER_RATES}  # fmt: skip
+    assert len(rows) == 3 * len(points)
+    assert {row["provider"] for row in rows} == {gemm_int8.OURS, gemm_int8.BASELINE, gemm_int8.PEER}
+    assert all(row["median_ms"] > 0 and row["extra"]["max_rel_error"] < 3e-2 for row in rows)
+    report = (tmp_path / "gemm_int8-float16-smoke.md").read_text()
+    assert "lowbit-int8 speedup vs torch-16bit" in report and "Targets:" in report and rows[0]["torch"] in report
 
 
 def test_bad_operands_are_named(device):
