@@ -68,13 +68,14 @@ class LowBitLoraLinear(nn.Module, LoraLayer):
         return module.in_features, module.out_features
 
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs):
-        variant = super().resolve_lora_variant(config=config, **kwargs)
-        if variant is not None:
+        # LoraLayer's variant table holds plain LoRA only, so any requested variant fails there; say why.
+        try:
+            return super().resolve_lora_variant(config=config, **kwargs)
+        except ValueError as exc:
             raise ValueError(
-                f"{type(variant).__name__} is not supported on quantized LowBitLinear layers: "
-                "LowBitLoraLinear implements plain LoRA only (use_dora, aLoRA, Arrow, ... are not available)"
-            )
-        return None
+                f"LoRA variants are not supported on quantized LowBitLinear layers ({exc}): LowBitLoraLinear "
+                "implements plain LoRA only (no DoRA, aLoRA, Arrow, ...)"
+            ) from None
 
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
         """scaling * B @ A, (out_features, in_features), in float32."""

@@ -59,7 +59,7 @@ def load(path, fmt: str, dtype: torch.dtype | None = None, **overrides) -> nn.Mo
 @torch.no_grad()
 def logits(model, ids) -> torch.Tensor:
     model.eval()
-    return model(input_ids=ids).logits
+    return model(input_ids=ids.to(model.device)).logits
 
 
 def stored_tensors(model) -> dict[str, torch.Tensor]:
@@ -114,12 +114,31 @@ def test_named_targets_wrap_only_those_layers(base_dir, batch):
     assert isinstance(peft_model.base_model.model.model.layers[0].self_attn.k_proj, LowBitLinear)
 
 
+def test_all_linear_on_a_partly_quantized_model(base_dir):
+    # skip_modules=["mlp"] keeps the MLPs in nn.Linear and, replacing the default skip list, quantizes the lm_head.
+    model = load(base_dir, "int8", skip_modules=["mlp"])
+    assert isinstance(model.lm_head, LowBitLinear)
+    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    layer = peft_model.base_model.model.model.layers[0]
+    assert isinstance(layer.self_attn.o_proj, LowBitLoraLinear)
+    assert type(layer.mlp.up_proj).__name__ == "Linear" and isinstance(layer.mlp.up_proj, BaseTunerLayer)  # PEFT's
+    assert isinstance(peft_model.base_model.model.lm_head, LowBitLinear)  # the output head stays out, as in PEFT
+
+
+def test_lora_variants_are_refused_by_name(base_dir):
+    model = load(base_dir, "nf4")
+    with pytest.raises(ValueError, match=r"LoRA variants are not supported on quantized LowBitLinear layers .*use_dora"):
+        get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj"], use_dora=True))
+    assert not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
 def test_lora_forward_is_base_plus_scaled_low_rank_update(base_dir):
     model = load(base_dir, "nf4")
     config = LoraConfig(r=4, lora_alpha=12, target_modules=["q_proj"], init_lora_weights=False)
     peft_model = get_peft_model(model, config)
     layer = peft_model.base_model.model.model.layers[1].self_attn.q_proj
-    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    x = torch.randn(3, 5, layer.in_features, generator=torch.Generator().manual_seed(3))
+    x = x.to(torch.bfloat16).to(layer.lora_A["default"].weight.device)
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
         expected = layer.get_base_layer()(x).float() + (x.float() @ a.T @ b.T) * (12 / 4)
@@ -144,14 +163,15 @@ def test_dropout_multiple_adapters_and_disable(base_dir, batch):
         assert torch.equal(logits(peft_model, batch), base_logits)
     # one batch, one adapter per row
     with torch.no_grad():
-        mixed = peft_model(input_ids=batch, adapter_names=["default", "other"]).logits
+        mixed = peft_model(input_ids=batch.to(peft_model.device), adapter_names=["default", "other"]).logits
     torch.testing.assert_close(mixed[0], default_logits[0], atol=1e-2, rtol=0)
     torch.testing.assert_close(mixed[1], other_logits[1], atol=1e-2, rtol=0)
 
     peft_model.set_adapter("default")
     peft_model.train()  # dropout only acts in training mode
     with torch.no_grad():
-        first, second = peft_model(input_ids=batch).logits, peft_model(input_ids=batch).logits
+        ids = batch.to(peft_model.device)
+        first, second = peft_model(input_ids=ids).logits, peft_model(input_ids=ids).logits
     assert not torch.equal(first, second)
 
 
@@ -173,9 +193,9 @@ def test_qlora_training_lowers_loss_and_only_adapters_train(base_dir, fmt, use_r
         lambda *args: calls.append(1)
     )
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
+    losses, ids = [], batch.to(peft_model.device)
     for _ in range(10):
-        loss = peft_model(input_ids=batch, labels=batch).loss
+        loss = peft_model(input_ids=ids, labels=ids).loss
         loss.backward()
         if not losses:
             assert len(calls) == 2
@@ -258,8 +278,9 @@ def test_qlora_flow_ends_in_an_ordinary_merged_checkpoint(base_dir, batch, tmp_p
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
     peft_model.train()
+    ids = batch.to(peft_model.device)
     for _ in range(3):
-        peft_model(input_ids=batch, labels=batch).loss.backward()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
     adapted = logits(peft_model, batch)
@@ -351,7 +372,7 @@ def test_plugin_works_without_peft(base_dir, tmp_path):
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r},
                                                      quantization_config=quantizer_plugin.LowBitConfig(weights="nf4"))
-        out = model(input_ids=torch.tensor([[1, 2, 3]])).logits
+        out = model(input_ids=torch.tensor([[1, 2, 3]], device=model.device)).logits
         assert torch.isfinite(out).all()
         assert "quantizer_plugin.lora" not in sys.modules
         print("ok")
