@@ -81,9 +81,9 @@ def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
             continue
         if [tensor_name for tensor_name, *_ in stale] != ["weight"]:
             found = ", ".join(f"'{t}' is {s} {d}" for t, _, s, d in stale)
-            raise CheckpointFormatError(f"quantized module '{name}': offloaded tensors do not match the format: {found}")
+            raise CheckpointFormatError(f"quantized module '{name}': offloaded tensors differ from its format: {found}")
         if loader.save_folder is None:
-            raise ValueError(f"quantized module '{name}' is offloaded to disk: pass `offload_folder` to from_pretrained")
+            raise ValueError(f"quantized module '{name}' is offloaded to disk: give from_pretrained an offload_folder")
         _, entry, _, _ = stale[0]
         with safe_open(entry["safetensors_file"], framework="pt") as handle:
             source = handle.get_tensor(entry["weight_name"])

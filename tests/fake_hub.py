@@ -98,7 +98,8 @@ class FakeHub:
         if (found := self._revision(match)) is not None:
             return found
         files = json.loads(body)["files"]
-        return _json(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+        modes = [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]
+        return _json(200, {"files": modes})
 
     def commit(self, match, body):
         if (found := self._revision(match)) is not None:
@@ -128,7 +129,8 @@ class FakeHub:
             return found
         sha, files = self.repos[match["repo"]].files_at(match["revision"] or "main")
         siblings = [{"rfilename": path, "size": len(content)} for path, content in sorted(files.items())]
-        return _json(200, {"id": match["repo"], "modelId": match["repo"], "sha": sha, "private": False, "siblings": siblings})
+        info = {"id": match["repo"], "modelId": match["repo"], "sha": sha, "private": False, "siblings": siblings}
+        return _json(200, info)
 
     def resolve(self, match, body):
         if (found := self._revision(match)) is not None:

@@ -86,7 +86,7 @@ def record_stored_tensors_at_run_time(monkeypatch, model, module_name: str) -> l
 
 
 def files_under(folder: Path) -> dict[str, int]:
-    return {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()} if folder.exists() else {}
+    return {str(f.relative_to(folder)): f.stat().st_size for f in folder.rglob("*") if f.is_file()}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -97,7 +97,8 @@ def test_quantize_while_loading_offloads_packed_layers_to_disk(model_dir, prompt
     assert model.hf_device_map == CPU_DISK
 
     disk_layers = offloaded_layers(CPU_DISK)
-    disk_modules = {n: m for n, m in lowbit_modules(model).items() if n.startswith(tuple(f"{layer}." for layer in disk_layers))}
+    prefixes = tuple(f"{layer}." for layer in disk_layers)
+    disk_modules = {n: m for n, m in lowbit_modules(model).items() if n.startswith(prefixes)}
     assert len(disk_modules) == 7 * len(disk_layers)
     assert all(t.is_meta for m in disk_modules.values() for t in m.quantized_tensors().values())
 

@@ -37,7 +37,8 @@ def hub(tmp_path, monkeypatch):
         monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
         monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
         monkeypatch.setattr(constants, "ENDPOINT", fake.endpoint)
-        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}")
+        url_template = fake.endpoint + "/{repo_id}/resolve/{revision}/{filename}"
+        monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url_template)
         monkeypatch.setattr(constants, "HF_URL_HOSTS", constants.HF_URL_HOSTS | {"127.0.0.1"})
         # Every path derived from HF_HOME at import (hub cache, token, xet cache, ...).
         for name, value in list(vars(constants).items()):
