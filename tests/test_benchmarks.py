@@ -13,6 +13,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 @pytest.fixture
 def gemm_4bit(monkeypatch):
+    # main() sets these only where unset; setting them here means they are restored after the test, so later tests
+    # do not run on the interpreter.
+    monkeypatch.setenv("QUANTIZER_PLUGIN_KERNELS", "triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     pytest.importorskip("triton")
     import gemm_4bit
