@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -16,7 +17,8 @@ def gemm_4bit(monkeypatch):
     # main() sets these only where unset; setting them here means they are restored after the test, so later tests
     # do not run on the interpreter.
     monkeypatch.setenv("QUANTIZER_PLUGIN_KERNELS", "triton")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     pytest.importorskip("triton")
     import gemm_4bit
