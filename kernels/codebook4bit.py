@@ -31,34 +31,11 @@ from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
 from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
 from quantizer_plugin.ops import register_kernel
 
+from .interpreter import cast_rounded, dot_16bit
 from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_configs
 
 # The kernels index the flat weight with 32-bit integers; larger layers take the reference path.
 MAX_ELEMENTS = 2**31 - 1
-
-
-# Two workarounds for Triton's CPU interpreter (INTERPRETED), so that it computes what the GPU does: its tl.dot
-# mis-multiplies bfloat16 operands, and its float32 -> bfloat16 conversion truncates where GPUs round to nearest even.
-
-
-@triton.jit
-def _dot(a, b, acc, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr):
-    """acc + a @ b; under the interpreter the (already 16-bit) operands are multiplied exactly in float32."""
-    if INTERPRETED:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    else:
-        return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
-def _cast(v, dtype: tl.constexpr, INTERPRETED: tl.constexpr):
-    """float32 v in `dtype`, rounded to nearest even."""
-    if INTERPRETED and dtype == tl.bfloat16:
-        bits = v.to(tl.uint32, bitcast=True)
-        bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True).to(dtype)
-    else:
-        return v.to(dtype)
 
 
 @triton.jit
@@ -126,6 +103,17 @@ def _dequantize_tile(
 
 
 @triton.jit
+def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row-tiles run together, so that each
+    dequantized W tile they share is still in L2."""
+    group = pid // (GROUP_M * tiles_other)
+    first_m = group * GROUP_M
+    group_rows = min(tiles_m - first_m, GROUP_M)
+    within = pid % (GROUP_M * tiles_other)
+    return first_m + within % group_rows, within // group_rows
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
     codebook_ptr, bias_ptr, y_ptr,
@@ -135,14 +123,7 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32."""
-    # Grouped program order: GROUP_M row-tiles of x share each dequantized W tile while it is in L2.
-    pid = tl.program_id(0)
-    tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * tiles_n)
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
-    pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
 
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -155,11 +136,11 @@ def _matmul_kernel(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
             codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
         )  # fmt: skip
-        acc = _dot(x, tl.trans(_cast(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
+        acc = dot_16bit(x, tl.trans(cast_rounded(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
     y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
-    tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], _cast(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_ok)
+    tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], cast_rounded(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_ok)
 
 
 @triton.jit
@@ -172,13 +153,7 @@ def _grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """grad_x[M, K] = grad_y[M, N] @ dequant(W)[N, K], accumulated in float32 (the frozen weight's backward)."""
-    pid = tl.program_id(0)
-    tiles_m, tiles_k = tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K)
-    group = pid // (GROUP_M * tiles_k)
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * tiles_k)) % group_rows
-    pid_k = (pid % (GROUP_M * tiles_k)) // group_rows
+    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
@@ -192,9 +167,9 @@ def _grad_input_kernel(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
             codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
         )  # fmt: skip
-        acc = _dot(g, _cast(w, g.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
+        acc = dot_16bit(g, cast_rounded(w, g.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
     x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
-    tl.store(grad_x_ptr + rows_m[:, None] * stride_xm + cols[None, :], _cast(acc, grad_x_ptr.dtype.element_ty, INTERPRETED), mask=x_ok)
+    tl.store(grad_x_ptr + rows_m[:, None] * stride_xm + cols[None, :], cast_rounded(acc, grad_x_ptr.dtype.element_ty, INTERPRETED), mask=x_ok)
 
 
 _KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED"]

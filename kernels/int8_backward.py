@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from .int8_configs import grad_input_configs, m_bucket
-from .int8_interpreter import INTERPRETED, cast_rounded, dot_16bit
+from .interpreter import INTERPRETED, cast_rounded, dot_16bit
 from .int8_matmul import DOT_PRECISION, check_32bit_offsets
 
 

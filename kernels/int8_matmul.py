@@ -24,7 +24,7 @@ import triton.language as tl
 
 from .int8_activation import int8_scale, quantize_activations, quantize_to_int8
 from .int8_configs import m_bucket, streaming_configs, tiled_configs
-from .int8_interpreter import INTERPRETED, cast_rounded, dot_16bit
+from .interpreter import INTERPRETED, cast_rounded, dot_16bit
 
 # Up to this many rows the streaming kernel holds every row in one program. Each of its programs repeats the
 # activation quantization, which grows with M while the weight traffic it saves does not.

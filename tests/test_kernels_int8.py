@@ -20,7 +20,7 @@ from quantizer_plugin.formats import QuantScheme
 from quantizer_plugin.formats.int8 import INT8, outlier_columns, quantize_rows
 from quantizer_plugin.kernels.int8_activation import quantize_activations
 from quantizer_plugin.kernels.int8_backward import int8_grad_input
-from quantizer_plugin.kernels.int8_interpreter import INTERPRETED
+from quantizer_plugin.kernels.interpreter import INTERPRETED
 from quantizer_plugin.kernels.int8_matmul import STREAMING_LIMIT_M, int8_linear
 
 if not torch.cuda.is_available() and not INTERPRETED:

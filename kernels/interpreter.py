@@ -1,9 +1,9 @@
-"""Two operations the int8 kernels need to compute the same on Triton's CPU interpreter as on a GPU.
+"""Two operations the kernels need to compute the same on Triton's CPU interpreter as on a GPU.
 
 The interpreter keeps bfloat16 as raw uint16 bits: its tl.dot multiplies those bits as integers, its int -> bfloat16
 cast reinterprets the integer, and its float32 -> bfloat16 cast truncates where a GPU rounds to nearest even.
 INTERPRETED is a tl.constexpr, so on a GPU only the plain branch is compiled.
-(kernels/codebook4bit.py works around the same interpreter behaviour for the 4-bit kernels.)
+Shared by the 4-bit and the int8 kernels.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .int8_configs import interpreting
+from .tuning import interpreting
 
 # Fixed when the kernels are defined: @triton.jit builds interpreted kernels exactly when this is true.
 INTERPRETED = interpreting()
