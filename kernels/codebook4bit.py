@@ -32,6 +32,8 @@ from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_cod
 from quantizer_plugin.ops import register_kernel
 
 from .interpreter import cast_rounded, dot_16bit
+from .split_k import counters, k_slice, reduce_splits, workspace
+from .tile_order import grouped_tile
 from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_configs
 
 # The kernels index the flat weight with 32-bit integers; larger layers take the reference path.
@@ -103,32 +105,24 @@ def _dequantize_tile(
 
 
 @triton.jit
-def _grouped_tile(pid, tiles_m, tiles_other, GROUP_M: tl.constexpr):
-    """(row tile, column tile) of program `pid` in grouped order: GROUP_M row-tiles run together, so that each
-    dequantized W tile they share is still in L2."""
-    group = pid // (GROUP_M * tiles_other)
-    first_m = group * GROUP_M
-    group_rows = min(tiles_m - first_m, GROUP_M)
-    within = pid % (GROUP_M * tiles_other)
-    return first_m + within % group_rows, within // group_rows
-
-
-@triton.jit
 def _matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
-    codebook_ptr, bias_ptr, y_ptr,
+    codebook_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
     M, N, K, M_BUCKET, stride_xm, stride_ym,
     QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
-    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32."""
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32; program (tile, split) reduces
+    split `split` of K (split_k.py), SPLIT_K = 1 for the whole of K."""
+    tile = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tile, tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_start, k_end = k_slice(K, tl.program_id(1), SPLIT_K, BLOCK_K)
 
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, k_end, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=x_ok, other=0.0)
@@ -137,9 +131,11 @@ def _matmul_kernel(
             codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
         )  # fmt: skip
         acc = dot_16bit(x, tl.trans(cast_rounded(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
+    y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
+    acc, y_ok = reduce_splits(acc, y_ok, tile, tl.program_id(1), rows_m[:, None] * N + rows_n[None, :], M, N,
+                              workspace_ptr, counter_ptr, SPLIT_K)  # fmt: skip
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rows_n, mask=rows_n < N, other=0.0).to(tl.float32)[None, :]
-    y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
     tl.store(y_ptr + rows_m[:, None] * stride_ym + rows_n[None, :], cast_rounded(acc, y_ptr.dtype.element_ty, INTERPRETED), mask=y_ok)
 
 
@@ -153,7 +149,7 @@ def _grad_input_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
     """grad_x[M, K] = grad_y[M, N] @ dequant(W)[N, K], accumulated in float32 (the frozen weight's backward)."""
-    pid_m, pid_k = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rows_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     k0 = pid_k * BLOCK_K
@@ -173,8 +169,8 @@ def _grad_input_kernel(
 
 
 _KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED"]
-_FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode"), _KEY)
-_FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill"), _KEY)
+_FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode", splits_k=True), _KEY)
+_FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill", splits_k=True), _KEY)
 _GRAD_INPUT = autotuned(_grad_input_kernel, matmul_configs("4bit", "grad_input"), _KEY)
 
 
@@ -249,18 +245,28 @@ def dequant_matmul(
     if m == 0:
         return y
     meta = _meta(k, scheme, x.dtype)
-    args = (x, *_weight_args(tensors, fmt, scheme, x.device), bias if bias is not None else y, y)
+    kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
+    if config is not None:
+        kernel, config = _matmul_kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1))
+    split_buffers = _split_k_buffers([config] if config else [c.kwargs for c in kernel.configs], m, n, x.device)
+    args = (x, *_weight_args(tensors, fmt, scheme, x.device), bias if bias is not None else y, y, *split_buffers)
     args += (m, n, k, m_bucket(m), x.stride(0), y.stride(0))
 
     def grid(meta):
-        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)
+        return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
-    if config is not None:
-        _matmul_kernel[grid(config)](*args, HAS_BIAS=bias is not None, **meta, **config)
-    else:
-        kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
-        kernel[grid](*args, HAS_BIAS=bias is not None, **meta)
+    kernel[grid(config) if config else grid](*args, HAS_BIAS=bias is not None, **meta, **(config or {}))
     return y
+
+
+def _split_k_buffers(configs: list[dict], m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(workspace, counters) big enough for any of `configs`; placeholders when none splits K."""
+    split_k = max(c["SPLIT_K"] for c in configs)
+    if split_k == 1:
+        placeholder = torch.empty(0, dtype=torch.int32, device=device)  # never dereferenced with SPLIT_K = 1
+        return placeholder, placeholder
+    tiles = max(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]) for c in configs)
+    return workspace(split_k, m, n, device), counters(tiles, device)
 
 
 def dequant_matmul_grad_input(

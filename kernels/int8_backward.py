@@ -16,6 +16,7 @@ import triton.language as tl
 from .int8_configs import grad_input_configs, m_bucket
 from .interpreter import INTERPRETED, cast_rounded, dot_16bit
 from .int8_matmul import DOT_PRECISION, check_32bit_offsets
+from .tile_order import grouped_tile
 
 
 @triton.autotune(configs=grad_input_configs(), key=["M_BUCKET", "N", "K"])
@@ -25,14 +26,7 @@ def _grad_input_kernel(
     PRECISION: tl.constexpr, INTERPRETED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_k = tl.cdiv(K, BLOCK_K)
-    per_group = GROUP_M * tiles_k
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_k = (pid % per_group) // group_rows
+    pid_m, pid_k = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(K, BLOCK_K), GROUP_M)
 
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     ks = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)

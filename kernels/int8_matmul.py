@@ -2,18 +2,19 @@
 
 Both parts land in one output tile, so there is no host synchronisation to learn the outlier count (bitsandbytes
 pays one to gather the outlier columns). The int8 x int8 product accumulates exactly in int32 on the tensor cores
-(tl.dot on int8); the epilogue applies the row absmax of x and of W (/ 127^2). The outlier columns come from a
-device-side column mask: a K-tile whose mask is all zero skips the 16-bit product entirely, so with a few outlier
-columns only a few K-tiles pay for it. In a K-tile that has outliers, the int8 weight tile already in registers is
-converted to 16 bits (exact: |code| <= 127) and multiplied by the outlier columns of x, read in 16 bits, into a
-second, float32 accumulator scaled by W's row absmax / 127 in the epilogue.
+(tl.dot on int8); the row absmax of x / 127 turns it into a float32 tile. The outlier columns come from a
+device-side column mask, in a second sweep over K: a K-tile whose mask is all zero skips the 16-bit product, so
+with a few outlier columns only a few K-tiles pay for it. In a K-tile that has outliers, the int8 weight tile is
+converted to 16 bits (exact: |code| <= 127) and multiplied by the outlier columns of x, read in 16 bits, into the
+same float32 tile; W's row absmax / 127 scales the sum last.
 
 Two kernels:
 - `_tiled_kernel` (M > STREAMING_MAX_M): output tiles over (M, N) in grouped order, fed by the two activation
   passes of int8_activation (int8 codes, row absmax, column mask);
 - `_streaming_kernel` (decode): all rows sit in one program, so each program finds the outlier columns and the
   row absmax of the inliers itself (a first sweep over x, which is small and shared through L2), then streams its
-  BLOCK_N rows of the int8 weight once along K. One launch, and the weight is read exactly once.
+  BLOCK_N rows of the int8 weight once along K (or along its slice of K, with split-K). One launch, and the weight
+  is read exactly once.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import triton.language as tl
 from .int8_activation import int8_scale, quantize_activations, quantize_to_int8
 from .int8_configs import m_bucket, streaming_configs, tiled_configs
 from .interpreter import INTERPRETED, cast_rounded, dot_16bit
+from .split_k import counters, k_slice, reduce_splits, workspace
+from .tile_order import grouped_tile
 
 # Up to this many rows the streaming kernel holds every row in one program. Each of its programs repeats the
 # activation quantization, which grows with M while the weight traffic it saves does not.
@@ -34,65 +37,6 @@ STREAMING_LIMIT_M = 64
 # The kernels index with 32-bit offsets.
 MAX_ELEMENTS = 2**31 - 1
 DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "ieee"}  # tf32 is moot for 16-bit
-
-
-@triton.jit
-def _epilogue(
-    acc, acc_outlier, x_absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
-    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr,
-):  # fmt: skip
-    """y = acc * x_absmax * w_absmax / 127^2 + acc_outlier * w_absmax / 127 + bias, stored in y's dtype."""
-    col_in = cols < N
-    w_step = tl.load(w_absmax_ptr + cols, mask=col_in, other=0.0) * (1.0 / 127.0)
-    y = acc.to(tl.float32) * (x_absmax * (1.0 / 127.0))[:, None] * w_step[None, :]
-    if HAS_OUTLIERS:
-        y += acc_outlier * w_step[None, :]
-    if HAS_BIAS:
-        y += tl.load(bias_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
-    mask = (rows < M)[:, None] & col_in[None, :]
-    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rounded(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
-
-
-@triton.autotune(configs=tiled_configs(), key=["M_BUCKET", "N", "K"])
-@triton.jit
-def _tiled_kernel(
-    codes_ptr, x_absmax_ptr, x_ptr, flags_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr,
-    M, N, K, M_BUCKET, stride_cm, stride_xm, stride_wn, stride_ym,
-    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):  # fmt: skip
-    # Grouped ordering (GROUP_M row tiles sweep N together) so that the weight tiles they share stay in L2.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
-
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_in = rows < M
-    col_in = cols < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    acc_outlier = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_in = ks < K
-        a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
-        acc = tl.dot(a, w_t, acc)
-        if HAS_OUTLIERS:
-            outlier = tl.load(flags_ptr + ks, mask=k_in, other=0) != 0
-            if tl.max(outlier.to(tl.int32), axis=0) > 0:
-                x_out = tl.load(
-                    x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_in[:, None] & outlier[None, :], other=0.0
-                )
-                acc_outlier = dot_16bit(x_out, w_t, acc_outlier, PRECISION, INTERPRETED)
-    x_absmax = tl.load(x_absmax_ptr + rows, mask=row_in, other=0.0)
-    _epilogue(acc, acc_outlier, x_absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
-              HAS_OUTLIERS, HAS_BIAS, INTERPRETED)  # fmt: skip
 
 
 @triton.jit
@@ -106,15 +50,89 @@ def _outlier_mask(x, threshold):
     return tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0) > 0
 
 
+@triton.jit
+def _add_outlier_products(
+    y, x_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, k_start, k_end, stride_xm, stride_wn, threshold,
+    FLAGGED: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+):  # fmt: skip
+    """y + x[rows, outlier columns] @ codes(W)[cols, outlier columns].T, in float32, over the K tiles of
+    [k_start, k_end) that hold an outlier column; the int8 codes are exact in 16 bits.
+
+    The outlier columns come from the activation pass's flags (FLAGGED), or from |x| >= threshold in any row (the
+    streaming kernel holds every row). A separate sweep after the int8 one, rather than a second accumulator in it,
+    keeps one accumulator tile live at a time (two spill registers at every tile size on sm_90); it re-reads only
+    the weight tiles that meet an outlier column, a few of them at realistic outlier rates.
+    """
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        if FLAGGED:
+            outlier = tl.load(flags_ptr + ks, mask=k_in, other=0) != 0
+        else:
+            outlier = _outlier_mask(_load_rows(x_ptr, rows, ks, M, K, stride_xm).to(tl.float32), threshold)
+        if tl.max(outlier.to(tl.int32), axis=0) > 0:
+            x_out = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows < M)[:, None] & outlier[None, :], other=0.0)
+            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & (cols < N)[None, :], other=0)
+            y = dot_16bit(x_out, w_t, y, PRECISION, INTERPRETED)
+    return y
+
+
+@triton.jit
+def _weight_step(cols, N, w_absmax_ptr):
+    """float32 W row absmax / 127 of output columns `cols`: the per-column factor of the epilogue."""
+    return tl.load(w_absmax_ptr + cols, mask=cols < N, other=0.0) * (1.0 / 127.0)
+
+
+@triton.jit
+def _store_output(y, mask, rows, cols, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS: tl.constexpr, INTERPRETED: tl.constexpr):
+    """y (+ bias) stored in y's dtype where `mask` holds."""
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows[:, None] * stride_ym + cols[None, :], cast_rounded(y, y_ptr.dtype.element_ty, INTERPRETED), mask=mask)
+
+
+@triton.autotune(configs=tiled_configs(), key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _tiled_kernel(
+    codes_ptr, x_absmax_ptr, x_ptr, flags_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr,
+    M, N, K, M_BUCKET, stride_cm, stride_xm, stride_wn, stride_ym,
+    HAS_OUTLIERS: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):  # fmt: skip
+    pid_m, pid_n = grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < M
+    col_in = cols < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
+        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
+        acc = tl.dot(a, w_t, acc)
+    y = acc.to(tl.float32) * (tl.load(x_absmax_ptr + rows, mask=row_in, other=0.0) * (1.0 / 127.0))[:, None]
+    if HAS_OUTLIERS:
+        y = _add_outlier_products(y, x_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, 0, K, stride_xm, stride_wn, 0.0,
+                                  True, BLOCK_K, PRECISION, INTERPRETED)  # fmt: skip
+    y *= _weight_step(cols, N, w_absmax_ptr)[None, :]
+    _store_output(y, row_in[:, None] & col_in[None, :], rows, cols, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS, INTERPRETED)
+
+
 @triton.autotune(configs=streaming_configs(), key=["BLOCK_M", "N", "K"])
 @triton.jit
 def _streaming_kernel(
-    x_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, threshold,
+    x_ptr, w_ptr, w_absmax_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
+    M, N, K, stride_xm, stride_wn, stride_ym, threshold,
     HAS_THRESHOLD: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
+    # Program (tile, split) multiplies split `split` of K for output columns `tile` (split_k.py); the row absmax
+    # needs all of K, so sweep 1 always covers it.
+    tile = tl.program_id(0)
     rows = tl.arange(0, BLOCK_M)  # every row of x
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < N
 
     # Sweep 1 over x: the absmax of each row over the inlier columns. All rows are here, so a column's outlier test
@@ -127,24 +145,25 @@ def _streaming_kernel(
         absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
     scale = int8_scale(absmax)
 
-    # Sweep 2: quantize x in registers and stream the weight tiles.
+    # Sweep 2: quantize x in registers and stream the weight tiles; sweep 3 adds the outlier columns' products.
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    acc_outlier = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_start, k_end = k_slice(K, tl.program_id(1), SPLIT_K, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        x_raw = _load_rows(x_ptr, rows, ks, M, K, stride_xm)
-        x = x_raw.to(tl.float32)
+        x = _load_rows(x_ptr, rows, ks, M, K, stride_xm).to(tl.float32)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(ks < K)[:, None] & col_in[None, :], other=0)
         if HAS_THRESHOLD:
-            outlier = _outlier_mask(x, threshold)
-            acc = tl.dot(quantize_to_int8(tl.where(outlier[None, :], 0.0, x), scale), w_t, acc)
-            if tl.max(outlier.to(tl.int32), axis=0) > 0:
-                x_out = tl.where(outlier[None, :], x_raw, tl.zeros_like(x_raw))
-                acc_outlier = dot_16bit(x_out, w_t, acc_outlier, PRECISION, INTERPRETED)
-        else:
-            acc = tl.dot(quantize_to_int8(x, scale), w_t, acc)
-    _epilogue(acc, acc_outlier, absmax, rows, cols, M, N, w_absmax_ptr, bias_ptr, y_ptr, stride_ym,
-              HAS_THRESHOLD, HAS_BIAS, INTERPRETED)  # fmt: skip
+            x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
+        acc = tl.dot(quantize_to_int8(x, scale), w_t, acc)
+    y = acc.to(tl.float32) * (absmax * (1.0 / 127.0))[:, None]
+    if HAS_THRESHOLD:
+        y = _add_outlier_products(y, x_ptr, x_ptr, w_ptr, rows, cols, M, N, K, k_start, k_end, stride_xm, stride_wn,
+                                  threshold, False, BLOCK_K, PRECISION, INTERPRETED)  # fmt: skip
+    y *= _weight_step(cols, N, w_absmax_ptr)[None, :]
+    mask = (rows < M)[:, None] & col_in[None, :]
+    y, mask = reduce_splits(y, mask, tile, tl.program_id(1), rows[:, None] * N + cols[None, :], M, N, workspace_ptr,
+                            counter_ptr, SPLIT_K)  # fmt: skip
+    _store_output(y, mask, rows, cols, N, bias_ptr, y_ptr, stride_ym, HAS_BIAS, INTERPRETED)
 
 
 def check_32bit_offsets(**sizes: int) -> None:
@@ -207,9 +226,13 @@ def int8_linear(
     bias_arg = bias if bias is not None else weight_scale  # never read when HAS_BIAS is False
     precision = DOT_PRECISION[x2d.dtype]
     if path == "streaming":
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        configs = [c.kwargs for c in _streaming_kernel.configs]
+        split_k = max(c["SPLIT_K"] for c in configs)
+        tiles = max(triton.cdiv(n, c["BLOCK_N"]) for c in configs)
+        work, arrivals = (workspace(split_k, m, n, x2d.device), counters(tiles, x2d.device)) if split_k > 1 else (y, y)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _streaming_kernel[grid](
-            x2d, weight, weight_scale, bias_arg, y, m, n, k, x2d.stride(0), weight.stride(0), y.stride(0),
+            x2d, weight, weight_scale, bias_arg, y, work, arrivals, m, n, k, x2d.stride(0), weight.stride(0), y.stride(0),
             float(threshold), HAS_THRESHOLD=threshold > 0, HAS_BIAS=bias is not None, PRECISION=precision,
             INTERPRETED=INTERPRETED, BLOCK_M=max(16, triton.next_power_of_2(m)), enable_fp_fusion=False,
         )  # fmt: skip
