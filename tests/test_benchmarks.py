@@ -39,3 +39,45 @@ def test_gemm_4bit_smoke_run_writes_rows_and_report(gemm_4bit, tmp_path):
     assert any("decoder block" in row["shape"] for row in rows)
     report = (tmp_path / "gemm_4bit.md").read_text()
     assert "## GEMMs" in report and "lowbit speedup vs bf16" in report and rows[0]["torch"] in report
+
+
+@pytest.fixture
+def results(gemm_4bit):
+    import results
+
+    return results
+
+
+def test_results_collects_each_run_under_its_command(results, monkeypatch, tmp_path):
+    monkeypatch.setattr(results, "RUNS", results.RUNS[:1])  # one real run: the others are the same machinery
+    target = tmp_path / "RESULTS.md"
+    assert results.main(["--smoke", "--out", str(tmp_path), "--results", str(target)]) == 0
+    text = target.read_text()
+    assert text.startswith("# Kernel benchmark results") and "not a measurement" in text
+    assert "`python benchmarks/gemm_4bit.py --cuda-graph --smoke`" in text
+    assert "### GEMMs" in text and "### Targets" in text  # the run's report, its headings one level down
+    assert (tmp_path / "nf4-bf16-graph" / "gemm_4bit.jsonl").exists()
+
+
+def test_results_is_not_written_when_a_run_fails(results, monkeypatch, tmp_path):
+    class Benchmark:
+        """Writes its report as a benchmark does, then returns `code`."""
+
+        __file__ = "fake.py"
+
+        def __init__(self, code):
+            self.code = code
+
+        def main(self, argv):
+            out = Path(argv[argv.index("--out") + 1])
+            out.mkdir(parents=True)
+            (out / "fake.md").write_text("# fake report\n")
+            return self.code
+
+    target = tmp_path / "RESULTS.md"
+    monkeypatch.setattr(results, "RUNS", [("ok", "ok", Benchmark(0), []), ("broken", "broken", Benchmark(1), [])])
+    assert results.main(["--smoke", "--out", str(tmp_path), "--results", str(target)]) == 1
+    assert not target.exists()
+    monkeypatch.setattr(results, "RUNS", results.RUNS[:1])
+    assert results.main(["--smoke", "--out", str(tmp_path / "again"), "--results", str(target)]) == 0
+    assert "fake report" in target.read_text()
