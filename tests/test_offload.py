@@ -211,6 +211,36 @@ def test_an_offload_folder_that_cannot_be_written_fails_naming_it(model_dir, tmp
     assert files_under(tmp_path) == {"not-a-folder": len("keep me")} and blocker.read_text() == "keep me"
 
 
+def test_a_repack_that_fails_partway_leaves_the_offload_folder_as_before_it(model_dir, tmp_path, monkeypatch):
+    """Repacking is all or nothing: a failure after some modules were repacked (a full disk, say) leaves exactly
+    the files a failure before the first one leaves (transformers' own), and no temporary file."""
+    from quantizer_plugin import offload
+
+    repack = offload._repacked_tensors
+
+    def failing_after(count: int):
+        done = []
+
+        def repack_or_fail(name, *args):
+            if len(done) == count:
+                raise OSError(f"no space left while repacking '{name}'")
+            packed = repack(name, *args)
+            done.extend([name] if packed else [])
+            return packed
+
+        return repack_or_fail
+
+    listings = {}
+    for count in (0, 3):
+        monkeypatch.setattr(offload, "_repacked_tensors", failing_after(count))
+        folder = tmp_path / f"offload-{count}"
+        with pytest.raises(OSError, match="no space left while repacking 'model.layers"):
+            load(model_dir, FORMATS["nf4"], device_map=CPU_DISK, offload_folder=folder)
+        listings[count] = files_under(folder)
+    assert listings[3] == listings[0]
+    assert not any(name.endswith(".partial") or name.endswith(".weight.safetensors") for name in listings[3])
+
+
 def test_disk_offload_without_an_offload_folder_is_refused(model_dir):
     with pytest.raises(ValueError, match="offload_folder"):
         load(model_dir, FORMATS["nf4"], device_map=CPU_DISK)
