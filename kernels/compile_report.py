@@ -145,12 +145,10 @@ def _int8_builds() -> list[Build]:
             ("int8 grad_input", int8_backward._grad_input_kernel, backward, common, {}),
         ]:  # fmt: skip
             builds += [Build(f"{name} ({dt})", kernel, pointers, constexprs, c, options) for c in kernel.configs[first]]
-    scan, rows = int8_activation.outlier_scan_tile(), int8_activation.row_quantize_tile()
-    builds.append(Build("int8 outlier scan", int8_activation._outlier_scan_kernel,
-                        dict(x_ptr="*bf16", flags_ptr="*i32"), scan))  # fmt: skip
-    builds.append(Build("int8 row quantize", int8_activation._row_quantize_kernel,
+    builds.append(Build("int8 row quantize", int8_activation._quantize_rows_kernel,
                         dict(x_ptr="*bf16", flags_ptr="*i32", codes_ptr="*i8", absmax_ptr="*fp32"),
-                        dict(rows, HAS_OUTLIERS=True), options=dict(enable_fp_fusion=False)))  # fmt: skip
+                        dict(int8_activation.row_quantize_tile(), HAS_THRESHOLD=True),
+                        options=dict(enable_fp_fusion=False)))  # fmt: skip
     return builds
 
 

@@ -22,7 +22,8 @@ def _configs(rows: list[tuple[dict, int, int]]) -> list[triton.Config]:
 
 # Large M: output tiles over (M, N), int8 x int8 dot over K.
 TILED_GPU = _configs([
-    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 128, "GROUP_M": 8}, 8, 3),
+    ({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, 8, 4),
+    ({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 8, 4),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, 8, 4),
     ({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, 4, 4),
     ({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8}, 4, 4),
@@ -39,7 +40,6 @@ STREAMING_GPU = _configs([
     ({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 1}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 128, "SPLIT_K": 1}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 1}, 8, 3),
-    ({"BLOCK_N": 16, "BLOCK_K": 512, "SPLIT_K": 1}, 4, 3),
     ({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 2}, 4, 4),
     ({"BLOCK_N": 32, "BLOCK_K": 256, "SPLIT_K": 4}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 256, "SPLIT_K": 4}, 8, 3),
@@ -56,9 +56,7 @@ GRAD_INPUT_GPU = _configs([
 ])  # fmt: skip
 GRAD_INPUT_INTERPRETER = _configs([({"BLOCK_M": 16, "BLOCK_K": 16, "BLOCK_N": 32, "GROUP_M": 2}, 4, 1)])
 
-# Activation passes: column outlier flags over row chunks, then the row quantization.
-OUTLIER_SCAN_GPU = {"BLOCK_M": 32, "BLOCK_K": 128, "ROWS_PER_PROGRAM": 256}
-OUTLIER_SCAN_INTERPRETER = {"BLOCK_M": 8, "BLOCK_K": 32, "ROWS_PER_PROGRAM": 16}
+# Activation pass: row quantization and outlier column flags.
 ROW_QUANTIZE_GPU = {"BLOCK_M": 4, "BLOCK_K": 512}
 ROW_QUANTIZE_INTERPRETER = {"BLOCK_M": 4, "BLOCK_K": 32}
 
@@ -73,10 +71,6 @@ def streaming_configs() -> list[triton.Config]:
 
 def grad_input_configs() -> list[triton.Config]:
     return GRAD_INPUT_INTERPRETER if interpreting() else GRAD_INPUT_GPU
-
-
-def outlier_scan_tile() -> dict:
-    return OUTLIER_SCAN_INTERPRETER if interpreting() else OUTLIER_SCAN_GPU
 
 
 def row_quantize_tile() -> dict:

@@ -9,8 +9,9 @@ converted to 16 bits (exact: |code| <= 127) and multiplied by the outlier column
 same float32 tile; W's row absmax / 127 scales the sum last.
 
 Two kernels:
-- `_tiled_kernel` (M > STREAMING_MAX_M): output tiles over (M, N) in grouped order, fed by the two activation
-  passes of int8_activation (int8 codes, row absmax, column mask);
+- `_tiled_kernel` (M > STREAMING_MAX_M): output tiles over (M, N) in grouped order, fed by the one-pass
+  activation kernel of int8_activation (int8 codes, row absmax, column mask); the codes it leaves in flagged
+  columns are cancelled exactly in int32 before the scales apply;
 - `_streaming_kernel` (decode): all rows sit in one program, so each program finds the outlier columns and the
   row absmax of the inliers itself (a first sweep over x, which is small and shared through L2), then streams its
   BLOCK_N rows of the int8 weight once along K (or along its slice of K, with split-K). One launch, and the weight
@@ -48,6 +49,26 @@ def _load_rows(x_ptr, rows, ks, M, K, stride_xm):
 def _outlier_mask(x, threshold):
     """Per column of the (all rows) tile x: whether any |x| reaches the threshold."""
     return tl.max((tl.abs(x) >= threshold).to(tl.int32), axis=0) > 0
+
+
+@triton.jit
+def _cancel_outlier_codes(
+    acc, codes_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, stride_cm, stride_wn, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    """acc minus the int8 products of the flagged columns' codes, exactly (int32): as if those codes were 0.
+
+    The one-pass activation kernel cannot zero them (a column is flagged by any row), and the outlier columns are
+    multiplied in 16 bits instead. Only the K tiles that hold a flagged column are visited.
+    """
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_in = ks < K
+        flagged = tl.load(flags_ptr + ks, mask=k_in, other=0) != 0
+        if tl.max(flagged.to(tl.int32), axis=0) > 0:
+            a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=(rows < M)[:, None] & flagged[None, :], other=0)
+            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & (cols < N)[None, :], other=0)
+            acc = tl.dot(-a, w_t, acc)  # codes lie in [-127, 127], so their negation is exact in int8
+    return acc
 
 
 @triton.jit
@@ -112,6 +133,8 @@ def _tiled_kernel(
         a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
         acc = tl.dot(a, w_t, acc)
+    if HAS_OUTLIERS:
+        acc = _cancel_outlier_codes(acc, codes_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, stride_cm, stride_wn, BLOCK_K)
     y = acc.to(tl.float32) * (tl.load(x_absmax_ptr + rows, mask=row_in, other=0.0) * (1.0 / 127.0))[:, None]
     if HAS_OUTLIERS:
         y = _add_outlier_products(y, x_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, 0, K, stride_xm, stride_wn, 0.0,
@@ -135,13 +158,12 @@ def _streaming_kernel(
     cols = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     col_in = cols < N
 
-    # Sweep 1 over x: the absmax of each row over the inlier columns. All rows are here, so a column's outlier test
-    # is a reduction inside the tile.
+    # Sweep 1 over x: the absmax of each row over its entries below the threshold (as bitsandbytes takes it).
     absmax = tl.zeros([BLOCK_M], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x = _load_rows(x_ptr, rows, k0 + tl.arange(0, BLOCK_K), M, K, stride_xm).to(tl.float32)
         if HAS_THRESHOLD:
-            x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
+            x = tl.where(tl.abs(x) >= threshold, 0.0, x)
         absmax = tl.maximum(absmax, tl.max(tl.abs(x), axis=1))
     scale = int8_scale(absmax)
 
@@ -153,6 +175,7 @@ def _streaming_kernel(
         x = _load_rows(x_ptr, rows, ks, M, K, stride_xm).to(tl.float32)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(ks < K)[:, None] & col_in[None, :], other=0)
         if HAS_THRESHOLD:
+            # All rows are here, so a column's outlier test is a reduction inside the tile: its codes are 0.
             x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
         acc = tl.dot(quantize_to_int8(x, scale), w_t, acc)
     y = acc.to(tl.float32) * (absmax * (1.0 / 127.0))[:, None]

@@ -7,6 +7,7 @@ import torch
 
 from quantizer_plugin import LowBitLinear
 from quantizer_plugin.formats import QuantScheme
+from quantizer_plugin.formats.int8 import quantize_activations
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -62,6 +63,22 @@ def test_agrees_with_bitsandbytes(m, k, n):
         y_bnb = bitsandbytes_layer(linear, 6.0)(x).float()
     scale = float32_reference(x, linear).abs().mean()
     assert (y_ours - y_bnb).abs().mean() < 0.01 * scale
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+def test_activation_codes_and_scales_equal_bitsandbytes(m, k, n):
+    x, planted = planted_outlier_inputs(m, k, seed=3 * m + k)
+    codes, absmax, columns = quantize_activations(x, 6.0)
+    bnb_codes, bnb_absmax, bnb_columns = bnb.functional.int8_vectorwise_quant(x.clone(), threshold=6.0)
+    assert sorted(columns.tolist()) == sorted(planted)
+    assert torch.equal(columns, bnb_columns)
+    assert torch.equal(absmax, bnb_absmax)
+    assert torch.equal(codes, bnb_codes)
+    if m > 1:
+        # The entries below the threshold in an outlier column count towards the row absmax, as in bitsandbytes:
+        # here some of them are the largest in their row, so leaving out whole columns would give other scales.
+        columns_out = x.float().index_fill(1, columns, 0.0).abs().amax(dim=1)
+        assert not torch.equal(columns_out, absmax)
 
 
 def test_outlier_decomposition_helps():

@@ -3,7 +3,7 @@
 At matmul time the activation columns (input features) holding any |x| >= outlier_threshold are multiplied in
 floating point against the dequantized weight columns; every other column goes through int8 x int8 with one
 absmax scale per activation row and per weight row; the two parts are summed. A threshold of 0 turns the
-decomposition off.
+decomposition off. The activation codes and row scales are those of bitsandbytes' int8_vectorwise_quant.
 
 Stored tensors:
   weight        int8    (out_features, in_features)  round(W * 127 / row_absmax)
@@ -32,6 +32,24 @@ def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     if threshold <= 0:
         return torch.empty(0, dtype=torch.long, device=x2d.device)
     return torch.nonzero((x2d.abs() >= threshold).any(dim=0)).flatten()
+
+
+def quantize_activations(x2d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LLM.int8's activation side as bitsandbytes computes it (int8_vectorwise_quant): (int8 codes, float32 row
+    absmax, outlier column indices).
+
+    An entry with |x| >= threshold is an outlier, and a column holding one is multiplied in floating point. Each
+    row's absmax is taken over its entries that are not outliers (the other entries of an outlier column count, as
+    in bitsandbytes), and the codes of the outlier columns are 0.
+    """
+    x = x2d.float()
+    outliers = outlier_columns(x2d, threshold)
+    if threshold > 0:
+        x = x.masked_fill(x.abs() >= threshold, 0.0)
+    codes, absmax = quantize_rows(x)
+    if outliers.numel():
+        codes = codes.index_fill(1, outliers, 0)
+    return codes, absmax, outliers
 
 
 class Int8RowwiseFormat(WeightFormat):
@@ -68,12 +86,7 @@ class Int8RowwiseFormat(WeightFormat):
     ) -> torch.Tensor:
         w_int8, w_absmax = tensors["weight"], tensors["weight_scale"]
         x2d = x.reshape(-1, in_features).to(compute_dtype)
-        outliers = outlier_columns(x2d, scheme.outlier_threshold)
-
-        inliers = x2d.float()
-        if outliers.numel():
-            inliers = inliers.index_fill(1, outliers, 0.0)
-        x_int8, x_absmax = quantize_rows(inliers)
+        x_int8, x_absmax, outliers = quantize_activations(x2d, scheme.outlier_threshold)
         # int8 x int8 products summed exactly: float64 holds every partial sum of |127 * 127| * K for K < 2^39.
         accumulated = x_int8.double() @ w_int8.double().T
         y = (accumulated * (x_absmax.double()[:, None] * w_absmax.double()[None, :] / (INT8_MAX * INT8_MAX))).float()
