@@ -13,7 +13,7 @@ Two kernels:
   activation kernel of int8_activation (int8 codes, row absmax, column mask); the codes it leaves in flagged
   columns are cancelled exactly in int32 before the scales apply;
 - `_streaming_kernel` (decode): all rows sit in one program, so each program finds the outlier columns and the
-  row absmax of the inliers itself (a first sweep over x, which is small and shared through L2), then streams its
+  row absmax itself (a first sweep over x, which is small and shared through L2), then streams its
   BLOCK_N rows of the int8 weight once along K (or along its slice of K, with split-K). One launch, and the weight
   is read exactly once.
 """
@@ -81,8 +81,8 @@ def _add_outlier_products(
 
     The outlier columns come from the activation pass's flags (FLAGGED), or from |x| >= threshold in any row (the
     streaming kernel holds every row). A separate sweep after the int8 one, rather than a second accumulator in it,
-    keeps one accumulator tile live at a time (two spill registers at every tile size on sm_90); it re-reads only
-    the weight tiles that meet an outlier column, a few of them at realistic outlier rates.
+    keeps one accumulator tile live at a time (with two, every tile size spilled registers on sm_90); it re-reads
+    only the weight tiles that meet an outlier column, a few of them at realistic outlier rates.
     """
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
