@@ -81,8 +81,8 @@ def _add_outlier_products(
 
     The outlier columns come from the activation pass's flags (FLAGGED), or from |x| >= threshold in any row (the
     streaming kernel holds every row). A separate sweep after the int8 one, rather than a second accumulator in it,
-    keeps one accumulator tile live at a time (with two, every tile size spilled registers on sm_90); it re-reads
-    only the weight tiles that meet an outlier column, a few of them at realistic outlier rates.
+    keeps one accumulator tile live at a time, which leaves the registers to larger tiles; it re-reads only the
+    weight tiles that meet an outlier column, a few of them at realistic outlier rates.
     """
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
