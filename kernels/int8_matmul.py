@@ -67,7 +67,7 @@ def _cancel_outlier_codes(
         if tl.max(flagged.to(tl.int32), axis=0) > 0:
             a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=(rows < M)[:, None] & flagged[None, :], other=0)
             w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & (cols < N)[None, :], other=0)
-            acc = tl.dot(-a, w_t, acc)  # codes lie in [-127, 127], so their negation is exact in int8
+            acc = tl.dot(-a, w_t, acc, out_dtype=tl.int32)  # codes lie in [-127, 127], so their negation is exact in int8
     return acc
 
 
@@ -132,7 +132,7 @@ def _tiled_kernel(
         k_in = ks < K
         a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
         w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
-        acc = tl.dot(a, w_t, acc)
+        acc = tl.dot(a, w_t, acc, out_dtype=tl.int32)
     if HAS_OUTLIERS:
         acc = _cancel_outlier_codes(acc, codes_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, stride_cm, stride_wn, BLOCK_K)
     y = acc.to(tl.float32) * (tl.load(x_absmax_ptr + rows, mask=row_in, other=0.0) * (1.0 / 127.0))[:, None]
@@ -177,7 +177,7 @@ def _streaming_kernel(
         if HAS_THRESHOLD:
             # All rows are here, so a column's outlier test is a reduction inside the tile: its codes are 0.
             x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
-        acc = tl.dot(quantize_to_int8(x, scale), w_t, acc)
+        acc = tl.dot(quantize_to_int8(x, scale), w_t, acc, out_dtype=tl.int32)
     y = acc.to(tl.float32) * (absmax * (1.0 / 127.0))[:, None]
     if HAS_THRESHOLD:
         y = _add_outlier_products(y, x_ptr, x_ptr, w_ptr, rows, cols, M, N, K, k_start, k_end, stride_xm, stride_wn,
