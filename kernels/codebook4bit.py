@@ -32,7 +32,8 @@ from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_cod
 from quantizer_plugin.ops import register_kernel
 
 from .interpreter import cast_rounded, dot_16bit
-from .split_k import counters, k_slice, reduce_splits, workspace
+from . import split_k
+from .split_k import k_slice, reduce_splits
 from .tile_order import grouped_tile
 from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_configs
 
@@ -248,7 +249,7 @@ def dequant_matmul(
     kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
     if config is not None:
         kernel, config = _matmul_kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1))
-    split_buffers = _split_k_buffers([config] if config else [c.kwargs for c in kernel.configs], m, n, x.device)
+    split_buffers = split_k.buffers([config] if config else [c.kwargs for c in kernel.configs], m, n, x.device)
     args = (x, *_weight_args(tensors, fmt, scheme, x.device), bias if bias is not None else y, y, *split_buffers)
     args += (m, n, k, m_bucket(m), x.stride(0), y.stride(0))
 
@@ -257,16 +258,6 @@ def dequant_matmul(
 
     kernel[grid(config) if config else grid](*args, HAS_BIAS=bias is not None, **meta, **(config or {}))
     return y
-
-
-def _split_k_buffers(configs: list[dict], m: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(workspace, counters) big enough for any of `configs`; placeholders when none splits K."""
-    split_k = max(c["SPLIT_K"] for c in configs)
-    if split_k == 1:
-        placeholder = torch.empty(0, dtype=torch.int32, device=device)  # never dereferenced with SPLIT_K = 1
-        return placeholder, placeholder
-    tiles = max(triton.cdiv(m, c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]) for c in configs)
-    return workspace(split_k, m, n, device), counters(tiles, device)
 
 
 def dequant_matmul_grad_input(

@@ -27,7 +27,8 @@ import triton.language as tl
 from .int8_activation import int8_scale, quantize_activations, quantize_to_int8
 from .int8_configs import m_bucket, streaming_configs, tiled_configs
 from .interpreter import INTERPRETED, cast_rounded, dot_16bit
-from .split_k import counters, k_slice, reduce_splits, workspace
+from . import split_k
+from .split_k import k_slice, reduce_splits
 from .tile_order import grouped_tile
 
 # Up to this many rows the streaming kernel holds every row in one program. Each of its programs repeats the
@@ -43,6 +44,12 @@ DOT_PRECISION = {torch.float16: "tf32", torch.bfloat16: "tf32", torch.float32: "
 @triton.jit
 def _load_rows(x_ptr, rows, ks, M, K, stride_xm):
     return tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows < M)[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _weight_codes_t(w_ptr, cols, ks, N, K, stride_wn):
+    """The int8 codes W[cols, ks] as a [len(ks), len(cols)] tile (tl.dot's right operand), 0 outside W."""
+    return tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(ks < K)[:, None] & (cols < N)[None, :], other=0)
 
 
 @triton.jit
@@ -66,7 +73,7 @@ def _cancel_outlier_codes(
         flagged = tl.load(flags_ptr + ks, mask=k_in, other=0) != 0
         if tl.max(flagged.to(tl.int32), axis=0) > 0:
             a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=(rows < M)[:, None] & flagged[None, :], other=0)
-            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & (cols < N)[None, :], other=0)
+            w_t = _weight_codes_t(w_ptr, cols, ks, N, K, stride_wn)
             acc = tl.dot(-a, w_t, acc, out_dtype=tl.int32)  # codes lie in [-127, 127], so their negation is exact in int8
     return acc
 
@@ -93,7 +100,7 @@ def _add_outlier_products(
             outlier = _outlier_mask(_load_rows(x_ptr, rows, ks, M, K, stride_xm).to(tl.float32), threshold)
         if tl.max(outlier.to(tl.int32), axis=0) > 0:
             x_out = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=(rows < M)[:, None] & outlier[None, :], other=0.0)
-            w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & (cols < N)[None, :], other=0)
+            w_t = _weight_codes_t(w_ptr, cols, ks, N, K, stride_wn)
             y = dot_16bit(x_out, w_t, y, PRECISION, INTERPRETED)
     return y
 
@@ -131,7 +138,7 @@ def _tiled_kernel(
         ks = k0 + tl.arange(0, BLOCK_K)
         k_in = ks < K
         a = tl.load(codes_ptr + rows[:, None] * stride_cm + ks[None, :], mask=row_in[:, None] & k_in[None, :], other=0)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=k_in[:, None] & col_in[None, :], other=0)
+        w_t = _weight_codes_t(w_ptr, cols, ks, N, K, stride_wn)
         acc = tl.dot(a, w_t, acc, out_dtype=tl.int32)
     if HAS_OUTLIERS:
         acc = _cancel_outlier_codes(acc, codes_ptr, flags_ptr, w_ptr, rows, cols, M, N, K, stride_cm, stride_wn, BLOCK_K)
@@ -173,7 +180,7 @@ def _streaming_kernel(
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         x = _load_rows(x_ptr, rows, ks, M, K, stride_xm).to(tl.float32)
-        w_t = tl.load(w_ptr + cols[None, :] * stride_wn + ks[:, None], mask=(ks < K)[:, None] & col_in[None, :], other=0)
+        w_t = _weight_codes_t(w_ptr, cols, ks, N, K, stride_wn)
         if HAS_THRESHOLD:
             # All rows are here, so a column's outlier test is a reduction inside the tile: its codes are 0.
             x = tl.where(_outlier_mask(x, threshold)[None, :], 0.0, x)
@@ -249,15 +256,13 @@ def int8_linear(
     bias_arg = bias if bias is not None else weight_scale  # never read when HAS_BIAS is False
     precision = DOT_PRECISION[x2d.dtype]
     if path == "streaming":
-        configs = [c.kwargs for c in _streaming_kernel.configs]
-        split_k = max(c["SPLIT_K"] for c in configs)
-        tiles = max(triton.cdiv(n, c["BLOCK_N"]) for c in configs)
-        work, arrivals = (workspace(split_k, m, n, x2d.device), counters(tiles, x2d.device)) if split_k > 1 else (y, y)
+        block_m = max(16, triton.next_power_of_2(m))
+        work, arrivals = split_k.buffers([c.kwargs for c in _streaming_kernel.configs], m, n, x2d.device, block_m)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])  # noqa: E731
         _streaming_kernel[grid](
             x2d, weight, weight_scale, bias_arg, y, work, arrivals, m, n, k, x2d.stride(0), weight.stride(0), y.stride(0),
             float(threshold), HAS_THRESHOLD=threshold > 0, HAS_BIAS=bias is not None, PRECISION=precision,
-            INTERPRETED=INTERPRETED, BLOCK_M=max(16, triton.next_power_of_2(m)), enable_fp_fusion=False,
+            INTERPRETED=INTERPRETED, BLOCK_M=block_m, enable_fp_fusion=False,
         )  # fmt: skip
         return y
     codes, x_absmax, flags = quantize_activations(x2d, threshold)

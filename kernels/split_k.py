@@ -51,9 +51,17 @@ def reduce_splits(partial, mask, tile, split, offsets, M, N, workspace_ptr, coun
     return total, mask
 
 
-def workspace(split_k: int, m: int, n: int, device: torch.device) -> torch.Tensor:
-    """Room for `split_k` float32 partial outputs of (m, n); never read before it is written."""
-    return torch.empty((split_k, m, n), dtype=torch.float32, device=device)
+def buffers(configs: list[dict], m: int, n: int, device: torch.device, block_m: int | None = None) -> tuple:
+    """(workspace, counters) for an (m, n) output launched at any of `configs` (tile sizes in each config's
+    BLOCK_M and BLOCK_N, or `block_m` for a launcher that sets BLOCK_M itself): room for SPLIT_K float32 partials
+    of the output, never read before it is written, and an arrival counter per output tile. Empty placeholders,
+    never dereferenced, when no config splits K."""
+    split_k = max(c["SPLIT_K"] for c in configs)
+    if split_k == 1:
+        placeholder = torch.empty(0, dtype=torch.int32, device=device)
+        return placeholder, placeholder
+    tiles = max(triton.cdiv(m, block_m or c["BLOCK_M"]) * triton.cdiv(n, c["BLOCK_N"]) for c in configs)
+    return torch.empty((split_k, m, n), dtype=torch.float32, device=device), counters(tiles, device)
 
 
 def counters(tiles: int, device: torch.device) -> torch.Tensor:

@@ -3,9 +3,9 @@
 The candidates are starting points chosen from the shapes of the problem (a decode GEMM streams the weight, a
 prefill GEMM is tensor-core bound), not yet narrowed by measurement on a particular GPU; measured winners belong
 here, per GPU, once benchmarks/ has run there. Every GPU candidate compiles for sm_90 without spilling registers
-(compile_report.py, checked by the tests): larger tiles that spilled were dropped. Under Triton's interpreter (CPU tests) only the first configuration
-is used: the interpreter cannot time candidates, and its cost is per program, so its tiles are few but not so large
-that small test shapes fit in one tile.
+(compile_report.py, checked by the tests): larger tiles that spilled were dropped. Under Triton's interpreter
+(CPU tests) only the first configuration is used: the interpreter cannot time candidates, and its cost is per
+program, so its tiles are few but not so large that small test shapes fit in one tile.
 """
 
 from __future__ import annotations
