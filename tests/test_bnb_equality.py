@@ -1,4 +1,11 @@
-"""NF4/FP4 with and without double quantization: codes, statistics and dequantized weights equal bitsandbytes'."""
+"""NF4/FP4 with and without double quantization: codes, statistics and dequantized weights equal bitsandbytes'.
+
+The dequantized weights are checked against an explicit per-element dequantization of bitsandbytes' own codes and
+absmax (element i is code[its 4-bit code] * absmax[i // block_size]), written here without our formats' code. We
+also compare with bitsandbytes' `dequantize_4bit`, but only where its native CPU kernel is right: that kernel cuts
+blocks per row, so for a weight whose 64-element blocks cross rows (a row length that is not a multiple of the
+block) it disagrees with bitsandbytes' own pure-torch path and with its CUDA kernel.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +19,8 @@ from quantizer_plugin.formats.dynamic8bit import dynamic_code
 
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
-SHAPES = [(128, 64), (33, 47), (7,), (300, 333), (3, 5, 7), (1, 4097)]
+# (5, 16) ... (4, 176): even rows shorter than or not a multiple of a block, so blocks cross rows.
+SHAPES = [(128, 64), (33, 47), (7,), (300, 333), (3, 5, 7), (1, 4097), (5, 16), (3, 32), (2, 48), (4, 176)]
 
 
 def bnb_quantize(weight, quant_type, block_size, double_quant):
@@ -20,6 +28,21 @@ def bnb_quantize(weight, quant_type, block_size, double_quant):
         weight, blocksize=block_size, compress_statistics=double_quant, quant_type=quant_type
     )
     return packed, state, bnb_functional.dequantize_4bit(packed, state)
+
+
+def explicit_dequantize(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, block_size: int, n: int):
+    """The flat float32 weight from packed codes (first element in the high nibble) and per-block absmax."""
+    packed = packed.reshape(-1).to(torch.int64)
+    codes = torch.empty(2 * packed.numel(), dtype=torch.int64)
+    codes[0::2], codes[1::2] = packed // 16, packed % 16
+    return code[codes[:n]] * absmax.repeat_interleave(block_size)[:n]
+
+
+def bnb_absmax(state) -> torch.Tensor:
+    """bitsandbytes' float32 per-block absmax, undoing its double quantization (1-D, so its native kernel applies)."""
+    if state.nested:
+        return bnb_functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    return state.absmax
 
 
 def assert_equal_to_bnb(weight: torch.Tensor, quant_type: str, block_size: int, double_quant: bool):
@@ -37,8 +60,11 @@ def assert_equal_to_bnb(weight: torch.Tensor, quant_type: str, block_size: int, 
         assert torch.equal(dynamic_code(), state.state2.code)
     else:
         assert torch.equal(ours["weight_absmax"], state.absmax)
-    ours_dequantized = fmt.dequantize(ours, rows.shape[0], rows.shape[1], scheme, weight.dtype)
-    assert torch.equal(ours_dequantized.reshape(-1), dequantized.reshape(-1))
+    ours_dequantized = fmt.dequantize(ours, rows.shape[0], rows.shape[1], scheme, weight.dtype).reshape(-1)
+    expected = explicit_dequantize(packed, bnb_absmax(state), state.code, block_size, weight.numel())
+    assert torch.equal(ours_dequantized, expected.to(weight.dtype))
+    if weight.shape[-1] % block_size == 0:
+        assert torch.equal(ours_dequantized, dequantized.reshape(-1))
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -70,7 +96,8 @@ def test_equal_to_bitsandbytes_with_zero_blocks_and_constant_absmax():
     assert_equal_to_bnb(torch.ones(64, 128), "nf4", 64, True)  # centred absmax all zero
 
 
-@settings(max_examples=25, deadline=None)
+# Deterministic (derandomize) and without an example database, so that no run and no saved example decides CI.
+@settings(max_examples=25, deadline=None, derandomize=True, database=None)
 @given(
     rows=st.integers(1, 70),
     cols=st.integers(1, 200),
