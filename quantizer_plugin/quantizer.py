@@ -13,6 +13,7 @@ from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
 from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
+from .peft_registration import register_if_peft_imported
 from .replace import dequantize_modules, replace_linear_modules
 from .serialization import check_prequantized_checkpoint
 
@@ -49,6 +50,7 @@ class LowBitHfQuantizer(HfQuantizer):
         replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
         if not replaced:
             raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D module to quantize outside skip_modules")
+        register_if_peft_imported()  # a safety net: normally done at plugin import or when peft's __init__ runs
         # Checked here, on the swapped skeleton (so a quantized layer's tensors can be named), before anything loads.
         check_device_map(model, device_map)
         if self.pre_quantized:

@@ -346,21 +346,43 @@ def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
 
 
-def test_peft_imported_before_the_plugin(base_dir, tmp_path):
-    result = run_python(
-        f"""
-        import peft, torch
-        import quantizer_plugin
-        from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r},
-                                                     quantization_config=quantizer_plugin.LowBitConfig(weights="int8"))
-        peft_model = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-        print(type(peft_model.base_model.model.model.layers[0].self_attn.q_proj).__name__)
-        """,
-        tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "LowBitLoraLinear"
+# Each order in a fresh process. transformers' from_pretrained probes for peft (is_peft_available, i.e.
+# importlib.util.find_spec("peft")) without importing it; that probe must not stop a later `import peft` from working.
+IMPORT_ORDERS = {
+    "peft_before_plugin": ("import peft", "import quantizer_plugin", "LOAD"),
+    "peft_after_plugin": ("import quantizer_plugin", "import peft", "LOAD"),
+    "peft_after_load": ("import quantizer_plugin", "LOAD", "import peft"),
+    "peft_after_probes": (
+        "import quantizer_plugin",
+        "import importlib.util, transformers.utils; assert transformers.utils.is_peft_available()",
+        "assert importlib.util.find_spec('peft') is not None",
+        "import peft",
+        "LOAD",
+    ),
+    "peft_after_device_map_load": ("import quantizer_plugin", "LOAD_DEVICE_MAP", "import peft"),
+}
+
+
+@pytest.mark.parametrize("order", IMPORT_ORDERS)
+def test_lora_works_whatever_the_import_order(base_dir, tmp_path, order):
+    config = "quantization_config=quantizer_plugin.LowBitConfig()"
+    load = f"model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, {config})"
+    statements = {
+        "LOAD": load,
+        "LOAD_DEVICE_MAP": load.replace("LowBitConfig())", "LowBitConfig(weights='int8'), device_map='auto')"),
+    }
+    script = [
+        "import torch",
+        "from transformers import AutoModelForCausalLM",
+        *(statements.get(step, step) for step in IMPORT_ORDERS[order]),
+        "from peft import LoraConfig, get_peft_model",
+        "peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=['q_proj', 'v_proj']))",
+        "attention = peft_model.base_model.model.model.layers[0].self_attn",
+        "print(type(attention.q_proj).__name__, type(attention.v_proj).__name__)",
+    ]
+    result = run_python("\n".join(script), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "LowBitLoraLinear LowBitLoraLinear"
 
 
 def test_plugin_works_without_peft(base_dir, tmp_path):
