@@ -9,11 +9,11 @@ from typing import Any
 import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .formats import QuantScheme, format_names, get_format
+from .formats import FORMAT_VERSION, QuantScheme, format_names, get_format
 
 QUANT_METHOD = "lowbit"
-# The on-disk layout version (tensor names, shapes, codebooks). A checkpoint written by a newer layout is refused.
-FORMAT_VERSION = 1
+# FORMAT_VERSION (formats/base.py) is the on-disk layout version. A checkpoint written by a newer layout is refused;
+# an older one loads and is brought to the current layout (serialization.upgrade_layout).
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _FIELDS = ("weights", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules")
@@ -108,8 +108,10 @@ class LowBitConfig(QuantizationConfigMixin):
     def scheme(self) -> QuantScheme:
         """The per-layer settings the formats need."""
         if self.weights == "int8":
-            return QuantScheme(self.weights, outlier_threshold=self.outlier_threshold)
-        return QuantScheme(self.weights, block_size=self.block_size, double_quant=self.double_quant)
+            return QuantScheme(self.weights, outlier_threshold=self.outlier_threshold, format_version=self.format_version)
+        return QuantScheme(
+            self.weights, block_size=self.block_size, double_quant=self.double_quant, format_version=self.format_version
+        )
 
     # --- serialization -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:

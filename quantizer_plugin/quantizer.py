@@ -15,7 +15,7 @@ from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .peft_registration import register_if_peft_imported
 from .replace import dequantize_modules, replace_linear_modules
-from .serialization import check_prequantized_checkpoint
+from .serialization import check_prequantized_checkpoint, upgrade_layout
 
 
 class LowBitHfQuantizer(HfQuantizer):
@@ -67,7 +67,9 @@ class LowBitHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, LowBitLinear):
                 module.requires_grad_(False)
-        if not self.pre_quantized:
+        if self.pre_quantized:
+            upgrade_layout(model, self.quantization_config)
+        else:
             # transformers' disk-offload index points a weight quantized while loading at its 16-bit source tensor.
             repack_offloaded_weights(model, self.get_quantize_ops())
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.

@@ -9,10 +9,13 @@ error naming the module, before any weight is loaded, and no half-loaded model i
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 from safetensors import safe_open
 from torch import nn
 
+from .formats import FORMAT_VERSION
 from .modules import LowBitLinear
 
 SAFETENSORS_DTYPES = {
@@ -74,3 +77,25 @@ def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: list[str])
                 )
         checked += 1
     return checked
+
+
+def upgrade_layout(model: nn.Module, config) -> bool:
+    """Bring a model loaded from an older layout (config.format_version) to FORMAT_VERSION; True if it was.
+
+    Layouts differ only by tensor shapes, so this is a reshape of each stored tensor, no copy. A layer offloaded by
+    accelerate has no tensors here to reshape (its hook reloads them in the checkpoint's shapes at every forward),
+    so a model with an offloaded quantized layer keeps the old layout throughout, and its config says so: what it
+    saves is then a consistent old-layout checkpoint.
+    """
+    if config.format_version >= FORMAT_VERSION:
+        return False
+    layers = [module for module in model.modules() if isinstance(module, LowBitLinear)]
+    if any(tensor.is_meta for layer in layers for tensor in layer.quantized_tensors().values()):
+        return False
+    for layer in layers:
+        scheme = replace(layer.scheme, format_version=FORMAT_VERSION)
+        tensors = layer.fmt.conform(layer.quantized_tensors(), layer.out_features, layer.in_features, scheme)
+        layer.scheme = scheme
+        layer.load_quantized(tensors)
+    config.format_version = FORMAT_VERSION
+    return True

@@ -14,6 +14,13 @@ import torch
 import torch.nn.functional as F
 
 
+# The on-disk layout version (tensor names, shapes, codebooks); LowBitConfig.format_version records it in config.json.
+# 1: the 4-bit packed weight and absmax codes were 1-D and the double-quant offset 0-d.
+# 2: no stored tensor is 1-D and 8-bit or packed (the classic fine-tuning recipe casts every 1-D parameter to float32)
+#    and none is 0-d (FSDP2's fully_shard refuses scalar parameters). Same element order: v1 -> v2 is a reshape.
+FORMAT_VERSION = 2
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """The per-layer quantization settings a format needs (a projection of LowBitConfig)."""
@@ -22,6 +29,7 @@ class QuantScheme:
     block_size: int = 64
     double_quant: bool = True
     outlier_threshold: float = 6.0
+    format_version: int = FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -45,6 +53,13 @@ class WeightFormat(ABC):
     @abstractmethod
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         """Quantize a float weight of shape (out_features, in_features) into the tensors of `tensor_specs`."""
+
+    def conform(
+        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme
+    ) -> dict[str, torch.Tensor]:
+        """The same tensors shaped as `scheme.format_version` lays them out (layouts differ only by shape)."""
+        specs = self.tensor_specs(out_features, in_features, scheme)
+        return {name: tensor.reshape(specs[name].shape) for name, tensor in tensors.items()}
 
     @abstractmethod
     def dequantize(

@@ -9,12 +9,13 @@ and dequantized weights equal theirs exactly:
 - with double quantization the float32 absmax vector is centred on its mean and stored as 8-bit dynamic codes
   in blocks of 256 (see dynamic8bit.py).
 
-Stored tensors of a layer with n = out_features * in_features weights and b = ceil(n / block_size) blocks:
-  weight               uint8   (ceil(n / 2),)   packed codes
+Stored tensors of a layer with n = out_features * in_features weights and b = ceil(n / block_size) blocks
+(format_version 2; version 1 stored `weight` and `weight_absmax_code` 1-D and the offset 0-d, see base.py):
+  weight               uint8   (ceil(n / 2), 1) packed codes (bitsandbytes' Params4bit shape)
   weight_absmax        float32 (b,)             without double quant
-  weight_absmax_code   uint8   (b,)             with double quant: the absmax, 8-bit coded around its mean
+  weight_absmax_code   uint8   (b, 1)           with double quant: the absmax, 8-bit coded around its mean
   weight_absmax_scale  float32 (ceil(b / 256),) with double quant: absmax of each 256-block of centred absmax
-  weight_absmax_offset float32 ()               with double quant: the mean that was subtracted
+  weight_absmax_offset float32 (1,)             with double quant: the mean that was subtracted
 """
 
 from __future__ import annotations
@@ -59,11 +60,12 @@ class Codebook4BitFormat(WeightFormat):
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         n = out_features * in_features
         n_blocks = _cdiv(n, scheme.block_size)
-        specs = {"weight": TensorSpec((_cdiv(n, 2),), torch.uint8)}
+        column = () if scheme.format_version < 2 else (1,)  # see FORMAT_VERSION
+        specs = {"weight": TensorSpec((_cdiv(n, 2), *column), torch.uint8)}
         if scheme.double_quant:
-            specs["weight_absmax_code"] = TensorSpec((n_blocks,), torch.uint8)
+            specs["weight_absmax_code"] = TensorSpec((n_blocks, *column), torch.uint8)
             specs["weight_absmax_scale"] = TensorSpec((_cdiv(n_blocks, DOUBLE_QUANT_BLOCK),), torch.float32)
-            specs["weight_absmax_offset"] = TensorSpec((), torch.float32)
+            specs["weight_absmax_offset"] = TensorSpec(column, torch.float32)
         else:
             specs["weight_absmax"] = TensorSpec((n_blocks,), torch.float32)
         return specs
@@ -79,7 +81,8 @@ class Codebook4BitFormat(WeightFormat):
             tensors.update(weight_absmax_code=absmax_code, weight_absmax_scale=absmax_scale, weight_absmax_offset=offset)
         else:
             tensors["weight_absmax"] = absmax
-        return tensors
+        out_features, in_features = weight.reshape(-1, weight.shape[-1]).shape
+        return self.conform(tensors, out_features, in_features, scheme)
 
     def quantize_codes(self, flat: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed uint8 codes and float32 per-block absmax of a 1-D float tensor.
@@ -121,12 +124,12 @@ class Codebook4BitFormat(WeightFormat):
         if not scheme.double_quant:
             return tensors["weight_absmax"]
         centred = dequantize_dynamic(tensors["weight_absmax_code"], tensors["weight_absmax_scale"], DOUBLE_QUANT_BLOCK)
-        return centred + tensors["weight_absmax_offset"]
+        return centred + tensors["weight_absmax_offset"].reshape(())
 
     def dequantize(
         self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
     ) -> torch.Tensor:
-        packed = tensors["weight"]
+        packed = tensors["weight"].reshape(-1)
         n = out_features * in_features
         codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
         values = self.code(packed.device)[codes.long()]
