@@ -17,6 +17,9 @@ config on a model holding LowBitLinear layers (and only then) the wrapper
   3. registers `LowBitLoraLinear` for `LowBitLinear` on the config through `_register_custom_module`, so the layer is
      then built by PEFT's own custom-module dispatch. A mapping the user registered for LowBitLinear is kept.
 Every other model and config goes through PEFT untouched.
+
+`register_with_peft` also wraps `PeftModel.get_nb_trainable_parameters` so that `print_trainable_parameters()`
+counts a quantized layer's weights rather than its packed bytes and statistics (see parameter_count.py).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import warnings
 from typing import Any
 
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.tuners import tuners_utils
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
@@ -34,6 +37,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .modules import LowBitLinear
+from .parameter_count import count_correction
 
 # Module types that PEFT's default LoRA dispatch can wrap (peft/tuners/lora/layer.py: dispatch_default).
 _PEFT_WRAPPABLE = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention, Conv1D)
@@ -186,8 +190,24 @@ def _check_targets_wrappable(peft_config, model: nn.Module) -> None:
         )
 
 
+def _wrap_parameter_count() -> None:
+    """PeftModel.get_nb_trainable_parameters counts weights of quantized layers, not stored elements (parameter_count.py)."""
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_lowbit_wrapped", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        return trainable, total + count_correction(self)
+
+    get_nb_trainable_parameters._lowbit_wrapped = True
+    get_nb_trainable_parameters.__wrapped__ = original
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+
+
 def register_with_peft() -> None:
     """Make PEFT's LoRA handle LowBitLinear layers (see the module docstring). Idempotent."""
+    _wrap_parameter_count()
     original = tuners_utils._maybe_include_all_linear_layers
     if getattr(original, "_lowbit_wrapped", False):
         return

@@ -13,6 +13,7 @@ from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
 from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
+from .parameter_count import attach_parameter_count, detach_parameter_count
 from .peft_registration import register_if_peft_imported
 from .replace import dequantize_modules, replace_linear_modules
 from .serialization import check_prequantized_checkpoint, upgrade_layout
@@ -74,6 +75,7 @@ class LowBitHfQuantizer(HfQuantizer):
             repack_offloaded_weights(model, self.get_quantize_ops())
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
         attach_model_card(model, self.quantization_config)
+        attach_parameter_count(model)  # num_parameters() counts weights, not packed bytes (parameter_count.py)
         return model
 
     def dequantize(self, model, dtype=None):
@@ -83,6 +85,7 @@ class LowBitHfQuantizer(HfQuantizer):
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
         detach_model_card(model, self.quantization_config)
+        detach_parameter_count(model)
         # One dtype for all parameters, so that the dequantized layers and the rest run together. Not model.to(dtype):
         # buffers keep their dtype (transformers holds the rotary inv_freq in float32 whatever the model dtype).
         for param in model.parameters():
