@@ -15,7 +15,7 @@ from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .parameter_count import attach_parameter_count, detach_parameter_count
 from .peft_registration import register_if_peft_imported
-from .replace import dequantize_modules, replace_linear_modules
+from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules, resolve_to_module_names
 from .serialization import check_prequantized_checkpoint, upgrade_layout
 
 
@@ -45,8 +45,12 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         config = self.quantization_config
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)
+        if config.skip_modules and not self.pre_quantized:
+            # A saved config's list may name modules of another head class, so only a user's own list is checked.
+            check_skip_patterns(model, config.skip_modules)
+        self.modules_to_not_convert = resolve_to_module_names(
+            model,
+            self.get_modules_to_not_convert(model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)),
         )
         replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
         if not replaced:

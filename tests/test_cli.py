@@ -35,6 +35,13 @@ def test_refuses_to_overwrite_and_bad_settings_write_nothing(llama_dir, tmp_path
     assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_a_skip_name_that_matches_nothing_is_an_error_and_writes_nothing(llama_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), str(out), "--skip", "lm_head", "mlp.gate", "--no-fidelity"]) == 2
+    assert "skip_modules: ['mlp.gate'] match no module" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_failed_write_leaves_no_partial_files(llama_dir, tmp_path, monkeypatch):
     from transformers import PreTrainedModel
 
