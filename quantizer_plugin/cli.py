@@ -38,15 +38,36 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.iterdir() if f.suffix in CHECKPOINT_SUFFIXES)
 
 
-def linear_bytes(model: torch.nn.Module, source_dtype: torch.dtype) -> tuple[int, int, int]:
-    """Bytes of the quantized layers' weights in the source dtype and as stored, and how many layers."""
+def source_linear_bytes(src: Path, model: torch.nn.Module) -> tuple[int, str]:
+    """Bytes of the quantized layers' weights as the source checkpoint holds them, and their dtype(s).
+
+    Read from the safetensors headers; a .bin checkpoint falls back to the dtype its config.json declares.
+    """
+    from .modules import LowBitLinear
+    from .serialization import TORCH_DTYPES, find_key, read_tensor_headers
+
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LowBitLinear)}
+    files = sorted(str(f) for f in src.glob("*.safetensors"))
+    headers = read_tensor_headers(files) if files else {}
+    base_prefix = getattr(model, "base_model_prefix", "") or "\0"
+    total, dtypes = 0, set()
+    for name, layer in layers.items():
+        key = find_key(headers, f"{name}.weight", base_prefix)
+        dtype = TORCH_DTYPES.get(headers[key][1]) if key else None
+        if dtype is None:
+            declared = getattr(model.config, "dtype", None)
+            dtype = declared if isinstance(declared, torch.dtype) else torch.float32
+        total += layer.in_features * layer.out_features * dtype.itemsize
+        dtypes.add(str(dtype).removeprefix("torch."))
+    return total, "/".join(sorted(dtypes))
+
+
+def stored_linear_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """Bytes of the quantized layers' stored tensors, and how many layers."""
     from .modules import LowBitLinear
 
     layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
-    element_size = torch.empty(0, dtype=source_dtype).element_size()
-    before = sum(m.in_features * m.out_features * element_size for m in layers)
-    after = sum(t.nbytes for m in layers for t in m.quantized_tensors().values())
-    return before, after, len(layers)
+    return sum(t.nbytes for m in layers for t in m.quantized_tensors().values()), len(layers)
 
 
 def human(size: float) -> str:
@@ -133,9 +154,9 @@ def quantize_command(args) -> int:
     step(3, total, "sizes")
     before, after = checkpoint_bytes(src), checkpoint_bytes(out)
     print(f"      checkpoint: {human(before)} -> {human(after)}  ({after / before:.1%} of the source)")
-    source_dtype = model.config.dtype if isinstance(model.config.dtype, torch.dtype) else torch.float32
-    linear_before, linear_after, count = linear_bytes(model, source_dtype)
-    print(f"      {count} quantized linear layers: {human(linear_before)} ({str(source_dtype).removeprefix('torch.')}) "
+    linear_before, source_dtype = source_linear_bytes(src, model)
+    linear_after, count = stored_linear_bytes(model)
+    print(f"      {count} quantized linear layers: {human(linear_before)} ({source_dtype}) "
           f"-> {human(linear_after)}  ({linear_after / linear_before:.1%})")  # fmt: skip
 
     if not args.no_fidelity:

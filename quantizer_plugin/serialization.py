@@ -25,6 +25,7 @@ SAFETENSORS_DTYPES = {
     torch.float16: "F16",
     torch.bfloat16: "BF16",
 }
+TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()} | {"F64": torch.float64}
 
 
 class CheckpointFormatError(ValueError):
@@ -44,7 +45,7 @@ def read_tensor_headers(checkpoint_files: list[str]) -> dict[str, tuple[tuple[in
     return headers
 
 
-def _find_key(headers: dict, key: str, base_prefix: str) -> str | None:
+def find_key(headers: dict, key: str, base_prefix: str) -> str | None:
     # A checkpoint saved from a model with a head (`model.layers...`) may be loaded into the bare model and back.
     for candidate in (key, f"{base_prefix}.{key}", key.removeprefix(f"{base_prefix}.")):
         if candidate in headers:
@@ -64,7 +65,7 @@ def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: list[str])
         if not isinstance(module, LowBitLinear):
             continue
         for tensor_name, spec in module.tensor_specs().items():
-            key = _find_key(headers, f"{module_name}.{tensor_name}", base_prefix)
+            key = find_key(headers, f"{module_name}.{tensor_name}", base_prefix)
             what = f"quantized module '{module_name}': tensor '{tensor_name}'"
             if key is None:
                 raise CheckpointFormatError(f"{what} is missing from the checkpoint")

@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quantizer_plugin.cli import main
+from quantizer_plugin import LowBitLinear
+from quantizer_plugin.cli import human, main
 
 
 def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
@@ -22,6 +23,19 @@ def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
     assert (config["quant_method"], config["weights"], config["double_quant"]) == ("lowbit", "fp4", False)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model(token_ids).logits.shape == (2, 11, 320)
+
+
+@pytest.mark.parametrize("weights, low, high", [("nf4", 0.25, 0.27), ("int8", 0.50, 0.52)])
+def test_size_report_uses_the_source_checkpoints_dtype(llama_dir, tmp_path, capsys, weights, low, high):
+    # llama_dir is saved in bfloat16 (config.json says "dtype": "bfloat16"): 2 bytes per source weight
+    assert json.loads((llama_dir / "config.json").read_text())["dtype"] == "bfloat16"
+    assert main(["quantize", str(llama_dir), str(tmp_path / "out"), "--weights", weights, "--no-fidelity"]) == 0
+    line = next(line for line in capsys.readouterr().out.splitlines() if "quantized linear layers" in line)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
+    source_bytes = 2 * sum(m.in_features * m.out_features for m in layers)
+    assert f"{len(layers)} quantized linear layers: {human(source_bytes)} (bfloat16) -> " in line
+    assert low < float(line.rsplit("(", 1)[1].rstrip("%)")) / 100 < high
 
 
 def test_refuses_to_overwrite_and_bad_settings_write_nothing(llama_dir, tmp_path, capsys):
