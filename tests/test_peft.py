@@ -180,7 +180,7 @@ def test_qlora_training_lowers_loss_and_only_adapters_train(base_dir, fmt, use_r
     model = prepare_model_for_kbit_training(load(base_dir, fmt), use_gradient_checkpointing=False)
     # prepare_model_for_kbit_training only switches checkpointing on for the quantization methods PEFT knows by
     # name; for ours it is the usual call.
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
     model.config.use_cache = False
     frozen = {name: t.clone() for name, t in stored_tensors(model).items()}
     torch.manual_seed(0)
@@ -303,7 +303,7 @@ def test_qlora_flow_ends_in_an_ordinary_merged_checkpoint(base_dir, batch, tmp_p
 def test_trainer_fine_tunes_a_quantized_model_with_lora(base_dir, batch, tmp_path):
     args = TrainingArguments(
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
-        report_to=[], use_cpu=True, save_strategy="no", gradient_checkpointing=True,
+        report_to=[], use_cpu=True, save_strategy="no", activation_checkpointing=True,
     )  # fmt: skip
     dataset = [{"input_ids": row, "labels": row} for row in batch]
 
