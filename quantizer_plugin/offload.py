@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from accelerate.utils import OffloadedWeightsLoader
+import torch
+from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -116,3 +118,88 @@ def _repacked_tensors(name: str, module: LowBitLinear, loader: OffloadedWeightsL
     with safe_open(entry["safetensors_file"], framework="pt") as handle:
         source = handle.get_tensor(entry["weight_name"])
     return {key: tensor.data for key, tensor in quantize_op.convert({f"{name}.weight": source}, model=model).items()}
+
+
+def offload_hook(module: nn.Module) -> AlignDevicesHook | None:
+    """The accelerate hook that brings `module`'s own offloaded tensors in around its forward, if it has one."""
+    hook = getattr(module, "_hf_hook", None)
+    if isinstance(hook, AlignDevicesHook) and hook.offload and hook.weights_map is not None:
+        return hook
+    return None
+
+
+def _offloaded_store(hook: AlignDevicesHook) -> tuple[object, str]:
+    """The mapping the hook reads from and the prefix of the module's keys in it."""
+    weights_map = hook.weights_map
+    if isinstance(weights_map, PrefixedDataset):
+        return weights_map.dataset, weights_map.prefix
+    return weights_map, ""
+
+
+def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[str, nn.Linear]:
+    """An nn.Linear (on meta, offloaded like the layer it replaces) for every offloaded LowBitLinear of `model`.
+
+    Each layer's dequantized weight is written where its packed weight was offloaded: into the offload folder for a
+    disk entry (one safetensors file per tensor, as transformers writes them) or into the offloaded state dict for a
+    CPU entry; the statistics' entries are dropped. All or nothing: an offloaded layer without a hook of its own is
+    refused before anything is read, and the disk files are staged and moved into place only once every layer has
+    been dequantized; a failure removes them and leaves the model and its offload folder as they were.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, LowBitLinear) and m.weight.is_meta}
+    for name, layer in layers.items():
+        if offload_hook(layer) is None:
+            raise NotImplementedError(
+                f"quantized module '{name}' is offloaded by a hook on a parent module, so its dequantized weight has "
+                "nowhere to go; load the model with a device_map whose offloaded entries hold whole layers"
+            )
+    staged: list[tuple[OffloadedWeightsLoader, str, Path, str]] = []  # loader, key, temporary file, dtype
+    in_memory: list[tuple[dict, str, torch.Tensor]] = []
+    try:
+        for name, layer in layers.items():
+            hook = offload_hook(layer)
+            store, prefix = _offloaded_store(hook)
+            stored = {tensor_name: hook.weights_map[tensor_name] for tensor_name in layer.quantized_tensors()}
+            weight = layer.fmt.dequantize(stored, layer.out_features, layer.in_features, layer.scheme, dtype)
+            key = f"{prefix}weight"
+            if isinstance(store, OffloadedWeightsLoader) and key in store.index:
+                if store.save_folder is None:
+                    raise ValueError(f"quantized module '{name}' is offloaded to disk without an offload folder")
+                temporary = Path(store.save_folder) / f"{key}.safetensors.partial"
+                staged.append((store, key, temporary, str(dtype).removeprefix("torch.")))
+                save_file({key: weight.contiguous().cpu()}, str(temporary))
+            else:
+                in_memory.append((store.state_dict if isinstance(store, OffloadedWeightsLoader) else store, key, weight))
+    except BaseException:
+        for _, _, temporary, _ in staged:
+            temporary.unlink(missing_ok=True)
+        raise
+
+    for loader, key, temporary, dtype_name in staged:
+        final = temporary.with_name(f"{key}.safetensors")
+        os.replace(temporary, final)
+        loader.index[key] = {"safetensors_file": str(final), "weight_name": key, "dtype": dtype_name}
+    for mapping, key, weight in in_memory:
+        mapping[key] = weight
+    linears = {}
+    for name, layer in layers.items():
+        hook = offload_hook(layer)
+        store, prefix = _offloaded_store(hook)
+        for tensor_name in layer.quantized_tensors():
+            if tensor_name != "weight":
+                _forget(store, f"{prefix}{tensor_name}")
+        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
+        add_hook_to_module(linear, hook)  # re-initialised on the new module: its tensors stay on meta, read on demand
+        linears[name] = linear
+    return linears
+
+
+def _forget(store, key: str) -> None:
+    """Drop an offloaded entry (and its file in the offload folder) that no module reads any more."""
+    if isinstance(store, OffloadedWeightsLoader):
+        store.state_dict.pop(key, None)
+        entry = store.index.pop(key, None)
+        path = None if entry is None else entry.get("safetensors_file")
+        if path and store.save_folder and Path(path).parent == Path(store.save_folder):
+            Path(path).unlink(missing_ok=True)
+    elif isinstance(store, dict):
+        store.pop(key, None)

@@ -9,6 +9,7 @@ from transformers.quantizers.quantizers_utils import should_convert_module
 
 from .formats import QuantScheme
 from .modules import LowBitLinear
+from .offload import dequantize_offloaded_layers
 
 
 def is_skipped(name: str, modules_to_not_convert: list[str] | None) -> bool:
@@ -68,11 +69,15 @@ def replace_linear_modules(
     return replaced
 
 
-def dequantize_modules(model: nn.Module, dtype: torch.dtype | None = None) -> int:
-    """Swap every LowBitLinear back for an nn.Linear holding its dequantized weight; returns how many."""
+def dequantize_modules(model: nn.Module, dtype: torch.dtype) -> int:
+    """Swap every LowBitLinear back for an nn.Linear holding its dequantized weight; returns how many.
+
+    An offloaded layer becomes an nn.Linear that stays offloaded (offload.dequantize_offloaded_layers).
+    """
+    offloaded = dequantize_offloaded_layers(model, dtype)
     count = 0
     for name, module in list(model.named_modules()):
         if isinstance(module, LowBitLinear):
-            model.set_submodule(name, module.to_linear(dtype))
+            model.set_submodule(name, offloaded[name] if name in offloaded else module.to_linear(dtype))
             count += 1
     return count

@@ -245,3 +245,67 @@ def test_disk_offload_without_an_offload_folder_is_refused(model_dir):
     with pytest.raises(ValueError, match="offload_folder"):
         load(model_dir, FORMATS["nf4"], device_map=CPU_DISK)
 
+
+
+@pytest.mark.parametrize("source", ["quantized-on-load", "pre-quantized"])
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_dequantize_keeps_offloaded_layers_offloaded_and_equal(
+    model_dir, saved_quantized, prompt_ids, tmp_path, fmt, source
+):
+    config = FORMATS[fmt] if source == "quantized-on-load" else None
+    path = model_dir if config else saved_quantized[fmt]
+    reference = load(path, config, device_map="cpu").dequantize()
+    offload = tmp_path / "offload"
+    model = load(path, config, device_map=CPU_DISK, offload_folder=offload).dequantize()
+
+    assert not lowbit_modules(model)
+    down_proj = model.model.layers[3].mlp.down_proj
+    assert type(down_proj) is torch.nn.Linear and down_proj.weight.is_meta  # still offloaded, read on demand
+    # on disk now: each offloaded layer's dequantized weight, in the compute dtype; no packed tensor is left
+    written = read_safetensors_tree(offload)
+    disk_weights = {f"{n}.weight" for n, m in reference.named_modules() if n.startswith(("model.layers.1.",
+                    "model.layers.3.")) and type(m) is torch.nn.Linear}  # fmt: skip
+    assert set(written) == disk_weights and {t.dtype for t in written.values()} == {torch.bfloat16}
+    out = logits(model, prompt_ids)
+    assert torch.isfinite(out).all() and torch.equal(out, logits(reference, prompt_ids))
+
+    model.save_pretrained(tmp_path / "plain")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in again.config.to_dict()
+    assert torch.equal(logits(again, prompt_ids), logits(reference, prompt_ids))
+
+
+def test_a_dequantize_that_fails_partway_changes_nothing(model_dir, prompt_ids, tmp_path, monkeypatch):
+    from quantizer_plugin import offload as offload_module
+
+    offload = tmp_path / "offload"
+    model = load(model_dir, FORMATS["nf4"], device_map=CPU_DISK, offload_folder=offload)
+    before_files, before_logits = files_under(offload), logits(model, prompt_ids)
+    save, calls = offload_module.save_file, []
+
+    def save_until_full(tensors, path):
+        calls.append(path)
+        if len(calls) == 4:
+            raise OSError("no space left on device")
+        save(tensors, path)
+
+    monkeypatch.setattr(offload_module, "save_file", save_until_full)
+    with pytest.raises(OSError, match="no space left"):
+        model.dequantize()
+    assert files_under(offload) == before_files
+    assert len(lowbit_modules(model)) == 7 * N_LAYERS and model.is_quantized
+    assert torch.equal(logits(model, prompt_ids), before_logits)
+
+
+def test_dequantize_after_accelerates_cpu_offload_keeps_the_weights_in_its_state_dict(model_dir, prompt_ids):
+    from accelerate import cpu_offload
+
+    reference = load(model_dir, FORMATS["int8"], device_map="cpu").dequantize()
+    model = load(model_dir, FORMATS["int8"], device_map="cpu")
+    cpu_offload(model, execution_device="cpu")  # every module's tensors in one CPU state dict, read per forward
+    store = model.model.layers[0].mlp.up_proj._hf_hook.weights_map.dataset
+    model = model.dequantize()
+    assert "model.layers.0.mlp.up_proj.weight_scale" not in store
+    assert store["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert model.model.layers[0].mlp.up_proj.weight.is_meta
+    assert torch.equal(logits(model, prompt_ids), logits(reference, prompt_ids))
