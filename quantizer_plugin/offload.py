@@ -149,8 +149,9 @@ def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[st
     for name, layer in layers.items():
         if offload_hook(layer) is None:
             raise NotImplementedError(
-                f"quantized module '{name}' is offloaded by a hook on a parent module, so its dequantized weight has "
-                "nowhere to go; load the model with a device_map whose offloaded entries hold whole layers"
+                f"quantized module '{name}' has its tensors on the meta device but no accelerate offload hook of its "
+                "own (as device_map loading attaches), so dequantize() cannot read them or offload its result; "
+                "nothing was changed"
             )
     staged: list[tuple[OffloadedWeightsLoader, str, Path, str]] = []  # loader, key, temporary file, dtype
     in_memory: list[tuple[dict, str, torch.Tensor]] = []

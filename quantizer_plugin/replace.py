@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -34,6 +36,11 @@ def resolve_to_module_names(model: nn.Module, names: list[str]) -> list[str]:
 def check_skip_patterns(model: nn.Module, patterns: list[str]) -> None:
     """Raise naming every skip pattern that matches no module of `model` (it would silently skip nothing)."""
     names = [name for name, _ in model.named_modules() if name]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(f"LowBitConfig.skip_modules: {pattern!r} is not a valid pattern ({error})") from None
     unmatched = [pattern for pattern in patterns if all(should_convert_module(name, [pattern]) for name in names)]
     if unmatched:
         top = [name for name, _ in model.named_children()]

@@ -10,6 +10,7 @@ error naming the module, before any weight is loaded, and no half-loaded model i
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -17,6 +18,9 @@ from torch import nn
 
 from .formats import FORMAT_VERSION
 from .modules import LowBitLinear
+
+if TYPE_CHECKING:
+    from .config import LowBitConfig
 
 SAFETENSORS_DTYPES = {
     torch.uint8: "U8",
@@ -80,7 +84,7 @@ def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: list[str])
     return checked
 
 
-def upgrade_layout(model: nn.Module, config) -> bool:
+def upgrade_layout(model: nn.Module, config: LowBitConfig) -> bool:
     """Bring a model loaded from an older layout (config.format_version) to FORMAT_VERSION; True if it was.
 
     Layouts differ only by tensor shapes, so this is a reshape of each stored tensor, no copy. A layer offloaded by

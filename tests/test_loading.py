@@ -116,6 +116,11 @@ def test_default_skips_tied_output_embedding(tmp_path):
     assert "lm_head" in model.config.quantization_config.skip_modules
 
 
+def test_a_skip_pattern_that_is_not_a_regex_is_refused_naming_it(llama_dir):
+    with pytest.raises(ValueError, match=r"skip_modules: 'layers\[' is not a valid pattern"):
+        load_quantized(llama_dir, weights="nf4", skip_modules=["layers["])
+
+
 @pytest.mark.parametrize("skip", [["mlp.gate"], ["lm_head", "layers.9"], ["self_attention"]])
 def test_a_skip_name_that_matches_no_module_is_refused_naming_it(llama_dir, skip):
     with pytest.raises(ValueError) as error:

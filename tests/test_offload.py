@@ -309,3 +309,11 @@ def test_dequantize_after_accelerates_cpu_offload_keeps_the_weights_in_its_state
     assert store["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     assert model.model.layers[0].mlp.up_proj.weight.is_meta
     assert torch.equal(logits(model, prompt_ids), logits(reference, prompt_ids))
+
+
+def test_dequantize_refuses_a_layer_on_meta_without_an_offload_hook_and_changes_nothing(model_dir):
+    model = load(model_dir, FORMATS["nf4"], device_map="cpu")
+    model.model.layers[2].mlp.up_proj.to("meta")  # tensors gone, and no hook that could bring them back
+    with pytest.raises(NotImplementedError, match="'model.layers.2.mlp.up_proj' has its tensors on the meta device"):
+        model.dequantize()
+    assert len(lowbit_modules(model)) == 7 * N_LAYERS and model.is_quantized
