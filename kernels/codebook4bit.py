@@ -29,7 +29,7 @@ import triton.language as tl
 from quantizer_plugin.formats import QuantScheme
 from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
 from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
-from quantizer_plugin.ops import register_kernel
+from quantizer_plugin.ops import reference_backward, reference_forward, register_kernel, served
 
 from .interpreter import cast_rounded, dot_16bit
 from . import split_k
@@ -257,6 +257,7 @@ def dequant_matmul(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     kernel[grid(config) if config else grid](*args, HAS_BIAS=bias is not None, **meta, **(config or {}))
+    served(f"triton.codebook4bit.{'config' if config else 'decode' if m <= DECODE_MAX_M else 'prefill'}")
     return y
 
 
@@ -289,6 +290,7 @@ def dequant_matmul_grad_input(
         _grad_input_kernel[grid(config)](*args, **meta, **config)
     else:
         _GRAD_INPUT[grid](*args, **meta)
+    served("triton.codebook4bit.grad_input")
     return grad_x
 
 
@@ -303,9 +305,7 @@ def _fits(layer) -> bool:
 @register_kernel("fp4", "triton")
 def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
     if not _fits(layer):
-        return layer.fmt.reference_linear(
-            x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
-        )
+        return reference_forward(x, layer)
     x2d = x.reshape(-1, layer.in_features).to(layer.compute_dtype).contiguous()
     y = dequant_matmul(
         x2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.out_features, layer.bias, check_weight=False
@@ -317,8 +317,7 @@ def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
 @register_kernel("fp4", "triton", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer) -> torch.Tensor:
     if not _fits(layer):
-        weight = layer.dequantize_weight(layer.compute_dtype)
-        return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+        return reference_backward(grad_y, layer)
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype).contiguous()
     grad_x = dequant_matmul_grad_input(
         g2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.in_features, check_weight=False

@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantizer_plugin.ops import served
+
 from .int8_configs import grad_input_configs, m_bucket
 from .interpreter import INTERPRETED, cast_rounded, dot_16bit
 from .int8_matmul import DOT_PRECISION, check_32bit_offsets
@@ -73,4 +75,5 @@ def int8_grad_input(grad_y2d: torch.Tensor, weight: torch.Tensor, weight_scale: 
         grad_y2d, weight, weight_scale, grad_x, m, n, k, m_bucket(m), grad_y2d.stride(0), weight.stride(0),
         grad_x.stride(0), PRECISION=DOT_PRECISION[grad_y2d.dtype], INTERPRETED=INTERPRETED,
     )  # fmt: skip
+    served("triton.int8.grad_input")
     return grad_x

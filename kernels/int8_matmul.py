@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from quantizer_plugin.ops import served
+
 from .int8_activation import int8_scale, quantize_activations, quantize_to_int8
 from .int8_configs import m_bucket, streaming_configs, tiled_configs
 from .interpreter import INTERPRETED, cast_rounded, dot_16bit
@@ -264,6 +266,7 @@ def int8_linear(
             float(threshold), HAS_THRESHOLD=threshold > 0, HAS_BIAS=bias is not None, PRECISION=precision,
             INTERPRETED=INTERPRETED, BLOCK_M=block_m, enable_fp_fusion=False,
         )  # fmt: skip
+        served("triton.int8.streaming")
         return y
     codes, x_absmax, flags = quantize_activations(x2d, threshold)
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
@@ -272,4 +275,5 @@ def int8_linear(
         m, n, k, m_bucket(m), codes.stride(0), x2d.stride(0), weight.stride(0), y.stride(0),
         HAS_OUTLIERS=flags is not None, HAS_BIAS=bias is not None, PRECISION=precision, INTERPRETED=INTERPRETED,
     )  # fmt: skip
+    served("triton.int8.tiled")
     return y

@@ -8,6 +8,11 @@ under TRITON_INTERPRET=1.
 
 The autograd rule lives here too, once for all backends: the weight is frozen, so the backward is
 grad_x = grad_y @ dequant(W), the product QLoRA needs to train adapters on a quantized base.
+
+Which implementation served each call is recorded where it runs: the reference paths below and every kernel
+launcher call `served(name)` (the launchers right after launching), and `record_dispatch()` collects those names
+while it is active. Tests use it to prove that a kernel ran, so that a silent fall-back to the reference fails them;
+outside a `record_dispatch()` block it costs one check of an empty list.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -35,6 +41,27 @@ BackwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
 _FORWARD: dict[tuple[str, str], ForwardKernel] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
 _triton_loaded = False
+_RECORDS: list[list[str]] = []  # one list per active record_dispatch() block
+
+
+@contextmanager
+def record_dispatch() -> Iterator[list[str]]:
+    """Collect, in call order, the name of each implementation that serves a quantized matmul inside the block.
+
+    Names are "<backend>.<implementation>", e.g. "torch.reference_forward" or "triton.codebook4bit.decode".
+    """
+    record: list[str] = []
+    _RECORDS.append(record)
+    try:
+        yield record
+    finally:
+        _RECORDS.remove(record)
+
+
+def served(name: str) -> None:
+    """Note that implementation `name` is serving the current call (see record_dispatch)."""
+    for record in _RECORDS:
+        record.append(name)
 
 
 def register_kernel(format_name: str, backend: str, *, backward: bool = False):
@@ -95,13 +122,17 @@ def select_backend(format_name: str, device: torch.device) -> str:
     return "torch"
 
 
-def _reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+def reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    """The format's plain-torch reference forward (also what a kernel falls back to for shapes it cannot take)."""
+    served("torch.reference_forward")
     return layer.fmt.reference_linear(
         x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
     )
 
 
-def _reference_backward(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+def reference_backward(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    """grad_x = grad_y @ dequant(W) in plain torch."""
+    served("torch.reference_backward")
     weight = layer.dequantize_weight(layer.compute_dtype)
     return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
 
@@ -110,8 +141,8 @@ def _register_references() -> None:
     from .formats import format_names
 
     for name in format_names():
-        _FORWARD.setdefault((name, "torch"), _reference_forward)
-        _BACKWARD.setdefault((name, "torch"), _reference_backward)
+        _FORWARD.setdefault((name, "torch"), reference_forward)
+        _BACKWARD.setdefault((name, "torch"), reference_backward)
 
 
 _register_references()
@@ -131,7 +162,7 @@ class _FrozenWeightLinear(torch.autograd.Function):
         layer = ctx.layer
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            kernel = _BACKWARD.get((layer.fmt.name, ctx.backend), _reference_backward)
+            kernel = _BACKWARD.get((layer.fmt.name, ctx.backend), reference_backward)
             grad_x = kernel(grad_y, layer).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0).to(layer.bias.dtype)

@@ -11,9 +11,11 @@ import itertools
 import pytest
 import torch
 
-from quantizer_plugin import LowBitLinear
+from quantizer_plugin import LowBitLinear, ops
 from quantizer_plugin.formats import QuantScheme
 from quantizer_plugin.ops import KERNELS_ENV
+
+import oracles
 
 kernels = pytest.importorskip("quantizer_plugin.kernels.codebook4bit", reason="triton is not installed")
 
@@ -39,9 +41,13 @@ def make_layer(weights, double_quant, bias, n, k, dtype, device, block_size=64, 
 
 
 def exact_linear(x, layer):
-    """x @ W.T + b in float64 from the layer's own dequantized weight: the product both paths approximate."""
-    y = x.double() @ layer.dequantize_weight(torch.float32).double().T
+    """x @ W.T + b in float64, W from the stored tensors by the tests' own oracle: what both paths approximate."""
+    y = x.double() @ oracles.weight_of(layer).double().to(x.device).T
     return y if layer.bias is None else y + layer.bias.double()
+
+
+def forward_kernel(m: int) -> str:
+    return "triton.codebook4bit.decode" if m <= kernels.DECODE_MAX_M else "triton.codebook4bit.prefill"
 
 
 def shapes(device):
@@ -55,7 +61,9 @@ def test_forward_matches_the_reference(device, weights, double_quant, bias, dtyp
     for n, k in shapes(device):
         layer = make_layer(weights, double_quant, bias, n, k, dtype, device, seed=m)
         x = torch.randn(m, k, device=device, dtype=dtype)
-        y = layer(x)  # through the dispatch seam: the Triton backend is forced
+        with ops.record_dispatch() as served:
+            y = layer(x)  # through the dispatch seam: the Triton backend is forced
+        assert served == [forward_kernel(m)]  # the kernel itself ran, not a fall-back
         reference = layer.fmt.reference_linear(
             x, layer.quantized_tensors(), layer.bias, n, k, layer.scheme, layer.compute_dtype
         )
@@ -80,9 +88,15 @@ def test_backward_through_the_frozen_weight_matches_the_reference(device, monkey
         for backend in ("triton", "torch"):
             monkeypatch.setenv(KERNELS_ENV, backend)
             leaf = x.clone().requires_grad_(True)
-            layer(leaf).backward(grad_y)
+            with ops.record_dispatch() as served:
+                layer(leaf).backward(grad_y)
             grads[backend] = leaf.grad
-        exact = grad_y.double() @ layer.dequantize_weight(torch.float32).double()
+        assert served[-1] == "torch.reference_backward"
+        monkeypatch.setenv(KERNELS_ENV, "triton")
+        with ops.record_dispatch() as served:
+            layer(x.clone().requires_grad_(True)).backward(grad_y)
+        assert served == [forward_kernel(2 * m), "triton.codebook4bit.grad_input"]
+        exact = grad_y.double() @ oracles.weight_of(layer).double().to(device)
         scale = exact.abs().max().item()
         assert grads["triton"].dtype == dtype and grads["triton"].shape == x.shape
         assert (grads["triton"].double() - exact).abs().max().item() <= TOLERANCES[dtype] * scale
@@ -141,8 +155,10 @@ def test_quantized_llama_runs_on_the_kernels(llama_dir, token_ids, monkeypatch):
     from helpers import cosine, load_quantized
 
     model = load_quantized(llama_dir, weights="nf4")
-    with torch.no_grad():
+    with torch.no_grad(), ops.record_dispatch() as served:
         logits = model(token_ids).logits
+    assert served == [forward_kernel(token_ids.numel())] * 14  # 2 layers x 7 projections, every one on the kernel
+    with torch.no_grad():
         monkeypatch.setenv(KERNELS_ENV, "torch")
         reference = model(token_ids).logits
     assert cosine(logits, reference) > 0.9999

@@ -190,14 +190,17 @@ def test_layer_forward_and_backward_use_the_kernels(device, monkeypatch, dtype, 
     x16, _ = planted_input(2 * 5, k, "few", dtype, device, seed=13)
     grad_y = torch.randn(2, 5, n, generator=torch.Generator().manual_seed(17)).to(device)
 
-    results = {}
+    results, kernels = {}, {}
     for backend in ("torch", "triton"):
         monkeypatch.setenv(ops.KERNELS_ENV, backend)
         assert ops.select_backend("int8", torch.device(device)) == backend
         x = x16.float().reshape(2, 5, k).requires_grad_()
-        y = layer(x)
-        y.backward(grad_y)
-        results[backend] = (y, x.grad)
+        with ops.record_dispatch() as served:
+            y = layer(x)
+            y.backward(grad_y)
+        results[backend], kernels[backend] = (y, x.grad), served
+    assert kernels == {"torch": ["torch.reference_forward", "torch.reference_backward"],
+                       "triton": ["triton.int8.streaming", "triton.int8.grad_input"]}  # fmt: skip
     (y_ref, grad_ref), (y, grad) = results["torch"], results["triton"]
     assert y.dtype == torch.float32 and grad.dtype == torch.float32
     # Both backends round to the compute dtype before returning float32, so compare at its tolerance.

@@ -1,0 +1,70 @@
+"""Oracles for the tests, written apart from quantizer_plugin's own code paths.
+
+- The weights a layer's stored tensors stand for, element by element: element i of the flattened weight is
+  codebook[its 4-bit code] * absmax[i // block_size], the codebooks and the 8-bit dynamic code taken from
+  bitsandbytes (a test-only dependency), the nibbles unpacked with integer arithmetic; int8 is codes * row_absmax / 127.
+- LLM.int8's product written out in float64 from its definition (Dettmers et al. 2022, as bitsandbytes computes it):
+  a column of x holding any |x| >= threshold is multiplied in floating point against the dequantized weight column;
+  every other column goes through per-row int8 codes of x, whose row absmax skips the outlier entries.
+Nothing here imports quantizer_plugin.formats or calls a layer's dequantize.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes.functional as bnb_functional
+import torch
+
+DOUBLE_QUANT_BLOCK = 256  # bitsandbytes' nested (double-quant) block
+
+
+def codebook(weights: str) -> torch.Tensor:
+    return bnb_functional.get_4bit_type(weights, device="cpu").float()
+
+
+def block_absmax(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 absmax of every block, decoding double quantization when the layer uses it."""
+    if "weight_absmax" in stored:
+        return stored["weight_absmax"].float().reshape(-1)
+    codes = stored["weight_absmax_code"].reshape(-1).long()
+    scales = stored["weight_absmax_scale"].float().repeat_interleave(DOUBLE_QUANT_BLOCK)[: codes.numel()]
+    offset = stored["weight_absmax_offset"].float().reshape(-1)[0]
+    return bnb_functional.create_dynamic_map(signed=True).float()[codes] * scales + offset
+
+
+def dequantize_4bit(stored: dict[str, torch.Tensor], out_features: int, in_features: int, weights: str,
+                    block_size: int) -> torch.Tensor:  # fmt: skip
+    packed = stored["weight"].reshape(-1).long()
+    n = out_features * in_features
+    codes = torch.empty(2 * packed.numel(), dtype=torch.long)
+    codes[0::2], codes[1::2] = packed // 16, packed % 16  # the first element of a pair sits in the high nibble
+    absmax = block_absmax(stored).repeat_interleave(block_size)[:n]
+    return (codebook(weights)[codes[:n]] * absmax).reshape(out_features, in_features)
+
+
+def dequantize_int8(stored: dict[str, torch.Tensor]) -> torch.Tensor:
+    return stored["weight"].float() * (stored["weight_scale"].float() / 127.0)[:, None]
+
+
+def weight_of(layer) -> torch.Tensor:
+    """The float32 (out_features, in_features) weight a quantized layer's stored tensors stand for (on CPU)."""
+    stored = {name: tensor.detach().cpu() for name, tensor in layer.quantized_tensors().items()}
+    if layer.scheme.weights == "int8":
+        return dequantize_int8(stored)
+    return dequantize_4bit(stored, layer.out_features, layer.in_features, layer.scheme.weights, layer.scheme.block_size)
+
+
+def llm_int8_linear(x: torch.Tensor, weight_codes: torch.Tensor, weight_absmax: torch.Tensor,
+                    threshold: float) -> torch.Tensor:  # fmt: skip
+    """LLM.int8 x @ W.T in float64, for x (M, K) already in the compute dtype; no bias, no final rounding."""
+    x = x.double().cpu()
+    w = weight_codes.double().cpu() * (weight_absmax.double().cpu() / 127.0)[:, None]
+    outlier_entries = x.abs() >= threshold if threshold > 0 else torch.zeros_like(x, dtype=torch.bool)
+    outlier_columns = outlier_entries.any(dim=0)
+    inliers = torch.where(outlier_entries, 0.0, x)
+    row_absmax = inliers.abs().amax(dim=1, keepdim=True)
+    # the codes as float32 rounds them (half to even), from the float32 scale factor
+    scaled = inliers.float() * (127.0 / row_absmax.float().clamp(min=torch.finfo(torch.float32).tiny))
+    x_codes = torch.round(scaled).clamp(-127, 127).double()
+    x_codes[:, outlier_columns] = 0.0
+    int8_part = (x_codes @ weight_codes.double().cpu().T) * (row_absmax / 127.0) * (weight_absmax.double().cpu() / 127.0)
+    return int8_part + x[:, outlier_columns] @ w[:, outlier_columns].T
