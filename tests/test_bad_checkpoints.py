@@ -88,3 +88,30 @@ def test_quantize_op_rejects_a_weight_of_the_wrong_shape(tmp_path):
     wrong = model.get_parameter(key).detach()[:, :-1]
     with pytest.raises(ValueError, match=f"{key}: checkpoint weight has shape"):
         LowBitQuantize(None).convert({key: [wrong]}, model=load_target)
+
+
+def test_a_checkpoint_saved_from_the_model_with_a_head_loads_into_the_bare_model_and_back(llama_dir, tmp_path):
+    """Keys are checked with and without the base model prefix (`model.`), as transformers loads them."""
+    from transformers import AutoModel, LlamaForCausalLM, LlamaModel
+
+    ids = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])
+    with_head = load_quantized(llama_dir, weights="nf4")
+    with_head.save_pretrained(tmp_path / "with-head")
+    bare = AutoModel.from_pretrained(tmp_path / "with-head")  # "model.layers.0..." into "layers.0..."
+    assert type(bare) is LlamaModel and type(bare.layers[0].mlp.up_proj).__name__ == "LowBitLinear"
+    with torch.no_grad():
+        expected = with_head.model(ids).last_hidden_state
+        assert torch.equal(bare(ids).last_hidden_state, expected)
+        bare.save_pretrained(tmp_path / "bare")
+        headed = LlamaForCausalLM.from_pretrained(tmp_path / "bare")  # "layers.0..." into "model.layers.0..."
+        assert torch.equal(headed.model(ids).last_hidden_state, expected)
+
+
+def test_a_pickled_checkpoint_is_refused_naming_the_file(saved_nf4, tmp_path):
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(saved_nf4 / "config.json", pickled / "config.json")
+    torch.save(read_safetensors(saved_nf4), pickled / "pytorch_model.bin")
+    with pytest.raises(CheckpointFormatError, match="pytorch_model.bin: pre-quantized lowbit checkpoints are read from "
+                                                    "safetensors files only"):  # fmt: skip
+        AutoModelForCausalLM.from_pretrained(pickled)

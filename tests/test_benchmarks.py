@@ -35,10 +35,42 @@ def test_gemm_4bit_smoke_run_writes_rows_and_report(gemm_4bit, tmp_path):
     assert {(row["shape"], row["m"]) for row in gemm} == {
         (f"{n}x{k}", m) for n, k in gemm_4bit.SMOKE_SHAPES for m in gemm_4bit.SMOKE_BATCH_SIZES
     }
-    assert all(row["extra"]["rel_error"] < 2e-2 and row["median_ms"] > 0 for row in gemm)
+    assert all(row["median_ms"] > 0 for row in gemm)
+    # Errors against the float64 product with the 16-bit weight: bf16 rounds once; our NF4 and bitsandbytes' NF4
+    # (same codes, independent code) both carry the quantization error, and carry the same one.
+    errors = {(row["shape"], row["m"], row["provider"]): row["extra"]["rel_error"] for row in gemm}
+    for (shape, m, provider), error in errors.items():
+        if provider == "bf16":
+            assert error < 1e-2
+        elif provider == "lowbit":
+            assert 0.02 < error < 0.3, (shape, m, error)
+            peer = errors.get((shape, m, "bnb"))
+            assert peer is None or abs(error - peer) <= 0.1 * peer, (shape, m, error, peer)
     assert any("decoder block" in row["shape"] for row in rows)
     report = (tmp_path / "gemm_4bit.md").read_text()
     assert "## GEMMs" in report and "lowbit speedup vs bf16" in report and rows[0]["torch"] in report
+
+
+def test_a_provider_slowed_on_purpose_is_timed_slower(gemm_4bit, monkeypatch):
+    import time
+
+    call = gemm_4bit.Operands.call
+
+    def slowed(self, provider, x):
+        run = call(self, provider, x)
+        if provider != "bnb":
+            return run
+
+        def slow():
+            time.sleep(0.03)
+            return run()
+
+        return slow
+
+    monkeypatch.setattr(gemm_4bit.Operands, "call", slowed)
+    rows = gemm_4bit.gemm_rows([(96, 128)], [1], ["bf16", "bnb"], torch.bfloat16, "cpu", rep=3, cuda_graph=False)
+    median = {row.provider: row.median_ms for row in rows}
+    assert median["bnb"] >= 30 and median["bnb"] > median["bf16"] + 25, median
 
 
 @pytest.fixture

@@ -81,3 +81,51 @@ def test_embedded_default_runs_from_the_console_script(tmp_path):
     cosine_line = next(line for line in result.stdout.splitlines() if "embedding cosine" in line)
     assert float(cosine_line.split("mean ")[1].split(",")[0]) > 0.998
     assert (out / "model.safetensors").exists() and (out / "tokenizer.json").exists()
+
+
+def printed_cosine(output: str) -> float:
+    line = next(line for line in output.splitlines() if "embedding cosine" in line)
+    return float(line.split("mean ")[1].split(",")[0])
+
+
+def independent_mean_cosine(src, out) -> float:
+    """The figure the CLI should print, computed here: mean-pooled last hidden states of the saved quantized model
+    and of the full-precision source, normalised, their cosine averaged over the sentences."""
+    from quantizer_plugin.fidelity import model_inputs
+
+    inputs = model_inputs(src, torch.device("cpu"))
+    mask = inputs["attention_mask"][..., None].double()
+    embeddings = []
+    for folder in (out, src):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if folder == src else None)
+        with torch.no_grad():
+            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].double()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        embeddings.append(pooled / pooled.norm(dim=-1, keepdim=True))
+    return (embeddings[0] * embeddings[1]).sum(-1).mean().item()
+
+
+def test_fidelity_figure_is_the_independently_computed_one_and_drops_for_a_damaged_model(
+    llama_dir, tmp_path, capsys, monkeypatch
+):
+    assert main(["quantize", str(llama_dir), str(tmp_path / "good"), "--weights", "int8"]) == 0
+    good = printed_cosine(capsys.readouterr().out)
+    assert good == pytest.approx(independent_mean_cosine(llama_dir, tmp_path / "good"), abs=2e-4)
+
+    # damage one layer as it is quantized (its row scales negated): the figure must show it
+    from quantizer_plugin.loading import LowBitQuantize
+
+    convert = LowBitQuantize.convert
+
+    def damaging_convert(self, input_dict, model=None, **kwargs):
+        result = convert(self, input_dict, model=model, **kwargs)
+        for key in result:
+            if key.startswith("model.layers.0.mlp.down_proj.") and key.endswith("weight_scale"):
+                result[key].data.neg_()
+        return result
+
+    monkeypatch.setattr(LowBitQuantize, "convert", damaging_convert)
+    assert main(["quantize", str(llama_dir), str(tmp_path / "damaged"), "--weights", "int8"]) == 0
+    damaged = printed_cosine(capsys.readouterr().out)
+    assert damaged == pytest.approx(independent_mean_cosine(llama_dir, tmp_path / "damaged"), abs=2e-4)
+    assert 1 - damaged > max(10 * (1 - good), 0.01), (good, damaged)

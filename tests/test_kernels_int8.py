@@ -221,7 +221,16 @@ def test_benchmark_runs_unattended(monkeypatch, tmp_path):
               for rate in gemm_int8.OUTLIER_RATES}  # fmt: skip
     assert len(rows) == 3 * len(points)
     assert {row["provider"] for row in rows} == {gemm_int8.OURS, gemm_int8.BASELINE, gemm_int8.PEER}
-    assert all(row["median_ms"] > 0 and row["extra"]["max_rel_error"] < 3e-2 for row in rows)
+    assert all(row["median_ms"] > 0 for row in rows)
+    # errors against the float32 product with the 16-bit weight: 16-bit rounds once; ours and bitsandbytes' LLM.int8
+    # both carry the activation and weight quantization error, of the same size
+    errors = {(row["shape"], row["m"], row["provider"]): row["extra"]["max_rel_error"] for row in rows}
+    for (shape, m, provider), error in errors.items():
+        if provider == gemm_int8.BASELINE:
+            assert error < 2e-3
+        elif provider == gemm_int8.OURS:
+            peer = errors[(shape, m, gemm_int8.PEER)]
+            assert 1e-3 < error < 3e-2 and 0.5 * peer <= error <= 2 * peer, (shape, m, error, peer)
     report = (tmp_path / "gemm_int8-float16-smoke.md").read_text()
     assert "lowbit-int8 speedup vs torch-16bit" in report and "Targets:" in report and rows[0]["torch"] in report
 
