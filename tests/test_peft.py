@@ -22,6 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, Traini
 from quantizer_plugin import LowBitConfig, LowBitLinear
 from quantizer_plugin.lora import LowBitLoraLinear
 
+import oracles
 from conftest import tiny_llama_config
 from helpers import lowbit_modules
 
@@ -173,6 +174,23 @@ def test_dropout_multiple_adapters_and_disable(base_dir, batch):
         ids = batch.to(peft_model.device)
         first, second = peft_model(input_ids=ids).logits, peft_model(input_ids=ids).logits
     assert not torch.equal(first, second)
+
+
+@pytest.mark.parametrize("fmt", ["nf4", "int8"])
+def test_lora_layer_gradients_match_an_independent_oracle(base_dir, fmt):
+    """dL/dx flows through both the frozen quantized weight and the adapters; dL/dA, dL/dB as for a plain LoRA."""
+    model = load(base_dir, fmt, dtype=torch.float32, compute_dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj"]))
+    layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+    torch.nn.init.normal_(layer.lora_B["default"].weight, std=0.1)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    grad_y = torch.randn(3, layer.out_features, generator=torch.Generator().manual_seed(6))
+    layer(x).backward(grad_y)
+
+    weight = oracles.weight_of(layer.base_layer) + layer.scaling["default"] * (b @ a).detach()
+    torch.testing.assert_close(x.grad, grad_y @ weight, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(b.grad, layer.scaling["default"] * grad_y.T @ (x.detach() @ a.detach().T))
 
 
 @pytest.mark.parametrize("fmt, use_reentrant", [("nf4", False), ("fp4", True), ("int8", False)])

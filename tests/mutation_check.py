@@ -1,0 +1,297 @@
+"""Break the implementation on purpose, one way at a time, and check that the tests meant to catch it fail.
+
+    python tests/mutation_check.py                # every breakage (about two minutes; CI runs it too)
+    python tests/mutation_check.py NAME [NAME..]  # chosen breakages; --list names them all
+
+Each breakage is a monkeypatch, never an edit of a file: this module is also a pytest plugin, and for each
+breakage the check runs `python -m pytest -x -p mutation_check TESTS` with QUANTIZER_PLUGIN_MUTATION=NAME, so the
+plugin applies the patch when pytest configures itself, before any test runs. A breakage is *caught* when pytest
+reports failing tests (exit code 1); it *survives* when they all pass. Anything else (a collection error, say) is
+reported as an error: it proves nothing. The check exits 1 unless every breakage is caught.
+
+To add a breakage for new code (a CPU backend, a format): one `Mutation` below, naming the patch and the tests
+that must catch it (tests/test_mutation_check.py then runs it in CI). If the whole check grows too slow for every CI
+run, keep a fast subset there and run the rest before resolving an issue that touches those parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+ENV = "QUANTIZER_PLUGIN_MUTATION"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    description: str
+    apply: Callable[[], None]
+    tests: tuple[str, ...]
+
+
+def patch(owner, name: str, value) -> None:
+    setattr(owner, name, value)
+
+
+# --- the breakages --------------------------------------------------------------------------------------------------
+
+
+def dequantize_4bit_returns_zeros():
+    import torch
+
+    from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
+
+    def zeros(self, tensors, out_features, in_features, scheme, dtype):
+        return torch.zeros(out_features, in_features, dtype=dtype, device=tensors["weight"].device)
+
+    patch(Codebook4BitFormat, "dequantize", zeros)
+
+
+def kernel_4bit_falls_back_to_the_reference():
+    import quantizer_plugin.kernels.codebook4bit as kernels
+
+    patch(kernels, "_fits", lambda layer: False)
+
+
+def kernel_int8_entry_points_run_the_reference():
+    from quantizer_plugin import ops
+
+    ops._load_triton_kernels()
+
+    def forward(x, layer):
+        return layer.fmt.reference_linear(x, layer.quantized_tensors(), layer.bias, layer.out_features,
+                                          layer.in_features, layer.scheme, layer.compute_dtype)  # fmt: skip
+
+    def backward(grad_y, layer):
+        weight = layer.dequantize_weight(layer.compute_dtype)
+        return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+
+    ops._FORWARD[("int8", "triton")], ops._BACKWARD[("int8", "triton")] = forward, backward
+
+
+def int8_reference_without_outlier_decomposition():
+    from quantizer_plugin.formats.int8 import Int8RowwiseFormat
+
+    original = Int8RowwiseFormat.reference_linear
+
+    def without(self, x, tensors, bias, out_features, in_features, scheme, compute_dtype):
+        no_outliers = replace(scheme, outlier_threshold=0.0)
+        return original(self, x, tensors, bias, out_features, in_features, no_outliers, compute_dtype)
+
+    patch(Int8RowwiseFormat, "reference_linear", without)
+
+
+def cli_fidelity_compares_the_model_with_itself():
+    import quantizer_plugin.fidelity as fidelity
+
+    original = fidelity.embedding_cosines
+    patch(fidelity, "embedding_cosines", lambda reference, quantized: original(quantized, quantized))
+
+
+def benchmarks_time_nothing():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import harness  # gemm_4bit and gemm_int8 import bench from here when a test first imports them
+
+    patch(harness, "bench", lambda fn, warmup=25, rep=100, cuda_graph=False: (1e-3, 1e-3, 1e-3))
+
+
+def benchmarks_report_zero_error():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gemm_4bit
+
+    patch(gemm_4bit, "relative_error", lambda y, exact: 0.0)
+
+
+def serialization_key_without_prefix_fallbacks():
+    import quantizer_plugin.serialization as serialization
+
+    patch(serialization, "find_key", lambda headers, key, base_prefix: key if key in headers else None)
+
+
+def lora_detaches_the_base_layers_input():
+    from torch import nn
+
+    from quantizer_plugin.lora import LowBitLoraLinear
+
+    class DetachedInput(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, *args, **kwargs):
+            return self.inner(x.detach(), *args, **kwargs)
+
+    original = LowBitLoraLinear.forward
+
+    def forward(self, x, *args, **kwargs):
+        base = self._modules["base_layer"]
+        self._modules["base_layer"] = DetachedInput(base)
+        try:
+            return original(self, x, *args, **kwargs)
+        finally:
+            self._modules["base_layer"] = base
+
+    patch(LowBitLoraLinear, "forward", forward)
+
+
+def parameter_count_uncorrected():
+    import quantizer_plugin.lora as lora
+    import quantizer_plugin.parameter_count as parameter_count
+
+    patch(parameter_count, "count_correction", lambda model: 0)
+    patch(lora, "count_correction", lambda model: 0)
+
+
+def old_layout_checkpoints_not_upgraded():
+    import quantizer_plugin.quantizer as quantizer
+
+    patch(quantizer, "upgrade_layout", lambda model, config: False)
+
+
+def stored_layout_back_to_1d():
+    from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
+
+    original = Codebook4BitFormat.tensor_specs
+    patch(Codebook4BitFormat, "tensor_specs", lambda self, out_features, in_features, scheme: original(
+        self, out_features, in_features, replace(scheme, format_version=1)))  # fmt: skip
+
+
+def skip_patterns_unchecked():
+    import quantizer_plugin.quantizer as quantizer
+
+    patch(quantizer, "check_skip_patterns", lambda model, patterns: None)
+
+
+def dequantize_ignores_offloaded_layers():
+    import quantizer_plugin.replace as replace_module
+
+    patch(replace_module, "dequantize_offloaded_layers", lambda model, dtype: {})
+
+
+def cli_sizes_assume_float32():
+    import quantizer_plugin.cli as cli
+
+    def float32_bytes(src, model):
+        layers = [m for m in model.modules() if type(m).__name__ == "LowBitLinear"]
+        return sum(4 * m.in_features * m.out_features for m in layers), "float32"
+
+    patch(cli, "source_linear_bytes", float32_bytes)
+
+
+MUTATIONS: dict[str, Mutation] = {
+    "4bit-dequantize-returns-zeros": Mutation(
+        "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
+        ("tests/test_dispatch.py", "tests/test_loading.py::test_dequantize_returns_an_ordinary_model_in_compute_dtype",
+         "tests/test_loading.py::test_save_and_reload_without_config_is_bit_exact")),
+    "4bit-kernel-falls-back": Mutation(
+        "the 4-bit Triton entry points silently run the torch reference (_fits returns False)",
+        kernel_4bit_falls_back_to_the_reference,
+        ("tests/test_kernels_4bit.py::test_quantized_llama_runs_on_the_kernels",)),
+    "int8-kernel-runs-the-reference": Mutation(
+        "the int8 Triton forward and backward call the reference", kernel_int8_entry_points_run_the_reference,
+        ("tests/test_kernels_int8.py::test_layer_forward_and_backward_use_the_kernels",)),
+    "int8-no-outlier-decomposition": Mutation(
+        "LLM.int8 reference without the outlier decomposition (threshold 0)",
+        int8_reference_without_outlier_decomposition, ("tests/test_dispatch.py",)),
+    "cli-fidelity-self-comparison": Mutation(
+        "the CLI's fidelity figure compares the quantized model with itself",
+        cli_fidelity_compares_the_model_with_itself, ("tests/test_cli.py",)),
+    "benchmarks-time-nothing": Mutation(
+        "the benchmarks time nothing", benchmarks_time_nothing,
+        ("tests/test_benchmarks.py::test_a_provider_slowed_on_purpose_is_timed_slower",)),
+    "benchmarks-zero-error": Mutation(
+        "the benchmarks report zero error", benchmarks_report_zero_error,
+        ("tests/test_benchmarks.py::test_gemm_4bit_smoke_run_writes_rows_and_report",)),
+    "find-key-without-fallbacks": Mutation(
+        "serialization.find_key without its base_model_prefix fallbacks", serialization_key_without_prefix_fallbacks,
+        ("tests/test_bad_checkpoints.py",)),
+    "lora-detaches-base-input": Mutation(
+        "the LoRA wrapper detaches the base layer's input", lora_detaches_the_base_layers_input,
+        ("tests/test_peft.py::test_lora_layer_gradients_match_an_independent_oracle",)),
+    "parameter-count-uncorrected": Mutation(
+        "num_parameters and PEFT count stored elements", parameter_count_uncorrected,
+        ("tests/test_parameter_count.py",)),
+    "old-layout-not-upgraded": Mutation(
+        "a version-1 checkpoint stays version 1 in memory", old_layout_checkpoints_not_upgraded,
+        ("tests/test_layout.py",)),
+    "layout-back-to-1d": Mutation(
+        "the 4-bit layout stores 1-D packed codes and a 0-d offset again", stored_layout_back_to_1d,
+        ("tests/test_layout.py", "tests/test_fsdp.py::test_no_stored_tensor_is_a_scalar")),
+    "skip-patterns-unchecked": Mutation(
+        "a skip pattern matching no module is accepted", skip_patterns_unchecked,
+        ("tests/test_loading.py::test_a_skip_name_that_matches_no_module_is_refused_naming_it",)),
+    "dequantize-ignores-offload": Mutation(
+        "dequantize() leaves offloaded layers on meta", dequantize_ignores_offloaded_layers,
+        ("tests/test_offload.py::test_dequantize_keeps_offloaded_layers_offloaded_and_equal",)),
+    "cli-sizes-assume-float32": Mutation(
+        "the CLI reports source sizes in float32", cli_sizes_assume_float32,
+        ("tests/test_cli.py::test_size_report_uses_the_source_checkpoints_dtype",)),
+}  # fmt: skip
+
+# The runner's own control: nothing is broken, so the same machinery must report it as surviving.
+CONTROL = Mutation("nothing is broken (the runner's control: must survive)", lambda: None,
+                   ("tests/test_parameter_count.py",))  # fmt: skip
+
+
+
+# --- the pytest plugin ----------------------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    name = os.environ.get(ENV)
+    if name:
+        mutation(name).apply()
+
+
+def mutation(name: str) -> Mutation:
+    return CONTROL if name == "control" else MUTATIONS[name]
+
+
+# --- the runner -----------------------------------------------------------------------------------------------------
+
+
+def run(name: str) -> tuple[str, float]:
+    """'caught', 'SURVIVED' or 'error (exit N)', and the seconds it took."""
+    env = dict(os.environ, **{ENV: name})
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env.pop("QUANTIZER_PLUGIN_KERNELS", None)
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "mutation_check",
+               *mutation(name).tests]  # fmt: skip
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    outcome = {0: "SURVIVED", 1: "caught"}.get(result.returncode, f"error (exit {result.returncode})")
+    return outcome, time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="breakages to apply (default: all)")
+    parser.add_argument("--list", action="store_true", help="list the breakages and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, entry in MUTATIONS.items():
+            print(f"{name}: {entry.description}")
+        return 0
+    unknown = [name for name in args.names if name not in MUTATIONS]
+    if unknown:
+        parser.error(f"unknown breakages {unknown}; --list names them")
+    names = args.names or list(MUTATIONS)
+    failed = 0
+    for name in names:
+        outcome, seconds = run(name)
+        failed += outcome != "caught"
+        print(f"{outcome:>16}  {seconds:5.1f} s  {name}: {MUTATIONS[name].description}", flush=True)
+    print(f"{len(names) - failed} of {len(names)} breakages caught")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
