@@ -121,7 +121,7 @@ def test_every_tile_layout_dequantizes_exactly(weights, double_quant, block_size
     # With x = I in float32, y = I @ W.T reads back each dequantized weight through one exact product.
     n = 19
     layer = make_layer(weights, double_quant, False, n, k, torch.float32, "cpu", block_size=block_size)
-    expected = layer.dequantize_weight(torch.float32)
+    expected = oracles.weight_of(layer)
     config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=4)
     tensors = layer.quantized_tensors()
     y = kernels.dequant_matmul(torch.eye(k), tensors, layer.fmt, layer.scheme, n, config=config)
@@ -139,7 +139,7 @@ def test_split_k_reads_back_exactly_and_leaves_the_counters_at_zero(device, spli
 
     n, k = 37, 100
     layer = make_layer("nf4", True, False, n, k, torch.float32, device)
-    expected = layer.dequantize_weight(torch.float32)
+    expected = oracles.weight_of(layer).to(device)
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=split_k)
     columns = [0, 20, 50, 99, 70]  # one in each split's slice of K (and the last column)
     x = torch.eye(k, device=device)[columns]  # a decode-sized M, not a multiple of BLOCK_M

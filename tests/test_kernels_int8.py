@@ -21,6 +21,8 @@ from quantizer_plugin.kernels.int8_backward import int8_grad_input
 from quantizer_plugin.kernels.interpreter import INTERPRETED
 from quantizer_plugin.kernels.int8_matmul import STREAMING_LIMIT_M, int8_linear
 
+import oracles
+
 if not torch.cuda.is_available() and not INTERPRETED:
     raise RuntimeError("no GPU and the Triton kernels were not built for the interpreter: TRITON_INTERPRET=1 must be "
                        "set before quantizer_plugin.kernels is first imported (tests/conftest.py does it)")  # fmt: skip
@@ -172,7 +174,7 @@ def test_float32_compute_is_exact_up_to_the_epilogue(device, path, case):
 def test_grad_input_kernel_matches_the_reference(device, dtype):
     n, k = SHAPES[device]
     tensors = quantized_weight(n, k, device, seed=7)
-    weight = INT8.dequantize(tensors, n, k, QuantScheme("int8"), dtype)
+    weight = oracles.dequantize_int8({name: t.cpu() for name, t in tensors.items()}).to(device=device, dtype=dtype)
     for m in ROWS[device]:
         grad_y = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
         grad_x = int8_grad_input(grad_y, tensors["weight"], tensors["weight_scale"])
