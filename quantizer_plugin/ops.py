@@ -1,10 +1,11 @@
 """The one dispatch seam between a quantized layer and the code that multiplies by its weight.
 
-Every format has a plain-PyTorch reference ("torch" backend) that runs on any device; faster backends
-(the Triton kernels in quantizer_plugin.kernels) register per format. The backend is chosen by device
-(Triton on CUDA when a kernel for the format is registered, torch otherwise) unless the environment variable
-QUANTIZER_PLUGIN_KERNELS names one ("torch" or "triton"), so that tests can force the Triton kernels on CPU
-under TRITON_INTERPRET=1.
+Every format has a plain-PyTorch reference ("torch" backend) that runs on any device; faster backends register
+per format: "cpu" (quantizer_plugin.cpu: native and torch CPU kernels) and "triton" (the Triton kernels in
+quantizer_plugin.kernels). The backend is chosen by device (CPU tensors take "cpu", CUDA tensors "triton", where
+the format has a kernel there; the reference otherwise) unless the environment variable QUANTIZER_PLUGIN_KERNELS
+names one ("torch", "cpu" or "triton"): tests force the reference, and the Triton kernels on CPU under
+TRITON_INTERPRET=1.
 
 The autograd rule lives here too, once for all backends: the weight is frozen, so the backward is
 grad_x = grad_y @ dequant(W), the product QLoRA needs to train adapters on a quantized base.
@@ -32,7 +33,10 @@ if TYPE_CHECKING:
     from .modules import LowBitLinear
 
 KERNELS_ENV = "QUANTIZER_PLUGIN_KERNELS"
-BACKENDS = ("torch", "triton")
+BACKENDS = ("torch", "cpu", "triton")
+# The backend each device type takes by default, and the package that registers its kernels (imported on first need).
+DEFAULT_BACKENDS = {"cpu": "cpu", "cuda": "triton"}
+_KERNEL_PACKAGES = {"cpu": "quantizer_plugin.cpu", "triton": "quantizer_plugin.kernels"}
 
 # (format name, backend) -> fn(x, layer) -> y            y = x @ dequant(W).T + bias, in x's dtype
 ForwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
@@ -40,7 +44,7 @@ ForwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
 BackwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
 _FORWARD: dict[tuple[str, str], ForwardKernel] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
-_triton_loaded = False
+_loaded_packages: set[str] = set()
 _RECORDS: list[list[str]] = []  # one list per active record_dispatch() block
 
 
@@ -77,13 +81,12 @@ def register_kernel(format_name: str, backend: str, *, backward: bool = False):
     return register
 
 
-def _load_triton_kernels() -> None:
-    # Imported on first need: the kernels package imports triton, which a CPU-only user may not want loaded.
-    global _triton_loaded
-    if not _triton_loaded:
-        _triton_loaded = True
+def _load_kernels(backend: str) -> None:
+    # Imported on first need: the Triton kernels import triton, which a CPU-only user may not want loaded.
+    if backend in _KERNEL_PACKAGES and backend not in _loaded_packages:
+        _loaded_packages.add(backend)
         try:
-            importlib.import_module("quantizer_plugin.kernels")
+            importlib.import_module(_KERNEL_PACKAGES[backend])
         except ImportError:
             pass
 
@@ -106,8 +109,8 @@ def forced_backend() -> str | None:
 
 def select_backend(format_name: str, device: torch.device) -> str:
     forced = forced_backend()
-    if forced == "triton" or (forced is None and device.type == "cuda"):
-        _load_triton_kernels()
+    default = DEFAULT_BACKENDS.get(device.type)
+    _load_kernels(forced or default)
     if forced is not None:
         if (format_name, forced) not in _FORWARD:
             raise RuntimeError(f"{KERNELS_ENV}={forced} but no {forced} kernel is available for format {format_name!r}")
@@ -116,9 +119,11 @@ def select_backend(format_name: str, device: torch.device) -> str:
                 f"{KERNELS_ENV}=triton on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
                 "before quantizer_plugin.kernels is first imported"
             )
+        if forced == "cpu" and device.type != "cpu":
+            raise RuntimeError(f"{KERNELS_ENV}=cpu on a {device.type} tensor: the cpu backend runs on CPU tensors only")
         return forced
-    if device.type == "cuda" and (format_name, "triton") in _FORWARD:
-        return "triton"
+    if default is not None and (format_name, default) in _FORWARD:
+        return default
     return "torch"
 
 

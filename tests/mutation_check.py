@@ -64,7 +64,7 @@ def kernel_4bit_falls_back_to_the_reference():
 def kernel_int8_entry_points_run_the_reference():
     from quantizer_plugin import ops
 
-    ops._load_triton_kernels()
+    ops._load_kernels("triton")
 
     def forward(x, layer):
         return layer.fmt.reference_linear(x, layer.quantized_tensors(), layer.bias, layer.out_features,

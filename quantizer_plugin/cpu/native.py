@@ -1,0 +1,61 @@
+"""The one place that decides "compiled or fallback" for the CPU backend's native kernels.
+
+The C++ sources in csrc/ are built on first use with torch.utils.cpp_extension.load (g++ and ninja) and cached by
+torch in its extensions folder (TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions), so later processes only
+load the library. The build uses -O3 and no -march=native: the AVX-512 paths are compiled with target attributes
+and chosen at run time, so a cached build is safe on any x86-64 machine. -ffp-contract=off keeps every code x absmax
+product a single rounding, as in the reference.
+
+If the build or the load fails (no compiler, no ninja, an unsupported platform), `load()` returns None after one
+warning that says why, and the CPU backend runs the plain-torch reference instead. QUANTIZER_PLUGIN_NATIVE=0 turns
+the native kernels off on purpose (the tests use it to check that fallback).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+from types import ModuleType
+
+NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
+SOURCES = [Path(__file__).with_name("csrc") / "codebook4bit.cpp"]
+_lock = threading.Lock()
+_loaded: dict[str, ModuleType | None] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get(NATIVE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def load() -> ModuleType | None:
+    """The compiled kernels, built on first use; None (after one warning) when they cannot be built here."""
+    if not enabled():
+        return None
+    with _lock:
+        if "module" not in _loaded:
+            _loaded["module"] = _build()
+        return _loaded["module"]
+
+
+def _build() -> ModuleType | None:
+    try:
+        from torch.utils.cpp_extension import load as load_extension
+
+        return load_extension(
+            name="quantizer_plugin_cpu",
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+    except Exception as error:  # a missing compiler surfaces as OSError, RuntimeError or CalledProcessError
+        warnings.warn(
+            f"quantizer_plugin: the native CPU kernels could not be built ({type(error).__name__}: {error}); "
+            "quantized layers on the CPU run the plain-torch reference instead, which is much slower. "
+            "Install g++ and ninja to build them.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None

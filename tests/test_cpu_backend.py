@@ -1,0 +1,182 @@
+"""The CPU backend (quantizer_plugin.cpu) against the tests' oracles, on fresh random inputs and awkward shapes,
+with proof of which implementation ran; its native build, and the fallback when it cannot be built."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from quantizer_plugin import LowBitLinear, ops
+from quantizer_plugin.cpu import codebook4bit, native
+from quantizer_plugin.formats import QuantScheme
+
+import oracles
+
+# Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
+TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+M_VALUES = [1, 3, 16, 33, 128]
+# (N, K, block): odd N; K a multiple of the block (rows start on a block: the fused kernel serves decode), K that is
+# not (blocks straddle rows), block 16 and 32, and an odd K.
+SHAPES_4BIT = [(37, 128, 64), (45, 100, 64), (29, 96, 32), (31, 80, 16), (23, 75, 64)]
+SCHEMES_4BIT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+@pytest.fixture(autouse=True)
+def cpu_backend(monkeypatch):
+    monkeypatch.delenv(ops.KERNELS_ENV, raising=False)
+    monkeypatch.delenv(native.NATIVE_ENV, raising=False)
+
+
+def make_layer(scheme: QuantScheme, n: int, k: int, dtype: torch.dtype, seed: int, bias: bool = True) -> LowBitLinear:
+    torch.manual_seed(seed)
+    return LowBitLinear.from_float(torch.nn.Linear(k, n, bias=bias), scheme, compute_dtype=dtype)
+
+
+def expected_output(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    y = x.double() @ oracles.weight_of(layer).double().T
+    return y if layer.bias is None else y + layer.bias.double()
+
+
+def assert_close_to_scale(y: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> None:
+    error = (y.double() - expected).abs().max() / expected.abs().max()
+    assert error <= TOLERANCES[dtype], f"max error {error:.3g} of the output scale, allowed {TOLERANCES[dtype]}"
+
+
+def test_the_native_kernels_build_here():
+    kernels = native.load()
+    assert kernels is not None, "the native CPU kernels did not build on this machine"
+    assert kernels.uses_avx512() == (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
+
+
+@pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels(weights, double_quant, dtype):
+    for (n, k, block), m in itertools.product(SHAPES_4BIT, M_VALUES):
+        layer = make_layer(QuantScheme(weights, block, double_quant), n, k, dtype, seed=m + n)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(dtype)
+        with ops.record_dispatch() as served:
+            y = layer(x)
+        fused = m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0
+        assert served == ["cpu.codebook4bit.fused" if fused else "cpu.codebook4bit.dequantize_matmul"], (n, k, m)
+        assert y.dtype == dtype and y.shape == (m, n)
+        assert_close_to_scale(y, expected_output(x, layer), dtype)
+
+
+@pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_quant, dtype):
+    kernels = native.load()
+    for n, k, block in SHAPES_4BIT:
+        layer = make_layer(QuantScheme(weights, block, double_quant), n, k, dtype, seed=n)
+        reference = layer.dequantize_weight(dtype).reshape(-1)
+        assert torch.equal(reference.float(), oracles.weight_of(layer).reshape(-1).to(dtype).float())
+        args = codebook4bit.statistics(layer)
+        for begin, end in [(0, n * k), (1, n * k - 3), (33, 97), (k, 3 * k + 1), (5, 5)]:
+            out = torch.empty(end - begin, dtype=dtype)
+            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, begin, end, out)
+            assert torch.equal(out, reference[begin:end]), (n, k, begin, end)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_4bit_input_gradient_runs_the_native_chunks(dtype):
+    n, k, block = 45, 100, 64
+    layer = make_layer(QuantScheme("nf4", block, True), n, k, dtype, seed=3)
+    x = torch.randn(2, 5, k, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(2, 5, n, dtype=dtype)
+    with ops.record_dispatch() as served:
+        layer(x).backward(grad_y)
+    assert served == ["cpu.codebook4bit.dequantize_matmul", "cpu.codebook4bit.grad_input"]
+    expected = grad_y.double() @ oracles.weight_of(layer).double()
+    assert_close_to_scale(x.grad, expected, dtype)
+
+
+def test_a_layer_larger_than_one_chunk_is_multiplied_chunk_by_chunk(monkeypatch):
+    monkeypatch.setattr(codebook4bit, "CHUNK_BYTES", 3 * 100 * 2)  # three bf16 rows of K = 100 per chunk
+    layer = make_layer(QuantScheme("fp4", 64, False), 37, 100, torch.bfloat16, seed=4)
+    x = torch.randn(9, 100, dtype=torch.bfloat16)
+    with ops.record_dispatch() as served:
+        y = layer(x)
+    assert served == ["cpu.codebook4bit.dequantize_matmul"]
+    assert_close_to_scale(y, expected_output(x, layer), torch.bfloat16)
+
+
+def test_the_fused_kernel_gives_the_same_result_on_any_number_of_threads():
+    layer = make_layer(QuantScheme("nf4", 64, True), 301, 256, torch.float32, seed=5)
+    x = torch.randn(3, 256)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(layer(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("k", [128, 100], ids=["K%16=0", "odd-K"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
+    for m in M_VALUES:
+        layer = make_layer(QuantScheme("int8", outlier_threshold=6.0), 37, k, dtype, seed=m)
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
+        x[:, 3] *= 20.0  # an outlier column: weight-only int8 keeps the activations in 16 bits anyway
+        with ops.record_dispatch() as served:
+            y = layer(x)
+        assert served == ["cpu.int8.weight_only" if k % 16 == 0 else "cpu.int8.weight_only_dequantized"]
+        assert_close_to_scale(y, expected_output(x, layer), dtype)
+
+
+@pytest.mark.parametrize("m, k, n", [(256, 96, 33), (256, 256, 128), (128, 208, 72)])
+def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
+    """Against the float32 product with the 16-bit weight, over a batch: no worse than bitsandbytes' LLM.int8."""
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(k)
+    linear = torch.nn.Linear(k, n).half()
+    generator = torch.Generator().manual_seed(m + k)
+    x = torch.randn(m, k, generator=generator)
+    x[:, torch.randperm(k, generator=generator)[:3]] *= 25.0  # outlier columns, as LLM.int8 expects them
+    x = x.half()
+    exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
+    ours = LowBitLinear.from_float(linear, QuantScheme("int8", outlier_threshold=6.0), compute_dtype=torch.float16)
+    peer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=6.0)
+    peer.load_state_dict(linear.state_dict())
+    with torch.no_grad(), ops.record_dispatch() as served:
+        ours_error = (ours(x).float() - exact).abs().mean()
+        peer_error = (peer.eval()(x).float() - exact).abs().mean()
+    assert served == ["cpu.int8.weight_only"]
+    assert ours_error <= peer_error, (ours_error, peer_error)
+
+
+def test_without_native_kernels_the_backend_runs_the_reference(monkeypatch):
+    layer = make_layer(QuantScheme("nf4", 64, True), 37, 128, torch.bfloat16, seed=6)
+    x = torch.randn(1, 128, dtype=torch.bfloat16)
+    monkeypatch.setenv(native.NATIVE_ENV, "0")
+    with ops.record_dispatch() as served:
+        y = layer(x)
+    assert served == ["torch.reference_forward"]
+    assert_close_to_scale(y, expected_output(x, layer), torch.bfloat16)
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(**kwargs):
+        raise OSError("g++: command not found")
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
+    layer = make_layer(QuantScheme("fp4", 64, False), 37, 128, torch.float32, seed=7)
+    x = torch.randn(2, 128)
+    with warnings.catch_warnings(record=True) as caught, ops.record_dispatch() as served:
+        warnings.simplefilter("always")
+        first, second = layer(x), layer(x)
+    messages = [str(w.message) for w in caught if "native CPU kernels could not be built" in str(w.message)]
+    assert len(messages) == 1 and "g++: command not found" in messages[0]
+    assert served == ["torch.reference_forward"] * 2
+    assert torch.equal(first, second)
+    assert_close_to_scale(first, expected_output(x, layer), torch.float32)
