@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,3 +152,77 @@ def print_table(rows: Sequence[Row], baseline: str, peers: Sequence[str], ours: 
     table = "\n".join(lines)
     print(table)
     return table
+
+
+# --- CPU timing: interleaved rounds --------------------------------------------------------------------------------
+
+
+def cpu_environment() -> dict:
+    """CPU model, threads, versions and date, stored with every CPU result file."""
+    from importlib import metadata
+
+    model = platform.processor() or "cpu"
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            model = line.split(":", 1)[1].strip()
+            break
+    info = {"date": datetime.date.today().isoformat(), "device": model, "threads": torch.get_num_threads(),
+            "cpu capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+    for package in ("torch", "transformers", "bitsandbytes", "optimum-quanto", "torchao"):
+        try:
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            info[package] = None
+    return info
+
+
+def interleaved_medians(
+    calls: dict[str, Callable[[], object]], rounds: int, sample_ms: float = 2.0
+) -> dict[str, tuple[float, float, float]]:
+    """(median, p20, p80) in ms per call for each named call, over `rounds` rounds that time every call in turn,
+    each round in its own shuffled order.
+
+    Each sample is the mean of enough back-to-back calls to last about `sample_ms` (a fast call is otherwise
+    below the timer's resolution and the loop's own overhead).
+    """
+    import time
+
+    repeats = {}
+    for name, fn in calls.items():
+        fn()  # warm-up: first-call costs (a native build, oneDNN's primitive cache) stay out of the samples
+        start = time.perf_counter()
+        fn()
+        once_ms = (time.perf_counter() - start) * 1e3
+        repeats[name] = max(1, int(sample_ms / max(once_ms, 1e-4)))
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(rounds):
+        # each round in its own (seeded) order, so that no provider always runs right after the same other one (one
+        # that follows a 16-bit provider finds its weights pushed out of the caches)
+        order = list(calls)
+        random.Random(round_index).shuffle(order)
+        for name in order:
+            fn = calls[name]
+            start = time.perf_counter()
+            for _ in range(repeats[name]):
+                fn()
+            samples[name].append((time.perf_counter() - start) * 1e3 / repeats[name])
+    result = {}
+    for name, values in samples.items():
+        median, p20, p80 = torch.tensor(values).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+        result[name] = (median, p20, p80)
+    return result
+
+
+def markdown_table(rows: Sequence[Row], baseline: str, ours: Sequence[str]) -> str:
+    """Shape, M, provider, median and p20-p80 ms, speedup over the baseline (>1: faster), and the error column."""
+    index = {(r.shape, r.m, r.provider): r for r in rows}
+    lines = [f"| shape (N x K) | M | provider | median ms | p20-p80 ms | speedup vs {baseline} | max rel error |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        base = index.get((r.shape, r.m, baseline))
+        speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else ""
+        name = f"**{r.provider}**" if r.provider in ours else r.provider
+        error = r.extra.get("rel_error")
+        lines.append(f"| {r.shape} | {r.m} | {name} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | {speedup} | "
+                     f"{'' if error is None else f'{error:.1e}'} |")  # fmt: skip
+    return "\n".join(lines)

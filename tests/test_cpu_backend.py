@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from quantizer_plugin import LowBitLinear, ops
-from quantizer_plugin.cpu import codebook4bit, native
+from quantizer_plugin.cpu import chunks, codebook4bit, native
+from quantizer_plugin.cpu import int8 as cpu_int8
 from quantizer_plugin.formats import QuantScheme
 
 import oracles
@@ -61,7 +62,9 @@ def test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels(weights, do
         with ops.record_dispatch() as served:
             y = layer(x)
         fused = m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0
-        assert served == ["cpu.codebook4bit.fused" if fused else "cpu.codebook4bit.dequantize_matmul"], (n, k, m)
+        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and native.load().uses_avx512_bf16()
+        kernel = ("fused_bf16" if bf16_dot else "fused") if fused else "dequantize_matmul"
+        assert served == [f"cpu.codebook4bit.{kernel}"], (n, k, m)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
@@ -77,8 +80,13 @@ def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_
         args = codebook4bit.statistics(layer)
         for begin, end in [(0, n * k), (1, n * k - 3), (33, 97), (k, 3 * k + 1), (5, 5)]:
             out = torch.empty(end - begin, dtype=dtype)
-            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, begin, end, out)
+            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, begin, end, out, False)
             assert torch.equal(out, reference[begin:end]), (n, k, begin, end)
+        if k % 32 == 0:  # whole rows in the grouped order: each 32 as their evens, then their odds
+            out = torch.empty(2 * k, dtype=dtype)
+            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, k, 3 * k, out, True)
+            grouped = reference[k : 3 * k].view(2, k // 32, 16, 2).transpose(-1, -2).reshape(-1)
+            assert torch.equal(out, grouped), (n, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -95,7 +103,7 @@ def test_4bit_input_gradient_runs_the_native_chunks(dtype):
 
 
 def test_a_layer_larger_than_one_chunk_is_multiplied_chunk_by_chunk(monkeypatch):
-    monkeypatch.setattr(codebook4bit, "CHUNK_BYTES", 3 * 100 * 2)  # three bf16 rows of K = 100 per chunk
+    monkeypatch.setattr(chunks, "CHUNK_BYTES", 3 * 100 * 2)  # three bf16 rows of K = 100 per chunk
     layer = make_layer(QuantScheme("fp4", 64, False), 37, 100, torch.bfloat16, seed=4)
     x = torch.randn(9, 100, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
@@ -127,8 +135,31 @@ def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
         x[:, 3] *= 20.0  # an outlier column: weight-only int8 keeps the activations in 16 bits anyway
         with ops.record_dispatch() as served:
             y = layer(x)
-        assert served == ["cpu.int8.weight_only" if k % 16 == 0 else "cpu.int8.weight_only_dequantized"]
+        if m > cpu_int8.PACKED_MAX_M:
+            assert served == ["cpu.int8.dequantize_matmul"]
+        else:
+            assert served == ["cpu.int8.weight_only" if k % 16 == 0 else "cpu.int8.weight_only_dequantized"]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_int8_dequantize_is_the_references_weight_bit_for_bit(dtype):
+    layer = make_layer(QuantScheme("int8"), 37, 75, dtype, seed=8)
+    reference = layer.dequantize_weight(dtype)
+    for first, last in [(0, 37), (5, 6), (3, 30), (9, 9)]:
+        out = torch.empty((last - first) * 75, dtype=dtype)
+        native.load().dequantize_int8(layer.weight, layer.weight_scale, first, last, out)
+        assert torch.equal(out.view(last - first, 75), reference[first:last])
+
+
+def test_int8_input_gradient_runs_the_native_chunks():
+    layer = make_layer(QuantScheme("int8"), 37, 96, torch.bfloat16, seed=9)
+    x = torch.randn(3, 96, dtype=torch.bfloat16, requires_grad=True)
+    grad_y = torch.randn(3, 37, dtype=torch.bfloat16)
+    with ops.record_dispatch() as served:
+        layer(x).backward(grad_y)
+    assert served == ["cpu.int8.weight_only", "cpu.int8.grad_input"]
+    assert_close_to_scale(x.grad, grad_y.double() @ oracles.weight_of(layer).double(), torch.bfloat16)
 
 
 @pytest.mark.parametrize("m, k, n", [(256, 96, 33), (256, 256, 128), (128, 208, 72)])
@@ -148,7 +179,7 @@ def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
     with torch.no_grad(), ops.record_dispatch() as served:
         ours_error = (ours(x).float() - exact).abs().mean()
         peer_error = (peer.eval()(x).float() - exact).abs().mean()
-    assert served == ["cpu.int8.weight_only"]
+    assert served == ["cpu.int8.dequantize_matmul"]
     assert ours_error <= peer_error, (ours_error, peer_error)
 
 

@@ -1,11 +1,14 @@
 """NF4/FP4 on the CPU backend.
 
 - Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more): the native fused
-  kernel reads the packed codes once, looks each one up in the codebook in registers, and multiplies in float32
-  (the 16-bit weight is never written). Its output is then rounded to the compute dtype, as the reference's is.
+  kernel reads the packed codes once, looks each one up in the codebook in registers, and multiplies (the 16-bit
+  weight is never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations
+  in vdpbf16ps pairs; otherwise in float32. Its output is then rounded to the compute dtype, as the reference's is.
 - Anything else (more rows, or blocks that straddle rows): the native dequantize writes the weight's rows in chunks
-  of about CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight, and torch's GEMM
-  multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks.
+  of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight, and torch's GEMM
+  multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks. When K is a
+  multiple of 32 the chunks are written group-permuted (each 32 columns as their 16 even, then 16 odd ones: no
+  interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product as it is.
 If the native kernels cannot be built, both run the plain-torch reference (native.py warns once).
 """
 
@@ -18,13 +21,12 @@ import torch
 from ..formats.codebook4bit import Codebook4BitFormat
 from ..formats.dynamic8bit import dynamic_code
 from ..ops import reference_backward, reference_forward, register_kernel, served
-from . import native
+from . import chunks, native
 
 if TYPE_CHECKING:
     from ..modules import LowBitLinear
 
-GEMV_MAX_M = 4
-CHUNK_BYTES = 1 << 21  # a dequantized chunk of rows: well inside a 2-4 MB L2
+GEMV_MAX_M = 6
 _EMPTY = torch.empty(0)
 
 
@@ -39,22 +41,37 @@ def statistics(layer: LowBitLinear) -> tuple:
     return stored["weight_absmax"], _EMPTY, _EMPTY, _EMPTY, _EMPTY, fmt.code()
 
 
-def uses_fused_kernel(m: int, layer: LowBitLinear) -> bool:
-    block = layer.scheme.block_size
-    return m <= GEMV_MAX_M and layer.in_features % block == 0 and block % 32 == 0
+def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
+    """Which fused decode kernel serves `m` activation rows of `layer`: "fused_bf16", "fused" or None (chunks)."""
+    block, k = layer.scheme.block_size, layer.in_features
+    if m > GEMV_MAX_M or k % block or block % 32:
+        return None
+    if layer.compute_dtype == torch.bfloat16 and block % 64 == 0 and kernels.uses_avx512_bf16():
+        return "fused_bf16"
+    return "fused"
 
 
-def weight_chunks(kernels, layer: LowBitLinear, dtype: torch.dtype):
-    """(first row, dequantized rows) for consecutive chunks of the weight's rows, reusing one buffer."""
-    n, k = layer.out_features, layer.in_features
-    rows = max(1, CHUNK_BYTES // (k * dtype.itemsize))
-    buffer = torch.empty(min(rows, n) * k, dtype=dtype)
-    packed, args = layer.weight.reshape(-1), statistics(layer)
-    for first in range(0, n, rows):
-        last = min(n, first + rows)
-        chunk = buffer[: (last - first) * k]
-        kernels.dequantize_4bit(packed, *args, layer.scheme.block_size, first * k, last * k, chunk)
-        yield first, chunk.view(last - first, k)
+def grouped_columns(kernels, layer: LowBitLinear) -> bool:
+    return layer.in_features % 32 == 0 and kernels.uses_avx512()
+
+
+def group_permuted_columns(t: torch.Tensor) -> torch.Tensor:
+    """Each 32 columns as their 16 even columns, then their 16 odd ones (the grouped weight chunks' order)."""
+    return t.unflatten(-1, (-1, 16, 2)).transpose(-1, -2).flatten(-3)
+
+
+def ungroup_columns(t: torch.Tensor) -> torch.Tensor:
+    return t.unflatten(-1, (-1, 2, 16)).transpose(-1, -2).flatten(-3)
+
+
+def fill(kernels, layer: LowBitLinear, grouped: bool):
+    """The chunk filler for chunks.py: rows of the weight, dequantized by the native kernel."""
+    packed, args, k = layer.weight.reshape(-1), statistics(layer), layer.in_features
+
+    def rows(first: int, last: int, out: torch.Tensor) -> None:
+        kernels.dequantize_4bit(packed, *args, layer.scheme.block_size, first * k, last * k, out, grouped)
+
+    return rows
 
 
 @register_kernel("nf4", "cpu")
@@ -66,19 +83,19 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     n, k = layer.out_features, layer.in_features
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    if uses_fused_kernel(m, layer):
-        y = kernels.gemv_4bit(x2d.float().contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
-                              layer.scheme.block_size)  # fmt: skip
+    fused = fused_kernel(kernels, m, layer)
+    if fused is not None:
+        gemv, x_dtype = (kernels.gemv_4bit_bf16, torch.bfloat16) if fused == "fused_bf16" else (kernels.gemv_4bit, torch.float32)
+        y = gemv(x2d.to(x_dtype).contiguous(), layer.weight.reshape(-1), *statistics(layer), n, layer.scheme.block_size)
         if layer.bias is not None:
             y += layer.bias.float()
-        served("cpu.codebook4bit.fused")
+        served(f"cpu.codebook4bit.{fused}")
         return y.to(layer.compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
     dtype = layer.compute_dtype
-    xc = x2d.to(dtype)
-    y_t = torch.empty(n, m, dtype=dtype)  # y transposed: each chunk of weight rows fills contiguous rows of it
-    for first, weight in weight_chunks(kernels, layer, dtype):
-        torch.mm(weight, xc.T, out=y_t[first : first + weight.shape[0]])
-    y = y_t.T
+    grouped = grouped_columns(kernels, layer)
+    xc = group_permuted_columns(x2d.to(dtype)) if grouped else x2d.to(dtype)
+    y = kernels.linear_4bit_chunked(xc.contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
+                                    layer.scheme.block_size, grouped, chunks.rows_per_chunk(k, dtype))  # fmt: skip
     if layer.bias is not None:
         y = y + layer.bias.to(dtype)
     served("cpu.codebook4bit.dequantize_matmul")
@@ -91,10 +108,10 @@ def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor
     kernels = native.load()
     if kernels is None:
         return reference_backward(grad_y, layer)
-    dtype = layer.compute_dtype
-    g2d = grad_y.reshape(-1, layer.out_features).to(dtype)
-    grad_x = torch.zeros(g2d.shape[0], layer.in_features, dtype=torch.float32)
-    for first, weight in weight_chunks(kernels, layer, dtype):
-        grad_x += (g2d[:, first : first + weight.shape[0]] @ weight).float()
+    grouped = grouped_columns(kernels, layer)
+    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
+    grad_x = chunks.grad_input(g2d, layer.out_features, layer.in_features, fill(kernels, layer, grouped))
+    if grouped:
+        grad_x = ungroup_columns(grad_x)
     served("cpu.codebook4bit.grad_input")
-    return grad_x.to(dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)
+    return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

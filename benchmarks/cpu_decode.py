@@ -1,0 +1,148 @@
+"""Greedy decode of a 0.4B Llama on the CPU: ms per token for bf16, ours and bitsandbytes, the same model for all.
+
+    python benchmarks/cpu_decode.py            # builds the random bf16 checkpoint once (benchmarks/out/llama-0.4b)
+    python benchmarks/cpu_decode.py --smoke    # a tiny Llama, a few tokens: checks that it runs
+
+The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved in bf16 (0.4B parameters). Every
+provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and lowbit-int8 with
+LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig. All are loaded side by side in one process, and the
+rounds are interleaved (each round runs every provider once). A sample is the time of `generate` for NEW_TOKENS
+greedy tokens minus the time for one token, over NEW_TOKENS - 1: decode steps only, no prefill. Reported: the
+median ms per token with p20-p80, tokens per second, and each provider's speedup over bf16.
+
+Writes benchmarks/out/cpu_decode.jsonl and benchmarks/out/cpu_decode.md (with the issue's targets, pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import Row, cpu_environment, write_rows  # noqa: E402
+
+PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8"]
+MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
+             num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
+SMOKE_MODEL = dict(MODEL, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, vocab_size=1000)  # fmt: skip
+PROMPT_TOKENS = 16
+NEW_TOKENS = 33
+
+
+def build_model(path: Path, settings: dict) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**settings, dtype="bfloat16")
+    LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+
+
+def load(provider: str, path: Path):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    import quantizer_plugin
+
+    kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
+    if provider == "lowbit-nf4":
+        kwargs["quantization_config"] = quantizer_plugin.LowBitConfig(weights="nf4")
+    elif provider == "lowbit-int8":
+        kwargs["quantization_config"] = quantizer_plugin.LowBitConfig(weights="int8")
+    elif provider == "bnb-nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )  # fmt: skip
+    elif provider == "bnb-int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+
+
+def generate_ms(model, prompt: torch.Tensor, tokens: int) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
+        return (time.perf_counter() - start) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5, smoke 2)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--out", default=str(HERE / "out"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    path = out / ("llama-smoke" if args.smoke else "llama-0.4b")
+    if not (path / "config.json").exists():
+        build_model(path, SMOKE_MODEL if args.smoke else MODEL)
+    rounds = args.rounds or (2 if args.smoke else 5)
+    new_tokens = 4 if args.smoke else NEW_TOKENS
+    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+
+    models, skipped, load_s = {}, {}, {}
+    for provider in args.providers.split(","):
+        try:
+            start = time.perf_counter()
+            models[provider] = load(provider, path)
+            load_s[provider] = time.perf_counter() - start
+            generate_ms(models[provider], prompt, 2)  # warm-up: native build, oneDNN primitives
+        except Exception as error:
+            skipped[provider] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        gc.collect()
+    per_token: dict[str, list[float]] = {provider: [] for provider in models}
+    for _ in range(rounds):
+        for provider, model in models.items():
+            full = generate_ms(model, prompt, new_tokens)
+            first = generate_ms(model, prompt, 1)
+            per_token[provider].append((full - first) / (new_tokens - 1))
+    rows = []
+    for provider, samples in per_token.items():
+        median, p20, p80 = torch.tensor(samples).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
+        rows.append(Row("llama 0.4b decode" if not args.smoke else "llama smoke decode", 1, provider, median, p20, p80,
+                        extra={"load_s": load_s[provider]}))  # fmt: skip
+
+    env = cpu_environment()
+    write_rows(rows, out / "cpu_decode.jsonl", env)
+    index = {row.provider: row for row in rows}
+    bf16 = index.get("bf16")
+    lines = [
+        "# Greedy decode on the CPU" + (" (smoke run: a tiny model, not a measurement)" if args.smoke else ""),
+        "",
+        ", ".join(f"{key} {value}" for key, value in env.items())
+        + f"; prompt {PROMPT_TOKENS} tokens, {new_tokens - 1} decode steps per sample, {rounds} interleaved rounds.",
+        "",
+        "| provider | ms per token (median) | p20-p80 | tokens/s | vs bf16 tokens/s | load s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        ratio = f"{bf16.median_ms / row.median_ms:.2f}x" if bf16 else ""
+        lines.append(f"| {row.provider} | {row.median_ms:.1f} | {row.p20_ms:.1f}-{row.p80_ms:.1f} | "
+                     f"{1e3 / row.median_ms:.1f} | {ratio} | {row.extra['load_s']:.1f} |")  # fmt: skip
+    lines += ["", "Skipped: " + ("; ".join(f"{p} ({r})" for p, r in skipped.items()) or "none"), "", "Targets:"]
+    for provider, goal in (("lowbit-nf4", 1.5), ("lowbit-int8", 1.3)):
+        if bf16 and provider in index:
+            value = bf16.median_ms / index[provider].median_ms
+            lines.append(f"- {provider}: {value:.2f}x bf16's tokens/s (target >= {goal}x): "
+                         f"{'PASS' if value >= goal else 'FAIL'}")  # fmt: skip
+    for provider, peer in (("lowbit-nf4", "bnb-nf4"), ("lowbit-int8", "bnb-int8")):
+        if provider in index and peer in index:
+            value = index[peer].median_ms / index[provider].median_ms
+            lines.append(f"- {provider} vs {peer}: {value:.2f}x (target > 1x): {'PASS' if value > 1 else 'FAIL'}")
+    (out / "cpu_decode.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""One quantized linear layer on the CPU: ours against the bf16 matmul and every installed peer, in one process.
+
+    python benchmarks/cpu_layers.py                 # 4096x4096 and 14336x4096, M = 1, 16, 128
+    python benchmarks/cpu_layers.py --smoke         # tiny shapes, a few rounds: checks that it runs
+
+Providers (each skipped, with the reason in the report, where its library is missing or refuses the layer):
+- bf16: torch.nn.functional.linear on the 16-bit weight (oneDNN; AMX on CPUs that have it);
+- lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8: our LowBitLinear through the dispatch seam, i.e.
+  the CPU backend (the record of which kernel served the calls goes in the report);
+- bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
+- quanto-int4, quanto-int8: optimum-quanto's qint4 (group 64) / qint8 weights with bf16 activations;
+- torchao-int8: torchao's Int8WeightOnlyConfig; torchao-int4: Int4WeightOnlyConfig (group 64, plain packing).
+Timings are medians (with p20-p80) over interleaved rounds: each round times every provider once, in turn, so that
+drift of the machine touches all of them alike. Each sample is the mean of enough back-to-back calls to last about
+2 ms. The error column is max |y - y_exact| / max |y_exact| against the float64 product with the 16-bit weight.
+All weights stay resident (no rotation): every provider reads its weight from the same cache level.
+
+Writes benchmarks/out/cpu_layers.jsonl (one row per shape, M and provider) and benchmarks/out/cpu_layers.md (the
+table, the environment and the targets of the CPU-speed issue with pass/fail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from harness import Row, cpu_environment, interleaved_medians, markdown_table, write_rows  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096)]
+BATCH_SIZES = [1, 16, 128]
+SMOKE_SHAPES = [(256, 512)]
+SMOKE_BATCH_SIZES = [1, 16]
+DTYPE = torch.bfloat16
+OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8"]
+PEERS = ["bnb-nf4", "bnb-int8", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8"]
+
+
+def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
+    """`linear` (bf16, on CPU) in `provider`'s form; raises with the reason when the provider is unavailable."""
+    import copy
+
+    if provider == "bf16":
+        return linear
+    if provider.startswith("lowbit-"):
+        from quantizer_plugin import LowBitLinear
+        from quantizer_plugin.formats import QuantScheme
+
+        weights = provider.removeprefix("lowbit-")
+        scheme = QuantScheme(weights, 64, True) if weights != "int8" else QuantScheme("int8")
+        return LowBitLinear.from_float(linear, scheme, compute_dtype=DTYPE)
+    if provider.startswith("bnb-"):
+        import bitsandbytes as bnb
+
+        n, k = linear.out_features, linear.in_features
+        if provider == "bnb-nf4":
+            layer = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=DTYPE, quant_type="nf4", device="meta")
+            layer.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                             blocksize=64, compress_statistics=True).to("cpu")  # fmt: skip
+        else:
+            layer = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=6.0)
+            layer.load_state_dict({"weight": linear.weight.detach().clone()})
+            layer = layer.to("cpu")
+        return layer.eval()
+    if provider.startswith("quanto-"):
+        from optimum.quanto import freeze, qint4, qint8, quantize
+
+        model = torch.nn.Sequential(copy.deepcopy(linear))
+        quantize(model, weights=qint4 if provider == "quanto-int4" else qint8)
+        freeze(model)
+        return model
+    if provider.startswith("torchao-"):
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        model = torch.nn.Sequential(copy.deepcopy(linear))
+        if provider == "torchao-int8":
+            config = Int8WeightOnlyConfig()
+        else:
+            config = Int4WeightOnlyConfig(group_size=64)  # torchao 0.18 has no CPU-specific int4 packing
+        quantize_(model, config)
+        return model
+    raise ValueError(f"unknown provider {provider!r}")
+
+
+def layer_rows(shapes, batch_sizes, providers, rounds: int) -> tuple[list[Row], dict[str, str], dict[str, set]]:
+    """Rows for every (shape, M, provider) that ran; the reason each skipped provider was skipped; our kernels."""
+    from quantizer_plugin import ops
+
+    rows, skipped, kernels = [], {}, {}
+    for n, k in shapes:
+        torch.manual_seed(0)
+        linear = torch.nn.Linear(k, n, bias=False).to(DTYPE)
+        torch.nn.init.normal_(linear.weight, std=0.02)
+        layers = {}
+        for provider in providers:
+            try:
+                layers[provider] = build(provider, linear)
+            except Exception as error:  # a missing library or a layer it refuses: reported, not fatal
+                skipped[provider] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
+        exact_weight = linear.weight.double().T
+        for m in batch_sizes:
+            x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(DTYPE)
+            exact = x.double() @ exact_weight
+            calls: dict[str, Callable[[], object]] = {}
+            errors = {}
+            for provider, layer in list(layers.items()):
+                try:
+                    with torch.no_grad(), ops.record_dispatch() as served:
+                        y = layer(x)
+                except Exception as error:
+                    skipped[provider] = f"{type(error).__name__} at M={m}: {str(error).splitlines()[0][:160]}"
+                    del layers[provider]
+                    continue
+                kernels.setdefault(provider, set()).update(served)
+                errors[provider] = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+                calls[provider] = (lambda layer: lambda: layer(x))(layer)
+            with torch.no_grad():
+                timings = interleaved_medians(calls, rounds)
+            for provider, (median, p20, p80) in timings.items():
+                rows.append(Row(f"{n}x{k}", m, provider, median, p20, p80, extra={"rel_error": errors[provider]}))
+                print(f"{n}x{k} M={m} {provider}: {median:.3f} ms, error {errors[provider]:.2e}", flush=True)
+    return rows, skipped, {p: k for p, k in kernels.items() if k}
+
+
+def targets(rows: list[Row]) -> list[str]:
+    """The CPU-speed issue's layer targets, each with its measured ratio and PASS/FAIL."""
+    index = {(r.shape, r.m, r.provider): r for r in rows}
+    lines = []
+
+    def ratio(shape, m, provider, other):
+        ours, theirs = index.get((shape, m, provider)), index.get((shape, m, other))
+        return None if ours is None or theirs is None else theirs.median_ms / ours.median_ms
+
+    def verdict(what, value, goal):
+        if value is not None:
+            lines.append(f"- {what}: {value:.2f}x (target >= {goal:.2f}x): {'PASS' if value >= goal else 'FAIL'}")
+
+    for shape in sorted({r.shape for r in rows}):
+        for provider, goal in (("lowbit-nf4", 2.0), ("lowbit-fp4", 2.0), ("lowbit-int8", 1.5)):
+            verdict(f"{shape}, M=1, {provider} vs bf16", ratio(shape, 1, provider, "bf16"), goal)
+        for provider in OURS:
+            verdict(f"{shape}, M=16, {provider} vs bf16", ratio(shape, 16, provider, "bf16"), 1.0)
+            for m in sorted({r.m for r in rows if r.m >= 128}):
+                verdict(f"{shape}, M={m}, {provider} vs bf16 (at most 1.5x slower)", ratio(shape, m, provider, "bf16"),
+                        1 / 1.5)  # fmt: skip
+        for m in sorted({r.m for r in rows}):
+            for provider, peer in (("lowbit-nf4", "bnb-nf4"), ("lowbit-int8", "bnb-int8")):
+                verdict(f"{shape}, M={m}, {provider} vs {peer}", ratio(shape, m, provider, peer), 1.0)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and few rounds")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 15, smoke 3)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--providers", default=",".join(["bf16", *OURS, *PEERS]))
+    parser.add_argument("--out", default=str(HERE / "out"))
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes, batch_sizes = (SMOKE_SHAPES, SMOKE_BATCH_SIZES) if args.smoke else (SHAPES, BATCH_SIZES)
+    rounds = args.rounds or (3 if args.smoke else 15)
+    rows, skipped, kernels = layer_rows(shapes, batch_sizes, args.providers.split(","), rounds)
+    env = cpu_environment()
+    out = Path(args.out)
+    write_rows(rows, out / "cpu_layers.jsonl", env)
+    report = [
+        "# One linear layer on the CPU" + (" (smoke run: tiny shapes, not a measurement)" if args.smoke else ""),
+        "",
+        ", ".join(f"{key} {value}" for key, value in env.items()) + f"; {rounds} interleaved rounds; activations bf16.",
+        "",
+        markdown_table(rows, baseline="bf16", ours=OURS),
+        "",
+        "Kernels that served our layers: " + "; ".join(f"{p}: {', '.join(sorted(k))}" for p, k in kernels.items()),
+        "",
+        "Skipped: " + ("; ".join(f"{p} ({reason})" for p, reason in skipped.items()) or "none"),
+        "",
+        "Targets:",
+        *targets(rows),
+    ]
+    (out / "cpu_layers.md").write_text("\n".join(report) + "\n")
+    print("\n".join(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

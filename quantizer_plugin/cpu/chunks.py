@@ -1,0 +1,40 @@
+"""Dequantize-then-GEMM in row chunks: the CPU backend's path for batches too large for a fused kernel.
+
+A chunk is about CHUNK_BYTES of the weight's rows dequantized into the compute dtype, multiplied by torch's GEMM
+(oneDNN; AMX where the CPU has it) while it is still in L2; the whole 16-bit weight is never held. The forward runs
+in the native kernels (`linear_*_chunked`: each thread dequantizes and multiplies its own chunks, in its own core's
+L2); the input gradient, below, runs chunk after chunk from Python, each chunk's GEMM on all threads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+CHUNK_BYTES = 1 << 21  # a dequantized chunk of rows: well inside a 2-4 MB L2
+
+# fill(first_row, last_row, out): writes rows [first_row, last_row) of the dequantized weight into `out` (contiguous)
+Fill = Callable[[int, int, torch.Tensor], None]
+
+
+def rows_per_chunk(k: int, dtype: torch.dtype) -> int:
+    return max(1, CHUNK_BYTES // (k * dtype.itemsize))
+
+
+def _chunks(n: int, k: int, dtype: torch.dtype, fill: Fill):
+    rows = rows_per_chunk(k, dtype)
+    buffer = torch.empty(min(rows, n) * k, dtype=dtype)
+    for first in range(0, n, rows):
+        last = min(n, first + rows)
+        chunk = buffer[: (last - first) * k]
+        fill(first, last, chunk)
+        yield first, chunk.view(last - first, k)
+
+
+def grad_input(g2d: torch.Tensor, n: int, k: int, fill: Fill) -> torch.Tensor:
+    """g2d (M, N) @ W in float32, W (N, K) produced chunk by chunk by `fill` in g2d's dtype."""
+    grad_x = torch.zeros(g2d.shape[0], k, dtype=torch.float32)
+    for first, weight in _chunks(n, k, g2d.dtype, fill):
+        grad_x += (g2d[:, first : first + weight.shape[0]] @ weight).float()
+    return grad_x
