@@ -76,18 +76,6 @@ class LowBitLinear(nn.Module):
                 )
             setattr(self, name, nn.Parameter(tensor, requires_grad=False))
 
-    def realign(self, alignment: int = 64) -> None:
-        """Copy every stored tensor whose data does not start on an `alignment`-byte boundary.
-
-        A pre-quantized checkpoint is loaded as views into the memory-mapped safetensors file, at whatever offset
-        the file gives; torch's int8 CPU kernel (`_weight_int8pack_mm`) crashes on a weight that is not 16-byte
-        aligned. A copy is aligned by torch's allocator (64 bytes).
-        """
-        for name in self._tensor_names:
-            tensor = getattr(self, name)
-            if not tensor.is_meta and tensor.data_ptr() % alignment:
-                setattr(self, name, nn.Parameter(tensor.detach().clone(), requires_grad=False))
-
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in `dtype` (default: the compute dtype)."""
         return self.fmt.dequantize(

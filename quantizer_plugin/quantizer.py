@@ -72,7 +72,6 @@ class LowBitHfQuantizer(HfQuantizer):
         for module in model.modules():
             if isinstance(module, LowBitLinear):
                 module.requires_grad_(False)
-                module.realign()  # views into a memory-mapped checkpoint may start anywhere
         if self.pre_quantized:
             upgrade_layout(model, self.quantization_config)
         else:

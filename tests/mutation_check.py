@@ -186,6 +186,26 @@ def cli_sizes_assume_float32():
     patch(cli, "source_linear_bytes", float32_bytes)
 
 
+def cpu_native_kernels_unavailable():
+    import quantizer_plugin.cpu.native as native
+
+    patch(native, "load", lambda: None)
+
+
+def cpu_fused_kernel_reads_the_wrong_codebook():
+    import quantizer_plugin.cpu.codebook4bit as cpu_codebook
+
+    original = cpu_codebook.statistics
+    patch(cpu_codebook, "statistics", lambda layer: (*original(layer)[:-1], original(layer)[-1].flip(0)))
+
+
+def cpu_int8_runs_the_reference():
+    from quantizer_plugin import ops
+
+    ops._load_kernels("cpu")
+    ops._FORWARD[("int8", "cpu")] = ops.reference_forward
+
+
 MUTATIONS: dict[str, Mutation] = {
     "4bit-dequantize-returns-zeros": Mutation(
         "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
@@ -234,6 +254,15 @@ MUTATIONS: dict[str, Mutation] = {
     "cli-sizes-assume-float32": Mutation(
         "the CLI reports source sizes in float32", cli_sizes_assume_float32,
         ("tests/test_cli.py::test_size_report_uses_the_source_checkpoints_dtype",)),
+    "cpu-native-unavailable": Mutation(
+        "the CPU backend's native kernels silently missing (the reference runs)", cpu_native_kernels_unavailable,
+        ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),
+    "cpu-wrong-codebook": Mutation(
+        "the CPU kernels handed the codebook in reverse", cpu_fused_kernel_reads_the_wrong_codebook,
+        ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),
+    "cpu-int8-runs-the-reference": Mutation(
+        "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
+        ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
 }  # fmt: skip
 
 # The runner's own control: nothing is broken, so the same machinery must report it as surviving.

@@ -113,3 +113,37 @@ def test_results_is_not_written_when_a_run_fails(results, monkeypatch, tmp_path)
     monkeypatch.setattr(results, "RUNS", results.RUNS[:1])
     assert results.main(["--smoke", "--out", str(tmp_path / "again"), "--results", str(target)]) == 0
     assert "fake report" in target.read_text()
+
+
+@pytest.fixture
+def cpu_benchmarks(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("QUANTIZER_PLUGIN_KERNELS", raising=False)
+    import cpu_decode
+    import cpu_layers
+
+    return cpu_layers, cpu_decode
+
+
+def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, tmp_path):
+    cpu_layers, _ = cpu_benchmarks
+    providers = "bf16,lowbit-nf4,lowbit-int8,bnb-nf4"
+    assert cpu_layers.main(["--smoke", "--out", str(tmp_path), "--providers", providers]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpu_layers.jsonl").read_text().splitlines()]
+    assert {(row["provider"], row["m"]) for row in rows} == {
+        (p, m) for p in providers.split(",") for m in cpu_layers.SMOKE_BATCH_SIZES
+    }
+    error = {(row["provider"], row["m"]): row["extra"]["rel_error"] for row in rows}
+    for m in cpu_layers.SMOKE_BATCH_SIZES:  # against the 16-bit product: ours and bitsandbytes' NF4 alike
+        assert error["bf16", m] < 1e-2 and 1e-3 < error["lowbit-int8", m] < 3e-2
+        assert abs(error["lowbit-nf4", m] - error["bnb-nf4", m]) <= 0.2 * error["bnb-nf4", m]
+    report = (tmp_path / "cpu_layers.md").read_text()
+    assert "lowbit-nf4: cpu.codebook4bit." in report and "lowbit-int8: cpu.int8." in report and "Targets:" in report
+
+
+def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
+    _, cpu_decode = cpu_benchmarks
+    assert cpu_decode.main(["--smoke", "--out", str(tmp_path), "--providers", "bf16,lowbit-nf4"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "cpu_decode.jsonl").read_text().splitlines()]
+    assert [row["provider"] for row in rows] == ["bf16", "lowbit-nf4"] and all(row["median_ms"] > 0 for row in rows)
+    assert "lowbit-nf4:" in (tmp_path / "cpu_decode.md").read_text()

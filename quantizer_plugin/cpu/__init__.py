@@ -1,9 +1,9 @@
 """The CPU backend behind the dispatch seam (quantizer_plugin.ops): fast paths for every format on CPU tensors.
 
-- NF4/FP4 (codebook4bit.py): native C++ kernels (csrc/, built on first use by native.py): a fused
-  dequantize-and-multiply for decode-sized batches, and for larger ones a dequantize of L2-sized row chunks into
-  the compute dtype, each multiplied by torch's own GEMM (oneDNN, AMX where the CPU has it).
-- int8 (int8.py): weight-only, 16-bit activations, through torch's `_weight_int8pack_mm`; no native code.
+- NF4/FP4 (codebook4bit.py) and int8 (int8.py, weight-only with 16-bit activations): native C++ kernels (csrc/,
+  built on first use by native.py): a fused dequantize-and-multiply for decode-sized batches, and for larger ones
+  a dequantize of L2-sized row chunks into the compute dtype, each multiplied by torch's own GEMM (oneDNN, AMX
+  where the CPU has it) on the thread that dequantized it (chunks.py).
 
 ops.py imports this package on the first call with a CPU tensor; importing it registers the kernels and builds
 nothing (the native build happens on first use).

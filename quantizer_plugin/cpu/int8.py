@@ -1,16 +1,14 @@
 """int8 on the CPU backend: weight-only, with 16-bit activations (optimum-quanto's w8a16), not LLM.int8.
 
-For decode-sized batches (at most PACKED_MAX_M rows) torch's `_weight_int8pack_mm` multiplies the activations in
-the compute dtype by the int8 weight scaled per output row (weight_scale / 127), in one pass over the int8 weight;
-larger batches dequantize row chunks natively for torch's 16-bit GEMM (chunks.py), as does the input gradient. The activations are not quantized, so the result sits
-closer to the 16-bit model than LLM.int8's, which also rounds every activation row to int8 (outlier columns
-aside); the stored tensors and the checkpoint are those of LLM.int8, unchanged, and the reference and the Triton
-kernels keep LLM.int8's numerics.
-
-`_weight_int8pack_mm` (torch 2.13) returns NaN or crashes when in_features is not a multiple of 16, and crashes on a
-weight that does not start on a 16-byte boundary (both measured). Layers of such a K multiply by the dequantized
-weight instead (the same weight-only numerics, without the fused read); a misaligned weight (LowBitLinear.realign
-aligns resident layers at load, but an offloaded layer's weight is brought in per call) is copied first.
+- Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
+  multiplies in float32, scaling each output by its row's weight_scale / 127.
+- Larger batches: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
+The activations are not quantized, so the result sits closer to the 16-bit model than LLM.int8's, which also rounds
+every activation row to int8 (outlier columns aside; tests/test_cpu_backend.py checks it against bitsandbytes'
+LLM.int8). The stored tensors and the checkpoint are LLM.int8's, unchanged, and the reference and the Triton
+kernels keep LLM.int8's numerics. torch's own `_weight_int8pack_mm` was measured here too: 1.8x slower than this
+kernel at K = 2048 (the 0.4B Llama of benchmarks/cpu_decode.py), 1.2x faster at K = 4096, and it needs K % 16 == 0
+and a 16-byte aligned weight (it crashes otherwise); one kernel for every shape is kept.
 """
 
 from __future__ import annotations
@@ -19,16 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..formats.int8 import INT8_MAX
-from ..ops import reference_backward, register_kernel, served
+from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, native
 
 if TYPE_CHECKING:
     from ..modules import LowBitLinear
 
-PACKED_K_MULTIPLE = 16
-PACKED_MAX_M = 8  # above this, torch's int8 kernel is slower than dequantizing row chunks for a 16-bit GEMM
-ALIGNMENT = 64  # what torch's allocator gives; the kernel needs 16
+GEMV_MAX_M = 6  # above this, dequantizing row chunks for a 16-bit GEMM is faster (measured at 4096 x 4096)
 
 
 def fill(kernels, layer: LowBitLinear):
@@ -43,25 +38,21 @@ def fill(kernels, layer: LowBitLinear):
 
 @register_kernel("int8", "cpu")
 def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    dtype = layer.compute_dtype
-    x2d = x.reshape(-1, layer.in_features).to(dtype).contiguous()
     kernels = native.load()
-    if x2d.shape[0] > PACKED_MAX_M and kernels is not None:
-        rows = chunks.rows_per_chunk(layer.in_features, dtype)
-        y = kernels.linear_int8_chunked(x2d, layer.weight, layer.weight_scale, rows)
-        served("cpu.int8.dequantize_matmul")
-    elif layer.in_features % PACKED_K_MULTIPLE == 0:
-        scales = (layer.weight_scale / INT8_MAX).to(dtype)
-        weight = layer.weight if layer.weight.data_ptr() % ALIGNMENT == 0 else layer.weight.clone()
-        y = torch._weight_int8pack_mm(x2d, weight, scales)
-        served("cpu.int8.weight_only")
+    if kernels is None or not kernels.uses_avx512():
+        return reference_forward(x, layer)
+    dtype = layer.compute_dtype
+    x2d = x.reshape(-1, layer.in_features)
+    if x2d.shape[0] <= GEMV_MAX_M:
+        y = kernels.gemv_int8(x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
+        served("cpu.int8.fused")
     else:
-        scales = (layer.weight_scale / INT8_MAX).to(dtype)
-        y = x2d @ (layer.weight.to(dtype) * scales[:, None]).T
-        served("cpu.int8.weight_only_dequantized")
+        rows = chunks.rows_per_chunk(layer.in_features, dtype)
+        y = kernels.linear_int8_chunked(x2d.to(dtype).contiguous(), layer.weight, layer.weight_scale, rows)
+        served("cpu.int8.dequantize_matmul")
     if layer.bias is not None:
-        y = y + layer.bias.to(dtype)
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+        y = y + layer.bias.to(y.dtype)
+    return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
 @register_kernel("int8", "cpu", backward=True)

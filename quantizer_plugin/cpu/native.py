@@ -20,7 +20,7 @@ from pathlib import Path
 from types import ModuleType
 
 NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
-SOURCES = [Path(__file__).with_name("csrc") / "codebook4bit.cpp"]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("codebook4bit.cpp", "int8.cpp", "module.cpp")]
 _lock = threading.Lock()
 _loaded: dict[str, ModuleType | None] = {}
 

@@ -1,29 +1,29 @@
-// NF4/FP4 on the CPU: a fused dequantize-and-multiply for few activation rows (decode), and a dequantize of any
-// range of the flat weight (for the dequantize-then-GEMM path of larger batches).
+// NF4/FP4 on the CPU: a fused dequantize-and-multiply for few activation rows (decode), a dequantize of any range
+// of the flat weight, and the per-thread dequantize-then-GEMM for larger batches.
 //
 // The weight layout is the checkpoint's own (quantizer_plugin/formats/codebook4bit.py): the weight flattened
 // row-major, two 4-bit codes per byte (the first element in the high nibble), one absmax per `block` consecutive
 // elements, optionally double-quantized (8-bit dynamic codes, one float32 scale per 256 blocks, one offset).
-//
-// SIMD is chosen at run time: AVX-512 (F, BW, VL, DQ) functions are compiled with target attributes, next to plain
-// C++ ones, and picked by __builtin_cpu_supports; the build itself never uses -march=native. Threads come from
-// at::parallel_for, so torch.set_num_threads applies. Each product of a code by its absmax is rounded once to
-// float32 and never contracted into an FMA with anything else (the build passes -ffp-contract=off), so the
-// dequantized weights equal the reference's bit for bit.
+// Each product of a code by its absmax is rounded once to float32 and never contracted into an FMA with anything
+// else (the build passes -ffp-contract=off), so the dequantized weights equal the reference's bit for bit.
 
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-#include <torch/extension.h>
+#include "kernels.h"
+#include "simd.h"
 
-#include <cstdint>
-#include <cstring>
-#include <vector>
+namespace quantizer_plugin {
+
+bool has_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+bool has_avx512_bf16() {
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
 
 namespace {
-
-// The weights stream from memory once per call: each loop asks for the bytes this far ahead of what it reads (the
-// hardware prefetcher stops at every 4 KB page; measured here, this halves a cold 4096 x 4096 decode).
-constexpr int64_t PREFETCH_BYTES = 4096;
 
 struct Absmax {
   // Without double quantization: `plain` per block. With it: code8[codes[b]] * scales[b / 256] + offset.
@@ -67,15 +67,6 @@ inline uint8_t code_at(const uint8_t* packed, int64_t element) {
 // --- dequantize a range of the flat weight ----------------------------------------------------------------------
 
 template <typename Out>
-inline void store_scalar(Out* out, int64_t i, float value);
-template <>
-inline void store_scalar<float>(float* out, int64_t i, float value) { out[i] = value; }
-template <>
-inline void store_scalar<at::BFloat16>(at::BFloat16* out, int64_t i, float value) { out[i] = at::BFloat16(value); }
-template <>
-inline void store_scalar<at::Half>(at::Half* out, int64_t i, float value) { out[i] = at::Half(value); }
-
-template <typename Out>
 void dequantize_scalar(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t begin,
                        int64_t end, int64_t first, Out* out) {
   for (int64_t e = begin; e < end; ++e) {
@@ -83,43 +74,6 @@ void dequantize_scalar(const uint8_t* packed, const Absmax& absmax, const float*
     store_scalar(out, e - first, value);
   }
 }
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m256i bf16_round(__m512 v) {
-  // float32 -> bfloat16, round to nearest even (as torch converts); the values here are finite
-  __m512i bits = _mm512_castps_si512(v);
-  __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
-}
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
-
-// Stores 32 consecutive outputs: `first` holds elements 0-15, `second` 16-31.
-struct StoreFloat {
-  AVX512 static inline void store(float* out, __m512 first, __m512 second) {
-    _mm512_storeu_ps(out, first);
-    _mm512_storeu_ps(out + 16, second);
-  }
-};
-struct StoreHalf {
-  AVX512 static inline void store(at::Half* out, __m512 first, __m512 second) {
-    constexpr int rounding = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtps_ph(first, rounding));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm512_cvtps_ph(second, rounding));
-  }
-};
-struct StoreBFloat16 {  // integer rounding, for AVX-512 CPUs without the BF16 extension
-  AVX512 static inline void store(at::BFloat16* out, __m512 first, __m512 second) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), bf16_round(first));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), bf16_round(second));
-  }
-};
-struct StoreBFloat16Native {  // one instruction for 32 values (round to nearest even, as above)
-  AVX512_BF16 static inline void store(at::BFloat16* out, __m512 first, __m512 second) {
-    _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(second, first));
-  }
-};
 
 // The same loop compiled twice: with the BF16 extension only for its one-instruction bf16 store, so that nothing
 // else in a build for CPUs without it can use BF16 instructions. Groups of 32 elements start at a multiple of 32:
@@ -165,17 +119,6 @@ AVX512_BF16 void dequantize_avx512_bf16(const uint8_t* packed, const Absmax& abs
                                         int64_t begin, int64_t end, int64_t first, at::BFloat16* out) {
   using Store = StoreBFloat16Native;
   DEQUANTIZE_BODY
-}
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
-}
-
-bool has_avx512_bf16() {
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return yes;
 }
 
 // The absmax of blocks [first, first + count), 16 at a time: with double quantization one dependent chain of
@@ -298,6 +241,7 @@ void gemv_rows_scalar(const uint8_t* packed, const Absmax& absmax, const float* 
 }
 
 }  // namespace
+
 
 // y (M, N) float32 = x (M, K) @ dequant(W).T, for x float32 contiguous.
 at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
@@ -436,104 +380,6 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const a
   }
 }
 
-namespace {
-
-// Rows [first, last) of an int8 weight times their row scale / 127, as the reference dequantizes them (a float32
-// division, then one float32 product per element, rounded once to the output dtype).
-template <typename Out, typename Store>
-AVX512 void dequantize_int8_avx512(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
-                                   Out* out) {
-  for (int64_t n = first; n < last; ++n) {
-    const float s = scale[n] / 127.0f;
-    const __m512 vs = _mm512_set1_ps(s);
-    const int8_t* row = weight + n * K;
-    Out* o = out + (n - first) * K;
-    int64_t k = 0;
-    for (; k + 32 <= K; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
-      __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
-      __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
-      Store::store(o + k, _mm512_mul_ps(a, vs), _mm512_mul_ps(b, vs));
-    }
-    for (; k < K; ++k) store_scalar(o, k, static_cast<float>(row[k]) * s);
-  }
-}
-
-template <typename Out>
-void dequantize_int8_scalar(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
-                            Out* out) {
-  for (int64_t n = first; n < last; ++n) {
-    const float s = scale[n] / 127.0f;
-    for (int64_t k = 0; k < K; ++k) store_scalar(out, (n - first) * K + k, static_cast<float>(weight[n * K + k]) * s);
-  }
-}
-
-}  // namespace
-
-// out (last - first, K) = rows [first, last) of an int8 weight dequantized with its float32 row absmax.
-void dequantize_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t first, int64_t last, at::Tensor& out) {
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
-              "weight must be a contiguous int8 matrix");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
-              "scale must be contiguous float32, one per row");
-  const int64_t K = weight.size(1);
-  TORCH_CHECK(0 <= first && first <= last && last <= weight.size(0), "row range outside the weight");
-  TORCH_CHECK(out.is_contiguous() && out.numel() == (last - first) * K, "out must be contiguous, (last - first) x K");
-  const int8_t* w = weight.data_ptr<int8_t>();
-  const float* s = scale.data_ptr<float>();
-  const bool vector = has_avx512();
-  auto run = [&](auto* o, auto&& rows) {
-    at::parallel_for(first, last, 8, [&](int64_t a, int64_t b) { rows(o + (a - first) * K, a, b); });
-  };
-  switch (out.scalar_type()) {
-    case at::kFloat:
-      run(out.data_ptr<float>(), [&](float* o, int64_t a, int64_t b) {
-        vector ? dequantize_int8_avx512<float, StoreFloat>(w, s, K, a, b, o) : dequantize_int8_scalar(w, s, K, a, b, o);
-      });
-      break;
-    case at::kHalf:
-      run(out.data_ptr<at::Half>(), [&](at::Half* o, int64_t a, int64_t b) {
-        vector ? dequantize_int8_avx512<at::Half, StoreHalf>(w, s, K, a, b, o)
-               : dequantize_int8_scalar(w, s, K, a, b, o);
-      });
-      break;
-    case at::kBFloat16:
-      run(out.data_ptr<at::BFloat16>(), [&](at::BFloat16* o, int64_t a, int64_t b) {
-        vector ? dequantize_int8_avx512<at::BFloat16, StoreBFloat16>(w, s, K, a, b, o)
-               : dequantize_int8_scalar(w, s, K, a, b, o);
-      });
-      break;
-    default:
-      TORCH_CHECK(false, "dequantize_int8 writes float32, bfloat16 or float16, not ", out.scalar_type());
-  }
-}
-
-namespace {
-
-// y (M, N) = x (M, K) @ W.T, W made chunk by chunk: each task takes consecutive rows of W, dequantizes them with
-// `fill(first, last, buffer)` into its own buffer (in its core's L2) and multiplies them right there with a
-// single-threaded GEMM (at::mm inside a parallel region runs on the calling thread), writing its own rows of y.T.
-template <typename Fill>
-at::Tensor chunked_linear(const at::Tensor& x, int64_t N, int64_t rows_per_chunk, const Fill& fill) {
-  const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y_t = at::empty({N, M}, x.options());
-  at::Tensor x_t = x.t();
-  const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
-    at::Tensor buffer = at::empty({rows_per_chunk, K}, x.options());
-    for (int64_t c = first_chunk; c < last_chunk; ++c) {
-      const int64_t first = c * rows_per_chunk, last = std::min(N, first + rows_per_chunk);
-      at::Tensor weight = buffer.narrow(0, 0, last - first);
-      fill(first, last, weight);
-      at::Tensor out = y_t.narrow(0, first, last - first);
-      at::mm_out(out, weight, x_t);
-    }
-  });
-  return y_t.t();
-}
-
-}  // namespace
-
 at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
                                const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
                                const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block, bool grouped,
@@ -546,25 +392,4 @@ at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, co
   });
 }
 
-at::Tensor linear_int8_chunked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                               int64_t rows_per_chunk) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
-  return chunked_linear(x, weight.size(0), rows_per_chunk, [&](int64_t first, int64_t last, at::Tensor& out) {
-    dequantize_int8(weight, scale, first, last, out);
-  });
-}
-
-bool uses_avx512() { return has_avx512(); }
-bool uses_avx512_bf16() { return has_avx512_bf16(); }
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("gemv_4bit", &gemv_4bit, "y = x @ dequant(W).T for a few float32 activation rows");
-  m.def("dequantize_4bit", &dequantize_4bit,
-        "dequantize elements [begin, end) of a packed 4-bit weight into out (grouped: each 32 as evens, then odds)");
-  m.def("dequantize_int8", &dequantize_int8, "dequantize rows [first, last) of an int8 weight into out");
-  m.def("linear_4bit_chunked", &linear_4bit_chunked, "x @ W.T, W dequantized in row chunks per thread");
-  m.def("linear_int8_chunked", &linear_int8_chunked, "x @ W.T, W dequantized in row chunks per thread");
-  m.def("gemv_4bit_bf16", &gemv_4bit_bf16, "y = x @ dequant(W).T for a few bfloat16 activation rows");
-  m.def("uses_avx512_bf16", &uses_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
-  m.def("uses_avx512", &uses_avx512, "whether the AVX-512 kernels run on this CPU");
-}
+}  // namespace quantizer_plugin

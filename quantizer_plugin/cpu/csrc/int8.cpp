@@ -1,0 +1,152 @@
+// int8 (weight-only on the CPU): a fused multiply for few activation rows, a dequantize of row ranges as the
+// reference dequantizes them, and the per-thread dequantize-then-GEMM for larger batches.
+
+#include "kernels.h"
+#include "simd.h"
+
+namespace quantizer_plugin {
+
+namespace {
+
+// Rows [first, last) of an int8 weight times their row scale / 127, as the reference dequantizes them (a float32
+// division, then one float32 product per element, rounded once to the output dtype).
+template <typename Out, typename Store>
+AVX512 void dequantize_int8_avx512(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
+                                   Out* out) {
+  for (int64_t n = first; n < last; ++n) {
+    const float s = scale[n] / 127.0f;
+    const __m512 vs = _mm512_set1_ps(s);
+    const int8_t* row = weight + n * K;
+    Out* o = out + (n - first) * K;
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+      __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
+      Store::store(o + k, _mm512_mul_ps(a, vs), _mm512_mul_ps(b, vs));
+    }
+    for (; k < K; ++k) store_scalar(o, k, static_cast<float>(row[k]) * s);
+  }
+}
+
+template <typename Out>
+void dequantize_int8_scalar(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
+                            Out* out) {
+  for (int64_t n = first; n < last; ++n) {
+    const float s = scale[n] / 127.0f;
+    for (int64_t k = 0; k < K; ++k) store_scalar(out, (n - first) * K + k, static_cast<float>(weight[n * K + k]) * s);
+  }
+}
+
+}  // namespace
+
+namespace {
+
+// y[m][n] = (sum over k of w[n][k] * x[m][k]) * scale[n] / 127 for rows n in [n_begin, n_end), float32 products
+// and sums, the weight streamed once (prefetched) for up to MT activation rows.
+template <int MT>
+AVX512 void gemv_int8_rows(const int8_t* weight, const float* scale, int64_t K, const float* x, float* y, int64_t N,
+                           int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = weight + n * K;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 64 <= K; k += 64) {  // one cache line of weights per step, one prefetch
+      _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      for (int q = 0; q < 64; q += 16) {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + q));
+        const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k + q), acc[m]);
+      }
+    }
+    for (; k + 16 <= K; k += 16) {
+      const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
+    }
+    const float s = scale[n] / 127.0f;
+    for (int m = 0; m < MT; ++m) {
+      float sum = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t t = k; t < K; ++t) sum += static_cast<float>(row[t]) * x[m * K + t];
+      y[m * N + n] = sum * s;
+    }
+  }
+}
+
+}  // namespace
+
+// y (M, N) float32 = x (M, K) float32 @ (weight * scale / 127).T for a few activation rows (decode).
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be a contiguous int8 matrix");
+  TORCH_CHECK(weight.size(1) == x.size(1), "x and weight disagree on K");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "scale must be contiguous float32, one per row");
+  TORCH_CHECK(has_avx512(), "gemv_int8 needs AVX-512");
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x.data_ptr<float>() + m0 * K;
+      float* ym = y.data_ptr<float>() + m0 * N;
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 4: gemv_int8_rows<4>(w, s, K, xm, ym, N, begin, end); break;
+        case 3: gemv_int8_rows<3>(w, s, K, xm, ym, N, begin, end); break;
+        case 2: gemv_int8_rows<2>(w, s, K, xm, ym, N, begin, end); break;
+        default: gemv_int8_rows<1>(w, s, K, xm, ym, N, begin, end);
+      }
+    }
+  });
+  return y;
+}
+
+// out (last - first, K) = rows [first, last) of an int8 weight dequantized with its float32 row absmax.
+void dequantize_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t first, int64_t last, at::Tensor& out) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "scale must be contiguous float32, one per row");
+  const int64_t K = weight.size(1);
+  TORCH_CHECK(0 <= first && first <= last && last <= weight.size(0), "row range outside the weight");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == (last - first) * K, "out must be contiguous, (last - first) x K");
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const bool vector = has_avx512();
+  auto run = [&](auto* o, auto&& rows) {
+    at::parallel_for(first, last, 8, [&](int64_t a, int64_t b) { rows(o + (a - first) * K, a, b); });
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat:
+      run(out.data_ptr<float>(), [&](float* o, int64_t a, int64_t b) {
+        vector ? dequantize_int8_avx512<float, StoreFloat>(w, s, K, a, b, o) : dequantize_int8_scalar(w, s, K, a, b, o);
+      });
+      break;
+    case at::kHalf:
+      run(out.data_ptr<at::Half>(), [&](at::Half* o, int64_t a, int64_t b) {
+        vector ? dequantize_int8_avx512<at::Half, StoreHalf>(w, s, K, a, b, o)
+               : dequantize_int8_scalar(w, s, K, a, b, o);
+      });
+      break;
+    case at::kBFloat16:
+      run(out.data_ptr<at::BFloat16>(), [&](at::BFloat16* o, int64_t a, int64_t b) {
+        vector ? dequantize_int8_avx512<at::BFloat16, StoreBFloat16>(w, s, K, a, b, o)
+               : dequantize_int8_scalar(w, s, K, a, b, o);
+      });
+      break;
+    default:
+      TORCH_CHECK(false, "dequantize_int8 writes float32, bfloat16 or float16, not ", out.scalar_type());
+  }
+}
+
+at::Tensor linear_int8_chunked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                               int64_t rows_per_chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
+  return chunked_linear(x, weight.size(0), rows_per_chunk, [&](int64_t first, int64_t last, at::Tensor& out) {
+    dequantize_int8(weight, scale, first, last, out);
+  });
+}
+
+}  // namespace quantizer_plugin

@@ -1,0 +1,20 @@
+// The Python module of the CPU kernels (built by quantizer_plugin/cpu/native.py).
+
+#include <torch/extension.h>
+
+#include "kernels.h"
+
+using namespace quantizer_plugin;
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gemv_4bit", &gemv_4bit, "y = x @ dequant(W).T for a few float32 activation rows");
+  m.def("dequantize_4bit", &dequantize_4bit,
+        "dequantize elements [begin, end) of a packed 4-bit weight into out (grouped: each 32 as evens, then odds)");
+  m.def("gemv_int8", &gemv_int8, "y = x @ dequant(W).T for a few float32 activation rows, int8 weight");
+  m.def("dequantize_int8", &dequantize_int8, "dequantize rows [first, last) of an int8 weight into out");
+  m.def("linear_4bit_chunked", &linear_4bit_chunked, "x @ W.T, W dequantized in row chunks per thread");
+  m.def("linear_int8_chunked", &linear_int8_chunked, "x @ W.T, W dequantized in row chunks per thread");
+  m.def("gemv_4bit_bf16", &gemv_4bit_bf16, "y = x @ dequant(W).T for a few bfloat16 activation rows");
+  m.def("uses_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
+  m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
+}
