@@ -185,6 +185,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void gemv_rows_avx
 // The same for bfloat16 activations: the codebook looked up as bfloat16 (vpermw, 32 codes at a time) and multiplied
 // by pairs with vdpbf16ps, float32 accumulation. Half the shuffles of the float32 loop per weight; the codes are
 // rounded to bfloat16 first (relative error <= 2^-9, as the reference's bfloat16 weights). Needs block % 64 == 0.
+// Its row and block loops repeat gemv_rows_avx512's on purpose: an inner step shared through a lambda or a template
+// would be compiled for a different target than its caller, and GCC would then call it per step, not inline it.
 template <int MT>
 AVX512_BF16 void gemv_rows_bf16(const uint8_t* packed, const Absmax& absmax, const uint16_t* lut16, int64_t block,
                                 int64_t K, const uint16_t* xe, const uint16_t* xo, float* y, int64_t N,
