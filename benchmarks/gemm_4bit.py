@@ -10,8 +10,9 @@ Per (N x K, M) it times, with do_bench medians (p20-p80), in bf16 (or --dtype fl
 rotating through enough weight copies that no call finds its weight in L2. Decode rows (M <= 16) report effective
 GB/s (weight + activations + output bytes), prefill rows TFLOP/s. Each provider's error is measured before timing,
 against one reference that shares no code with any provider: the float64 product with the 16-bit weight they were
-all made from (so the 4-bit rows show the quantization error, ours and bitsandbytes' alike). Then a Llama-3-8B decoder block (attention + MLP, 7 projections) built from these layers
-is timed at a batch-1 decode step and a 2048-token prefill.
+all made from (so the 4-bit rows show the quantization error, ours and bitsandbytes' alike). Then a Llama-3-8B
+decoder block (attention + MLP, 7 projections) built from these layers is timed at a batch-1 decode step and a
+2048-token prefill.
 
 Writes benchmarks/out/gemm_4bit.jsonl (long-form rows) and benchmarks/out/gemm_4bit.md (the report: device,
 versions, date, tables and the issue's targets with pass/fail).

@@ -108,7 +108,9 @@ class LowBitConfig(QuantizationConfigMixin):
     def scheme(self) -> QuantScheme:
         """The per-layer settings the formats need."""
         if self.weights == "int8":
-            return QuantScheme(self.weights, outlier_threshold=self.outlier_threshold, format_version=self.format_version)
+            return QuantScheme(
+                self.weights, outlier_threshold=self.outlier_threshold, format_version=self.format_version
+            )
         return QuantScheme(
             self.weights, block_size=self.block_size, double_quant=self.double_quant, format_version=self.format_version
         )

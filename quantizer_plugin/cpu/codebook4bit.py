@@ -85,7 +85,10 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     m = x2d.shape[0]
     fused = fused_kernel(kernels, m, layer)
     if fused is not None:
-        gemv, x_dtype = (kernels.gemv_4bit_bf16, torch.bfloat16) if fused == "fused_bf16" else (kernels.gemv_4bit, torch.float32)
+        if fused == "fused_bf16":
+            gemv, x_dtype = kernels.gemv_4bit_bf16, torch.bfloat16
+        else:
+            gemv, x_dtype = kernels.gemv_4bit, torch.float32
         y = gemv(x2d.to(x_dtype).contiguous(), layer.weight.reshape(-1), *statistics(layer), n, layer.scheme.block_size)
         if layer.bias is not None:
             y += layer.bias.float()

@@ -147,9 +147,8 @@ AVX512 void decode_absmax(const Absmax& a, int64_t first, int64_t count, float* 
 // block; xe/xo hold each activation row's even and odd elements (K / 2 each), so that a byte's high and low nibbles
 // meet the activations they multiply without a shuffle.
 template <int MT>
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void gemv_rows_avx512(
-    const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K, const float* xe,
-    const float* xo, int64_t M, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+AVX512 void gemv_rows_avx512(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K,
+                             const float* xe, const float* xo, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const __m512 table = _mm512_loadu_ps(lut);
   const __m512i low_nibble = _mm512_set1_epi32(0xF);
   const int64_t half = K / 2;
@@ -179,7 +178,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void gemv_rows_avx
     }
     for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
   }
-  (void)M;
 }
 
 // The same for bfloat16 activations: the codebook looked up as bfloat16 (vpermw, 32 codes at a time) and multiplied
@@ -242,8 +240,14 @@ void gemv_rows_scalar(const uint8_t* packed, const Absmax& absmax, const float* 
   }
 }
 
-}  // namespace
+// Each activation row split into its even and odd elements (K / 2 each), which a byte's high and low nibbles
+// multiply.
+std::pair<at::Tensor, at::Tensor> split_even_odd(const at::Tensor& x) {
+  at::Tensor pairs = x.reshape({x.size(0), x.size(1) / 2, 2});
+  return {pairs.select(2, 0).contiguous(), pairs.select(2, 1).contiguous()};
+}
 
+}  // namespace
 
 // y (M, N) float32 = x (M, K) @ dequant(W).T, for x float32 contiguous.
 at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
@@ -256,31 +260,19 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
   TORCH_CHECK(block % 32 == 0 && K % block == 0, "gemv_4bit needs K a multiple of the block and the block of 32");
   TORCH_CHECK(packed.numel() * 2 >= N * K, "packed holds fewer than N * K codes");
   const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
-  // each activation row split into its even and odd elements
-  at::Tensor pairs = x.reshape({M, K / 2, 2});
-  at::Tensor xe = pairs.select(2, 0).contiguous(), xo = pairs.select(2, 1).contiguous();
+  const auto [xe, xo] = split_even_odd(x);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* table = lut.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const bool vector = has_avx512();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, M - m0);
-      const float* e = xe.data_ptr<float>() + m0 * (K / 2);
-      const float* o = xo.data_ptr<float>() + m0 * (K / 2);
-      float* ym = out + m0 * N;
-      if (!vector) {
-        gemv_rows_scalar(p, a, table, block, K, e, o, rows, ym, N, begin, end);
-      } else if (rows == 4) {
-        gemv_rows_avx512<4>(p, a, table, block, K, e, o, rows, ym, N, begin, end);
-      } else if (rows == 3) {
-        gemv_rows_avx512<3>(p, a, table, block, K, e, o, rows, ym, N, begin, end);
-      } else if (rows == 2) {
-        gemv_rows_avx512<2>(p, a, table, block, K, e, o, rows, ym, N, begin, end);
-      } else {
-        gemv_rows_avx512<1>(p, a, table, block, K, e, o, rows, ym, N, begin, end);
-      }
+  for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    const float* e = xe.data_ptr<float>() + m0 * (K / 2);
+    const float* o = xo.data_ptr<float>() + m0 * (K / 2);
+    if (vector) {
+      gemv_rows_avx512<decltype(rows)::value>(p, a, table, block, K, e, o, out + m0 * N, N, begin, end);
+    } else {
+      gemv_rows_scalar(p, a, table, block, K, e, o, rows, out + m0 * N, N, begin, end);
     }
   });
   return y;
@@ -300,26 +292,15 @@ at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed, const a
   const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
   uint16_t lut16[32] = {0};
   for (int i = 0; i < 16; ++i) lut16[i] = at::BFloat16(lut.data_ptr<float>()[i]).x;
-  at::Tensor pairs = x.reshape({M, K / 2, 2});
-  at::Tensor xe = pairs.select(2, 0).contiguous(), xo = pairs.select(2, 1).contiguous();
+  const auto [xe, xo] = split_even_odd(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* p = packed.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
   const auto* e0 = reinterpret_cast<const uint16_t*>(xe.data_ptr<at::BFloat16>());
   const auto* o0 = reinterpret_cast<const uint16_t*>(xo.data_ptr<at::BFloat16>());
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int64_t rows = std::min<int64_t>(4, M - m0);
-      const uint16_t* e = e0 + m0 * (K / 2);
-      const uint16_t* o = o0 + m0 * (K / 2);
-      float* ym = out + m0 * N;
-      switch (rows) {
-        case 4: gemv_rows_bf16<4>(p, a, lut16, block, K, e, o, ym, N, begin, end); break;
-        case 3: gemv_rows_bf16<3>(p, a, lut16, block, K, e, o, ym, N, begin, end); break;
-        case 2: gemv_rows_bf16<2>(p, a, lut16, block, K, e, o, ym, N, begin, end); break;
-        default: gemv_rows_bf16<1>(p, a, lut16, block, K, e, o, ym, N, begin, end);
-      }
-    }
+  for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    gemv_rows_bf16<decltype(rows)::value>(p, a, lut16, block, K, e0 + m0 * (K / 2), o0 + m0 * (K / 2), out + m0 * N,
+                                          N, begin, end);
   });
   return y;
 }

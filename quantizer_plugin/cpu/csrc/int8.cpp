@@ -38,10 +38,6 @@ void dequantize_int8_scalar(const int8_t* weight, const float* scale, int64_t K,
   }
 }
 
-}  // namespace
-
-namespace {
-
 // y[m][n] = (sum over k of w[n][k] * x[m][k]) * scale[n] / 127 for rows n in [n_begin, n_end), float32 products
 // and sums, the weight streamed once (prefetched) for up to MT activation rows.
 template <int MT>
@@ -88,17 +84,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const float* xm = x.data_ptr<float>() + m0 * K;
-      float* ym = y.data_ptr<float>() + m0 * N;
-      switch (std::min<int64_t>(4, M - m0)) {
-        case 4: gemv_int8_rows<4>(w, s, K, xm, ym, N, begin, end); break;
-        case 3: gemv_int8_rows<3>(w, s, K, xm, ym, N, begin, end); break;
-        case 2: gemv_int8_rows<2>(w, s, K, xm, ym, N, begin, end); break;
-        default: gemv_int8_rows<1>(w, s, K, xm, ym, N, begin, end);
-      }
-    }
+  for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    gemv_int8_rows<decltype(rows)::value>(w, s, K, x.data_ptr<float>() + m0 * K, y.data_ptr<float>() + m0 * N, N,
+                                          begin, end);
   });
   return y;
 }

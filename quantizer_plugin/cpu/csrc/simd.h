@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 namespace quantizer_plugin {
@@ -31,16 +32,16 @@ inline void store_scalar<at::BFloat16>(at::BFloat16* out, int64_t i, float value
 template <>
 inline void store_scalar<at::Half>(at::Half* out, int64_t i, float value) { out[i] = at::Half(value); }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) inline __m256i bf16_round(__m512 v) {
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+AVX512 inline __m256i bf16_round(__m512 v) {
   // float32 -> bfloat16, round to nearest even (as torch converts); the values here are finite
   __m512i bits = _mm512_castps_si512(v);
   __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
-
-#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-#define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 // Stores 32 consecutive outputs: `first` holds elements 0-15, `second` 16-31.
 struct StoreFloat {
@@ -67,6 +68,23 @@ struct StoreBFloat16Native {  // one instruction for 32 values (round to nearest
     _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(second, first));
   }
 };
+
+// Runs kernel(n_begin, n_end, m0, rows) for a decode kernel: output rows split across threads (16 per task at the
+// least), activation rows in groups of at most 4 from m0, the most a kernel keeps accumulators for. `rows` is a
+// std::integral_constant, so that a kernel templated on its row count is instantiated once per group size.
+template <typename Kernel>
+inline void for_row_groups(int64_t M, int64_t N, const Kernel& kernel) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      switch (std::min<int64_t>(4, M - m0)) {
+        case 4: kernel(begin, end, m0, std::integral_constant<int, 4>{}); break;
+        case 3: kernel(begin, end, m0, std::integral_constant<int, 3>{}); break;
+        case 2: kernel(begin, end, m0, std::integral_constant<int, 2>{}); break;
+        default: kernel(begin, end, m0, std::integral_constant<int, 1>{});
+      }
+    }
+  });
+}
 
 // y (M, N) = x (M, K) @ W.T, W made chunk by chunk: each task takes consecutive rows of W, dequantizes them with
 // `fill(first, last, buffer)` into its own buffer (in its core's L2) and multiplies them right there with a
