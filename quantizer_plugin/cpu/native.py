@@ -33,6 +33,8 @@ def load() -> ModuleType | None:
     """The compiled kernels, built on first use; None (after one warning) when they cannot be built here."""
     if not enabled():
         return None
+    if "module" in _loaded:  # every forward asks: no lock once the build is decided
+        return _loaded["module"]
     with _lock:
         if "module" not in _loaded:
             _loaded["module"] = _build()
