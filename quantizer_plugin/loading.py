@@ -7,6 +7,8 @@ from torch import nn
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from . import ops
+from .formats.base import NonFiniteWeightError
 from .modules import LowBitLinear
 
 
@@ -32,6 +34,10 @@ class LowBitQuantize(ConversionOps):
             if tuple(weight.shape) != expected:
                 raise ValueError(f"{key}: checkpoint weight has shape {tuple(weight.shape)}, the layer expects {expected}")
             prefix = key.rpartition(".")[0]
-            for name, tensor in layer.fmt.quantize(weight, layer.scheme).items():
+            try:
+                tensors = ops.quantize(layer.fmt, weight, layer.scheme)
+            except NonFiniteWeightError as error:
+                raise ValueError(f"{key}: {error}") from None
+            for name, tensor in tensors.items():
                 result[f"{prefix}.{name}"] = nn.Parameter(tensor, requires_grad=False)
         return result

@@ -52,7 +52,7 @@ class LowBitLinear(nn.Module):
             linear.in_features, linear.out_features, linear.bias is not None, scheme, compute_dtype,
             device=linear.weight.device,
         )  # fmt: skip
-        layer.load_quantized(layer.fmt.quantize(linear.weight.detach(), scheme))
+        layer.load_quantized(ops.quantize(layer.fmt, linear.weight.detach(), scheme))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer

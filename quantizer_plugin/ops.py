@@ -30,6 +30,7 @@ import torch
 from .formats import get_format
 
 if TYPE_CHECKING:
+    from .formats import QuantScheme, WeightFormat
     from .modules import LowBitLinear
 
 KERNELS_ENV = "QUANTIZER_PLUGIN_KERNELS"
@@ -42,8 +43,11 @@ _KERNEL_PACKAGES = {"cpu": "quantizer_plugin.cpu", "triton": "quantizer_plugin.k
 ForwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
 # (format name, backend) -> fn(grad_y, layer) -> grad_x  grad_x = grad_y @ dequant(W)
 BackwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
+# (format name, backend) -> fn(fmt, weight, scheme) -> the stored tensors, equal to fmt.quantize's (used at load)
+Quantizer = Callable[["WeightFormat", torch.Tensor, "QuantScheme"], dict]
 _FORWARD: dict[tuple[str, str], ForwardKernel] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
+_QUANTIZE: dict[tuple[str, str], Quantizer] = {}
 _loaded_packages: set[str] = set()
 _RECORDS: list[list[str]] = []  # one list per active record_dispatch() block
 
@@ -68,11 +72,12 @@ def served(name: str) -> None:
         record.append(name)
 
 
-def register_kernel(format_name: str, backend: str, *, backward: bool = False):
-    """Decorator registering a forward (or, with backward=True, an input-gradient) kernel for one format."""
+def register_kernel(format_name: str, backend: str, *, backward: bool = False, quantize: bool = False):
+    """Decorator registering a forward (or, with backward=True, an input-gradient; with quantize=True, a quantizer
+    that must give the same stored tensors as the format's own quantize) kernel for one format."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    table = _BACKWARD if backward else _FORWARD
+    table = _QUANTIZE if quantize else _BACKWARD if backward else _FORWARD
 
     def register(fn):
         table[(format_name, backend)] = fn
@@ -125,6 +130,16 @@ def select_backend(format_name: str, device: torch.device) -> str:
     if default is not None and (format_name, default) in _FORWARD:
         return default
     return "torch"
+
+
+def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """`weight`'s stored tensors in `fmt`, by the quantizer of the backend its device takes, where one is registered
+    (the same tensors, faster: loading runs this on every weight), or the format's own quantize."""
+    quantizer = _QUANTIZE.get((fmt.name, select_backend(fmt.name, weight.device)))
+    if quantizer is None:
+        served("torch.quantize")
+        return fmt.quantize(weight, scheme)
+    return quantizer(fmt, weight, scheme)
 
 
 def reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:

@@ -199,6 +199,21 @@ def cpu_fused_kernel_reads_the_wrong_codebook():
     patch(cpu_codebook, "statistics", lambda layer: (*original(layer)[:-1], original(layer)[-1].flip(0)))
 
 
+def cpu_tiles_take_the_columns_shifted():
+    import quantizer_plugin.cpu.native as native
+
+    kernels = native.load()
+
+    class ShiftedColumns:  # the 4-bit tile kernel multiplies x with its columns rotated by one
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def linear_4bit_tiles(self, x, *args):
+            return kernels.linear_4bit_tiles(x.roll(1, -1).contiguous(), *args)
+
+    patch(native, "load", lambda: ShiftedColumns())
+
+
 def cpu_int8_runs_the_reference():
     from quantizer_plugin import ops
 
@@ -260,6 +275,9 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-wrong-codebook": Mutation(
         "the CPU kernels handed the codebook in reverse", cpu_fused_kernel_reads_the_wrong_codebook,
         ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),
+    "cpu-tiles-shifted-columns": Mutation(
+        "the AMX tile kernel's activation columns off by one", cpu_tiles_take_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_the_tile_kernels_multiply_exactly_the_references_weights",)),
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),

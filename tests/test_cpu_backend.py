@@ -12,16 +12,17 @@ import torch
 from quantizer_plugin import LowBitLinear, ops
 from quantizer_plugin.cpu import chunks, codebook4bit, native
 from quantizer_plugin.cpu import int8 as cpu_int8
-from quantizer_plugin.formats import QuantScheme
+from quantizer_plugin.formats import QuantScheme, get_format
 
 import oracles
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 M_VALUES = [1, 3, 16, 33, 128]
-# (N, K, block): odd N; K a multiple of the block (rows start on a block: the fused kernel serves decode), K that is
-# not (blocks straddle rows), block 16 and 32, and an odd K.
-SHAPES_4BIT = [(37, 128, 64), (45, 100, 64), (29, 96, 32), (31, 80, 16), (23, 75, 64)]
+# (N, K, block): odd N; K a multiple of the block (rows start on a block: the fused kernel serves decode, the AMX
+# tiles larger bf16 batches), K that is not (blocks straddle rows), block 16 and 32, and an odd K; N past one group
+# of 64 rows with K over several chunks of columns and a block of 128.
+SHAPES_4BIT = [(37, 128, 64), (45, 100, 64), (29, 96, 32), (31, 80, 16), (23, 75, 64), (83, 640, 128)]
 SCHEMES_4BIT = [("nf4", True), ("nf4", False), ("fp4", True), ("fp4", False)]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -53,6 +54,29 @@ def test_the_native_kernels_build_here():
     assert kernels.uses_avx512() == (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
 
 
+def amx_here() -> bool:
+    """Whether this CPU has AMX-BF16 (its flags, read independently of the kernels' own check)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "amx_bf16" in flags and "amx_tile" in flags
+
+
+def test_the_amx_kernels_are_used_where_the_cpu_has_them():
+    assert native.load().uses_amx_bf16() == amx_here()
+
+
+def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
+    _, k, block = n_k_block
+    if m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0:
+        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and native.load().uses_avx512_bf16()
+        return "fused_bf16" if bf16_dot else "fused"
+    if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
+        return "tiles"
+    return "dequantize_matmul"
+
+
 @pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels(weights, double_quant, dtype):
@@ -61,10 +85,7 @@ def test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels(weights, do
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m * k)).to(dtype)
         with ops.record_dispatch() as served:
             y = layer(x)
-        fused = m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0
-        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and native.load().uses_avx512_bf16()
-        kernel = ("fused_bf16" if bf16_dot else "fused") if fused else "dequantize_matmul"
-        assert served == [f"cpu.codebook4bit.{kernel}"], (n, k, m)
+        assert served == [f"cpu.codebook4bit.{expected_4bit_kernel(m, (n, k, block), dtype)}"], (n, k, m)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
@@ -87,6 +108,55 @@ def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_
             kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, k, 3 * k, out, True)
             grouped = reference[k : 3 * k].view(2, k // 32, 16, 2).transpose(-1, -2).reshape(-1)
             assert torch.equal(out, grouped), (n, k)
+
+
+@pytest.mark.skipif(not amx_here(), reason="this CPU has no AMX: the tile kernels are not built for it")
+@pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
+@pytest.mark.parametrize("n, k, block", [(83, 640, 128), (150, 256, 64), (16, 128, 64), (5, 384, 128)])
+def test_the_tile_kernels_multiply_exactly_the_references_weights(weights, double_quant, n, k, block):
+    """Rows of the identity as activations: each output is one weight times 1.0 plus zeros, exact in float32, so y
+    must be the reference's bfloat16 weight, transposed, bit for bit (every row, column, block and chunk in its
+    place, every absmax applied once). 2 and 3 groups of 16 activation rows, and blocks of 16 weight rows cut short."""
+    layer = make_layer(QuantScheme(weights, block, double_quant), n, k, torch.bfloat16, seed=n + k, bias=False)
+    for rows in (range(0, 32), range(k - 45, k)):  # two groups; three, the last short
+        x = torch.eye(k, dtype=torch.bfloat16)[list(rows)]
+        with ops.record_dispatch() as served:
+            y = layer(x)
+        assert served == ["cpu.codebook4bit.tiles"]
+        assert torch.equal(y, layer.dequantize_weight(torch.bfloat16)[:, list(rows)].T)
+
+
+@pytest.mark.skipif(not amx_here(), reason="this CPU has no AMX: the tile kernels are not built for it")
+def test_the_int8_tile_kernel_multiplies_exactly_the_references_weights():
+    n, k = 83, 416  # K a multiple of 32, not of the 128-column chunk
+    layer = make_layer(QuantScheme("int8"), n, k, torch.bfloat16, seed=11, bias=False)
+    x = torch.eye(k, dtype=torch.bfloat16)[k - 40 :]
+    with ops.record_dispatch() as served:
+        y = layer(x)
+    assert served == ["cpu.int8.tiles"]
+    assert torch.equal(y, layer.dequantize_weight(torch.bfloat16)[:, k - 40 :].T)
+
+
+@pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_native_quantizer_gives_the_formats_own_tensors(weights, double_quant, dtype):
+    """Loading quantizes every weight through ops.quantize; on CPU that is the native kernel, whose stored tensors
+    must equal the format's plain-torch quantize (the one checked against bitsandbytes' codes) exactly."""
+    fmt = get_format(weights)
+    generator = torch.Generator().manual_seed(len(weights) + int(double_quant))
+    # odd shapes, blocks that straddle rows, an odd element count, block 16 to 256, an all-zero block
+    for (n, k), block in [((64, 256), 64), ((37, 75), 64), ((29, 96), 32), ((31, 80), 16), ((5, 7), 64),
+                          ((300, 1000), 256), ((2, 1), 64)]:  # fmt: skip
+        weight = (torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator) * 3).to(dtype)
+        weight.view(-1)[:block] = 0
+        scheme = QuantScheme(weights, block, double_quant)
+        with ops.record_dispatch() as served:
+            ours = ops.quantize(fmt, weight, scheme)
+        assert served == ["cpu.codebook4bit.quantize"]
+        reference = fmt.quantize(weight, scheme)
+        assert ours.keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(ours[name], reference[name]), (n, k, block, name)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -135,7 +205,9 @@ def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
         x[:, 3] *= 20.0  # an outlier column: weight-only int8 keeps the activations in 16 bits anyway
         with ops.record_dispatch() as served:
             y = layer(x)
-        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M else "cpu.int8.dequantize_matmul"]
+        tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
+        large = "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
+        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
 
@@ -196,9 +268,9 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     def no_compiler(**kwargs):
         raise OSError("g++: command not found")
 
+    layer = make_layer(QuantScheme("fp4", 64, False), 37, 128, torch.float32, seed=7)
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
-    layer = make_layer(QuantScheme("fp4", 64, False), 37, 128, torch.float32, seed=7)
     x = torch.randn(2, 128)
     with warnings.catch_warnings(record=True) as caught, ops.record_dispatch() as served:
         warnings.simplefilter("always")

@@ -197,3 +197,21 @@ def test_the_users_config_object_is_not_modified(llama_dir):
     model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=config)
     assert config.skip_modules is None  # reusable for another model
     assert "lm_head" in model.config.quantization_config.skip_modules  # the model records what it kept
+
+
+@pytest.mark.parametrize("weights", ["nf4", "int8"])
+@pytest.mark.parametrize("kernels", ["torch", "cpu"])
+def test_a_weight_holding_nan_is_refused_naming_it(tmp_path, weights, kernels, monkeypatch, caplog, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    monkeypatch.setenv("QUANTIZER_PLUGIN_KERNELS", kernels)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))  # fmt: skip
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    # transformers collects the errors of conversion ops into its load report and then raises
+    with pytest.raises((ValueError, RuntimeError)) as error:
+        AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=LowBitConfig(weights=weights))
+    report = str(error.value) + caplog.text + "".join(capsys.readouterr())
+    assert "model.layers.0.mlp.up_proj.weight: the weight holds NaN or infinite values" in report

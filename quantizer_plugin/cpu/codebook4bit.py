@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..formats import QuantScheme
+from ..formats.base import NonFiniteWeightError
 from ..formats.codebook4bit import Codebook4BitFormat
 from ..formats.dynamic8bit import dynamic_code
 from ..ops import reference_backward, reference_forward, register_kernel, served
@@ -49,6 +51,14 @@ def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
     if layer.compute_dtype == torch.bfloat16 and block % 64 == 0 and kernels.uses_avx512_bf16():
         return "fused_bf16"
     return "fused"
+
+
+def uses_tiles(kernels, layer: LowBitLinear) -> bool:
+    """Whether batches past decode run on the AMX tiles (csrc/amx.h): bfloat16 compute, K a multiple of the block and
+    of 128, the block of 64 or more, and AMX on this CPU."""
+    block, k = layer.scheme.block_size, layer.in_features
+    bf16 = layer.compute_dtype == torch.bfloat16
+    return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
 
 
 def grouped_columns(kernels, layer: LowBitLinear) -> bool:
@@ -95,6 +105,12 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
         served(f"cpu.codebook4bit.{fused}")
         return y.to(layer.compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
     dtype = layer.compute_dtype
+    if uses_tiles(kernels, layer):
+        y = kernels.linear_4bit_tiles(x2d.to(dtype), layer.weight.reshape(-1), *statistics(layer), n, layer.scheme.block_size)
+        if layer.bias is not None:
+            y += layer.bias.float()
+        served("cpu.codebook4bit.tiles")
+        return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
     grouped = grouped_columns(kernels, layer)
     xc = group_permuted_columns(x2d.to(dtype)) if grouped else x2d.to(dtype)
     y = kernels.linear_4bit_chunked(xc.contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
@@ -103,6 +119,23 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
         y = y + layer.bias.to(dtype)
     served("cpu.codebook4bit.dequantize_matmul")
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_kernel("nf4", "cpu", quantize=True)
+@register_kernel("fp4", "cpu", quantize=True)
+def quantize(fmt: Codebook4BitFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The format's quantize with the codes and absmax from the native kernel (the same, one pass, no temporaries)."""
+    kernels = native.load()
+    if kernels is not None and weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        midpoints, order = fmt.bounds(weight.device)
+        codes, absmax, finite = kernels.quantize_4bit(weight.contiguous().reshape(-1), scheme.block_size,
+                                                      midpoints.contiguous(), order)  # fmt: skip
+        if not finite:
+            raise NonFiniteWeightError()
+        served("cpu.codebook4bit.quantize")
+        return fmt.stored_tensors(codes, absmax, weight, scheme)
+    served("torch.quantize")
+    return fmt.quantize(weight, scheme)
 
 
 @register_kernel("nf4", "cpu", backward=True)

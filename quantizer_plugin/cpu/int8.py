@@ -46,6 +46,9 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     if x2d.shape[0] <= GEMV_MAX_M:
         y = kernels.gemv_int8(x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
         served("cpu.int8.fused")
+    elif dtype == torch.bfloat16 and layer.in_features % 32 == 0 and kernels.uses_amx_bf16():
+        y = kernels.linear_int8_tiles(x2d.to(dtype), layer.weight, layer.weight_scale)
+        served("cpu.int8.tiles")
     else:
         rows = chunks.rows_per_chunk(layer.in_features, dtype)
         y = kernels.linear_int8_chunked(x2d.to(dtype).contiguous(), layer.weight, layer.weight_scale, rows)

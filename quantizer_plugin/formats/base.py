@@ -40,6 +40,17 @@ class TensorSpec:
     dtype: torch.dtype
 
 
+def refuse_non_finite(weight: torch.Tensor) -> None:
+    """Quantizing a NaN or an infinity would give garbage codes (or an obscure error): refuse the weight instead."""
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteWeightError()
+
+
+class NonFiniteWeightError(ValueError):
+    def __init__(self):
+        super().__init__("the weight holds NaN or infinite values, which quantized formats cannot represent")
+
+
 class WeightFormat(ABC):
     """One low-bit storage format. Subclasses are stateless; one instance per format is registered."""
 

@@ -24,7 +24,7 @@ from functools import lru_cache
 
 import torch
 
-from .base import QuantScheme, TensorSpec, WeightFormat
+from .base import QuantScheme, TensorSpec, WeightFormat, refuse_non_finite
 from .dynamic8bit import DOUBLE_QUANT_BLOCK, dequantize_dynamic, quantize_dynamic
 
 
@@ -49,7 +49,7 @@ class Codebook4BitFormat(WeightFormat):
         return self._code.to(device)
 
     @lru_cache(maxsize=None)
-    def _bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Rounding to the nearest code = bucketizing against the midpoints of the sorted code; `order` maps a
         # position in the sorted code back to the code's index (NF4 is sorted already, FP4 is in bit order).
         code = self.code(device)
@@ -73,7 +73,15 @@ class Codebook4BitFormat(WeightFormat):
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         if not weight.is_floating_point():
             raise TypeError(f"{self.name} quantizes float weights, got {weight.dtype}")
+        refuse_non_finite(weight)
         codes, absmax = self.quantize_codes(weight.reshape(-1), scheme.block_size)
+        return self.stored_tensors(codes, absmax, weight, scheme)
+
+    def stored_tensors(
+        self, codes: torch.Tensor, absmax: torch.Tensor, weight: torch.Tensor, scheme: QuantScheme
+    ) -> dict[str, torch.Tensor]:
+        """The layer's stored tensors from `weight`'s packed codes and float32 block absmax (double-quantized here
+        if the scheme asks). A faster backend's quantizer (ops.quantize) computes the codes and absmax itself."""
         tensors = {"weight": codes}
         if scheme.double_quant:
             offset = absmax.mean()
@@ -115,7 +123,7 @@ class Codebook4BitFormat(WeightFormat):
         del flat, blocks
         if n % 2:
             scaled = torch.nn.functional.pad(scaled, (0, 1))
-        midpoints, order = self._bounds(scaled.device)
+        midpoints, order = self.bounds(scaled.device)
         codes = order[torch.bucketize(scaled, midpoints, out_int32=True)]
         return (codes[0::2] << 4) | codes[1::2], absmax
 

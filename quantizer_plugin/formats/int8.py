@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantScheme, TensorSpec, WeightFormat, register_format
+from .base import QuantScheme, TensorSpec, WeightFormat, refuse_non_finite, register_format
 
 INT8_MAX = 127.0
 
@@ -65,6 +65,7 @@ class Int8RowwiseFormat(WeightFormat):
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         if not weight.is_floating_point():
             raise TypeError(f"int8 quantizes float weights, got {weight.dtype}")
+        refuse_non_finite(weight)
         values, absmax = quantize_rows(weight)
         return {"weight": values, "weight_scale": absmax}
 

@@ -7,6 +7,15 @@
 // Each product of a code by its absmax is rounded once to float32 and never contracted into an FMA with anything
 // else (the build passes -ffp-contract=off), so the dequantized weights equal the reference's bit for bit.
 
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cmath>
+#include <tuple>
+
+#include "amx.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -20,6 +29,17 @@ bool has_avx512() {
 
 bool has_avx512_bf16() {
   static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+
+bool has_amx_bf16() {
+  static const bool yes = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);  // AMX-BF16, AMX-TILE
+    constexpr long request_permission = 0x1023, tile_data = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    return amx && syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
+  }();
   return yes;
 }
 
@@ -57,6 +77,13 @@ Absmax make_absmax(const at::Tensor& absmax, const at::Tensor& codes, const at::
   a.code8 = code8.data_ptr<float>();
   a.offset = offset.data_ptr<float>()[0];
   return a;
+}
+
+// The code nearest `scaled`: its position among the 15 sorted midpoints (how many are below it), through `order`.
+inline uint8_t code_of(float scaled, const float* midpoints, const uint8_t* order) {
+  int position = 0;
+  while (position < 15 && midpoints[position] < scaled) ++position;
+  return order[position];
 }
 
 inline uint8_t code_at(const uint8_t* packed, int64_t element) {
@@ -220,6 +247,53 @@ AVX512_BF16 void gemv_rows_bf16(const uint8_t* packed, const Absmax& absmax, con
   }
 }
 
+// Rows [n0, n0 + rows), columns [k_begin, k_end) of the weight in bfloat16 at amx.h's tile_offset, bit for bit the
+// reference's: the codebook's 16 entries times a block's absmax (float32), rounded once to bfloat16, make the table
+// that vpermw looks the codes up in. Each 128 columns (64 bytes: 32 little-endian words of four codes) take four
+// lookups, one per shift of the words: element 4i + j of the first 64 columns is in bits (j ^ 1) * 4 of word i (the
+// first element of a byte is its high nibble), and of the second 64 in word 16 + i, whose index also gets bit 4 set
+// to read the second half of a 32-entry table holding the second 64 columns' block. So lookup j writes the 32
+// columns [32j, 32j + 32) as elements 4i + j, then 64 + 4i + j, i < 16, and the activations are packed in that
+// order (pack_activations_nibble_order). Needs K % 128 == 0, block % 64 == 0 (a power of two), the range on 128s.
+AVX512_BF16 void write_weights_4bit(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block,
+                                    int64_t K, int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
+  const __m512 codebook = _mm512_loadu_ps(lut);
+  const __m512i nibble = _mm512_set1_epi16(0xF);
+  const __m512i second_table = _mm512_maskz_set1_epi16(0xFFFF0000, 16);
+  constexpr int nibble_or_table = 0xEA;  // vpternlog: (words & nibble) | second_table
+  const int block_shift = __builtin_ctzll(block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = packed + (n0 + r) * (K / 2) + k_begin / 2;
+    uint16_t* out = a + tile_offset(r, 0);  // 128 columns = four tiles on: a pointer step, no division per step
+    for (int64_t e = (n0 + r) * K + k_begin; e < (n0 + r) * K + k_end; e += 128, bytes += 64, out += 4 * TILE_ELEMENTS) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * (K / 2)), _MM_HINT_T1);
+      const __m512 first = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(e >> block_shift)));
+      const __m512 second = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax((e + 64) >> block_shift)));
+      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(second, first);
+      const __m512i words = _mm512_loadu_si512(bytes);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i shifted = _mm512_srli_epi16(words, (j ^ 1) * 4);
+        const __m512i index = _mm512_ternarylogic_epi32(shifted, nibble, second_table, nibble_or_table);
+        _mm512_storeu_si512(out + j * TILE_ELEMENTS, _mm512_permutexvar_epi16(index, table));
+      }
+    }
+  }
+}
+
+// amx.h's pack_activations for x (M, K) whose columns the tiles take in write_weights_4bit's order: column 128G +
+// 32j + 16h + i of the tiles is x's 128G + 64h + 4i + j.
+at::Tensor pack_activations_nibble_order(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 matrix");
+  const int64_t M = x.size(0), K = x.size(1), groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+  TORCH_CHECK(K % 128 == 0, "the 4-bit AMX kernel needs K a multiple of 128, not ", K);
+  // x as (groups, m, G, h, i / 2, i % 2, j), to (G, j, groups, h, i / 2, m, i % 2): tile 4G + j, pair 8h + i / 2
+  return at::constant_pad_nd(x, {0, 0, 0, groups * TILE_ROWS - M})
+      .reshape({groups, TILE_ROWS, K / 128, 2, 8, 2, 4})
+      .permute({2, 6, 0, 3, 4, 1, 5})
+      .contiguous()
+      .view({K / TILE_K, groups, TILE_ROWS, TILE_ROWS, 2});
+}
+
 void gemv_rows_scalar(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K,
                       const float* xe, const float* xo, int64_t M, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t half = K / 2;
@@ -248,6 +322,90 @@ std::pair<at::Tensor, at::Tensor> split_even_odd(const at::Tensor& x) {
 }
 
 }  // namespace
+
+// --- quantize (loading) ------------------------------------------------------------------------------------------
+
+// Sixteen consecutive weights as float32, from float32, bfloat16 or float16 (all exact).
+AVX512 inline __m512 load_weights(const float* w) { return _mm512_loadu_ps(w); }
+AVX512 inline __m512 load_weights(const at::BFloat16* w) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+AVX512 inline __m512 load_weights(const at::Half* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+// The reference's rounding to the nearest code (formats/codebook4bit.py): the position among the 15 sorted
+// midpoints (how many are below the value; the 16th entry of `midpoints` is +inf), by a 4-step binary search, then
+// `order` maps that position to the code.
+AVX512 inline __m512i nearest_codes(__m512 scaled, __m512 midpoints, __m512i order) {
+  __m512i position = _mm512_setzero_si512();
+  for (int step = 8; step >= 1; step /= 2) {
+    const __m512i probe = _mm512_add_epi32(position, _mm512_set1_epi32(step - 1));
+    const __mmask16 below = _mm512_cmp_ps_mask(_mm512_permutexvar_ps(probe, midpoints), scaled, _CMP_LT_OQ);
+    position = _mm512_mask_add_epi32(position, below, position, _mm512_set1_epi32(step));
+  }
+  return _mm512_permutexvar_epi32(position, order);
+}
+
+// One full block of `block` (a multiple of 32) weights: its absmax, and its codes packed two per byte (the first in
+// the high nibble). Returns false, having written nothing, when the block holds a NaN or an infinity.
+template <typename In>
+AVX512 bool quantize_block_avx512(const In* w, int64_t block, const float* midpoints16, const uint8_t* positions,
+                                  uint8_t* packed, float* absmax) {
+  const __m512 midpoints = _mm512_loadu_ps(midpoints16);
+  const __m512i order = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(positions)));
+  __m512 largest = _mm512_setzero_ps();
+  __mmask16 not_finite = 0;
+  for (int64_t i = 0; i < block; i += 16) {
+    const __m512 magnitude = _mm512_abs_ps(load_weights(w + i));
+    not_finite |= _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+    largest = _mm512_max_ps(largest, magnitude);
+  }
+  if (not_finite) return false;
+  const float a = _mm512_reduce_max_ps(largest);
+  *absmax = a;
+  const __m512 inverse = _mm512_set1_ps(1.0f / std::max(a, 1e-38f));  // as the reference: x * (1 / absmax)
+  const __m512 one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+  for (int64_t i = 0; i < block; i += 32) {
+    __m512 first = _mm512_mul_ps(load_weights(w + i), inverse);
+    __m512 second = _mm512_mul_ps(load_weights(w + i + 16), inverse);
+    first = _mm512_min_ps(_mm512_max_ps(first, minus_one), one);
+    second = _mm512_min_ps(_mm512_max_ps(second, minus_one), one);
+    const __m512i codes_first = nearest_codes(first, midpoints, order);
+    const __m512i codes_second = nearest_codes(second, midpoints, order);
+    const __m512i high = _mm512_permutex2var_epi32(codes_first, evens, codes_second);
+    const __m512i low = _mm512_permutex2var_epi32(codes_first, odds, codes_second);
+    const __m128i bytes = _mm512_cvtepi32_epi8(_mm512_or_si512(_mm512_slli_epi32(high, 4), low));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(packed + i / 2), bytes);
+  }
+  return true;
+}
+
+// The same for any block, the scalar way; `divide` for the short last block, which the reference divides by its
+// (clamped) absmax instead of multiplying by the reciprocal. Elements past `count` (an odd last element's partner) are
+// quantized as zeros, as the reference pads them.
+template <typename In>
+bool quantize_block_scalar(const In* w, int64_t count, bool divide, const float* midpoints, const uint8_t* order,
+                           uint8_t* packed, float* absmax) {
+  float a = 0.0f;
+  for (int64_t i = 0; i < count; ++i) {
+    const float magnitude = std::fabs(static_cast<float>(w[i]));
+    if (!std::isfinite(magnitude)) return false;
+    a = std::max(a, magnitude);
+  }
+  const float clamped = std::max(a, 1e-38f), inverse = 1.0f / clamped;
+  *absmax = divide ? clamped : a;  // the reference keeps the short block's absmax clamped, the full blocks' not
+  auto code = [&](int64_t i) -> uint8_t {
+    if (i >= count) return code_of(0.0f, midpoints, order);
+    const float value = static_cast<float>(w[i]);
+    return code_of(std::min(std::max(divide ? value / clamped : value * inverse, -1.0f), 1.0f), midpoints, order);
+  };
+  for (int64_t i = 0; i < count; i += 2) packed[i / 2] = static_cast<uint8_t>(code(i) << 4 | code(i + 1));
+  return true;
+}
 
 // y (M, N) float32 = x (M, K) @ dequant(W).T, for x float32 contiguous.
 at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
@@ -373,6 +531,64 @@ at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, co
     at::Tensor flat = out.view({-1});  // inside a parallel region, parallel_for runs on the calling thread
     dequantize_4bit(packed, absmax, codes, scales, offset, code8, lut, block, first * K, last * K, flat, grouped);
   });
+}
+
+at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                             const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
+                             const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "the codebook must be 16 float32 values");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(block % 64 == 0 && K % block == 0 && K % 128 == 0,
+              "linear_4bit_tiles needs K a multiple of the block and of 128, the block of 64");
+  TORCH_CHECK(packed.numel() * 2 >= N * K, "packed holds fewer than N * K codes");
+  const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  const float* table = lut.data_ptr<float>();
+  return tile_linear(
+      pack_activations_nibble_order(x), x.size(0), N, std::max<int64_t>(block, 128),
+      [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+        write_weights_4bit(p, a, table, block, K, n0, rows, k_begin, k_end, out);
+      },
+      [](int64_t) { return 1.0f; });  // the written weights are scaled already
+}
+
+std::tuple<at::Tensor, at::Tensor, bool> quantize_4bit(const at::Tensor& weight, int64_t block,
+                                                       const at::Tensor& midpoints, const at::Tensor& order) {
+  TORCH_CHECK(weight.is_contiguous(), "the weight must be contiguous");
+  TORCH_CHECK(midpoints.scalar_type() == at::kFloat && midpoints.numel() == 15, "15 float32 midpoints expected");
+  TORCH_CHECK(order.scalar_type() == at::kByte && order.numel() == 16, "16 uint8 positions expected");
+  TORCH_CHECK(block >= 2 && block % 2 == 0, "the block must be even");
+  const int64_t n = weight.numel(), blocks = (n + block - 1) / block;
+  at::Tensor packed = at::empty({(n + 1) / 2}, weight.options().dtype(at::kByte));
+  at::Tensor absmax = at::empty({blocks}, weight.options().dtype(at::kFloat));
+  float mids[16];
+  std::copy_n(midpoints.data_ptr<float>(), 15, mids);
+  mids[15] = INFINITY;
+  const uint8_t* positions = order.data_ptr<uint8_t>();
+  uint8_t* out = packed.data_ptr<uint8_t>();
+  float* scales = absmax.data_ptr<float>();
+  const bool vector = has_avx512() && block % 32 == 0;
+  std::atomic<bool> finite{true};
+  auto run = [&](const auto* w) {
+    at::parallel_for(0, blocks, 64, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last && finite.load(std::memory_order_relaxed); ++b) {
+        const int64_t start = b * block, count = std::min(block, n - start);
+        const bool ok = vector && count == block
+                            ? quantize_block_avx512(w + start, block, mids, positions, out + start / 2, scales + b)
+                            : quantize_block_scalar(w + start, count, count < block, mids, positions, out + start / 2,
+                                                    scales + b);
+        if (!ok) finite.store(false, std::memory_order_relaxed);
+      }
+    });
+  };
+  switch (weight.scalar_type()) {
+    case at::kFloat: run(weight.data_ptr<float>()); break;
+    case at::kBFloat16: run(weight.data_ptr<at::BFloat16>()); break;
+    case at::kHalf: run(weight.data_ptr<at::Half>()); break;
+    default: TORCH_CHECK(false, "quantize_4bit reads float32, bfloat16 or float16 weights, not ", weight.scalar_type());
+  }
+  return {packed, absmax, finite.load()};
 }
 
 }  // namespace quantizer_plugin

@@ -1,6 +1,7 @@
 // int8 (weight-only on the CPU): a fused multiply for few activation rows, a dequantize of row ranges as the
 // reference dequantizes them, and the per-thread dequantize-then-GEMM for larger batches.
 
+#include "amx.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -65,6 +66,22 @@ AVX512 void gemv_int8_rows(const int8_t* weight, const float* scale, int64_t K, 
       float sum = _mm512_reduce_add_ps(acc[m]);
       for (int64_t t = k; t < K; ++t) sum += static_cast<float>(row[t]) * x[m * K + t];
       y[m * N + n] = sum * s;
+    }
+  }
+}
+
+// Rows [n0, n0 + rows) of an int8 weight as bfloat16 integers (exact: |w| <= 127), unscaled, at amx.h's tile_offset.
+AVX512_BF16 void write_codes_int8(const int8_t* weight, int64_t K, int64_t n0, int64_t rows, int64_t k_begin,
+                                  int64_t k_end, uint16_t* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int8_t* bytes = weight + (n0 + r) * K + k_begin;
+    uint16_t* out = a + tile_offset(r, 0);  // 32 columns = one tile on: a pointer step, no division per step
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += 32, bytes += 32, out += TILE_ELEMENTS) {
+      if (k0 % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * K), _MM_HINT_T1);
+      const __m512 low = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
+      const __m512 high =
+          _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16))));
+      _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
     }
   }
 }
@@ -135,6 +152,23 @@ at::Tensor linear_int8_chunked(const at::Tensor& x, const at::Tensor& weight, co
   return chunked_linear(x, weight.size(0), rows_per_chunk, [&](int64_t first, int64_t last, at::Tensor& out) {
     dequantize_int8(weight, scale, first, last, out);
   });
+}
+
+at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be a contiguous int8 matrix");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "scale must be contiguous float32, one per row");
+  TORCH_CHECK(weight.size(1) == x.size(1), "x and weight disagree on K");
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* s = scale.data_ptr<float>();
+  const int64_t K = weight.size(1);
+  return tile_linear(
+      pack_activations(x), x.size(0), weight.size(0), TILE_K,
+      [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+        write_codes_int8(w, K, n0, rows, k_begin, k_end, out);
+      },
+      [&](int64_t n) { return s[n] / 127.0f; });
 }
 
 }  // namespace quantizer_plugin

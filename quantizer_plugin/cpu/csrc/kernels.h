@@ -4,6 +4,8 @@
 
 #include <ATen/ATen.h>
 
+#include <tuple>
+
 namespace quantizer_plugin {
 
 // NF4/FP4: `absmax` (float32 per block), or with double quantization its `codes`, `scales`, `offset` and the 8-bit
@@ -21,14 +23,27 @@ at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, co
                                const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
                                const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block, bool grouped,
                                int64_t rows_per_chunk);
+// y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles (amx.h), K a multiple of the block and
+// the block of 64; x's columns permuted within each 64 as write_codes_4bit reads the codes.
+at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
+                             const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
+                             const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block);
+// The reference's 4-bit quantization of a flat weight (formats/codebook4bit.py), codes identical: packed codes, the
+// float32 absmax per block, and false (with the outputs unfinished) if the weight holds a NaN or an infinity.
+// `midpoints`: the 15 midpoints of the sorted codebook; `order`: sorted position -> code.
+std::tuple<at::Tensor, at::Tensor, bool> quantize_4bit(const at::Tensor& weight, int64_t block,
+                                                       const at::Tensor& midpoints, const at::Tensor& order);
 
 // int8: `weight` int8 (N, K), `scale` float32 (N,) row absmax; the weight stands for weight * scale / 127.
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 void dequantize_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t first, int64_t last, at::Tensor& out);
 at::Tensor linear_int8_chunked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                int64_t rows_per_chunk);
+// y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles, K a multiple of 32.
+at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 
 bool has_avx512();
 bool has_avx512_bf16();
+bool has_amx_bf16();
 
 }  // namespace quantizer_plugin
