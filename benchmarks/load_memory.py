@@ -68,6 +68,10 @@ def child(provider: str, path: str) -> dict:
     }
     if provider.startswith("bnb"):
         import bitsandbytes  # noqa: F401  (imported before the baseline, as ours is)
+    if provider.startswith("lowbit"):  # our native CPU library loaded before the baseline, as bitsandbytes' is
+        from quantizer_plugin.cpu import native  # (built on a machine's first use, then cached: not a load's cost)
+
+        native.load()
 
     peak_anon = [memory_kb("RssAnon")]
     done = threading.Event()

@@ -160,6 +160,25 @@ def test_the_native_quantizer_gives_the_formats_own_tensors(weights, double_quan
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_the_native_int8_quantizer_gives_the_formats_own_tensors(dtype):
+    fmt = get_format("int8")
+    generator = torch.Generator().manual_seed(3)
+    for n, k in [(64, 256), (37, 75), (5, 7), (3, 1)]:  # K past, under and not a multiple of the 16-lane step
+        weight = (torch.randn(n, k, generator=generator) * torch.rand(n, 1, generator=generator) * 3).to(dtype)
+        weight[1] = 0  # an all-zero row
+        weight[2, ::2] = 0  # a row of absmax so small that 127 / absmax is infinite, half of it zeros
+        weight[2, 1::2] = 1e-38 if dtype != torch.float16 else 0
+        weight[0, 0] = 127.5 * weight[0].abs().max() / 127  # ties to round half to even
+        with ops.record_dispatch() as served:
+            ours = ops.quantize(fmt, weight, QuantScheme("int8"))
+        assert served == ["cpu.int8.quantize"]
+        reference = fmt.quantize(weight, QuantScheme("int8"))
+        assert ours.keys() == reference.keys()
+        for name in reference:
+            assert torch.equal(ours[name], reference[name]), (n, k, name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_4bit_input_gradient_runs_the_native_chunks(dtype):
     n, k, block = 45, 100, 64
     layer = make_layer(QuantScheme("nf4", block, True), n, k, dtype, seed=3)

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..formats import QuantScheme, WeightFormat
+from ..formats.base import NonFiniteWeightError
 from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, native
 
@@ -34,6 +36,20 @@ def fill(kernels, layer: LowBitLinear):
         kernels.dequantize_int8(weight, scale, first, last, out)
 
     return rows
+
+
+@register_kernel("int8", "cpu", quantize=True)
+def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The format's quantize by the native kernel (the same values, one pass)."""
+    kernels = native.load()
+    if kernels is None or not kernels.uses_avx512() or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        served("torch.quantize")
+        return fmt.quantize(weight, scheme)
+    values, absmax, finite = kernels.quantize_int8(weight.contiguous().reshape(-1, weight.shape[-1]))
+    if not finite:
+        raise NonFiniteWeightError()
+    served("cpu.int8.quantize")
+    return {"weight": values, "weight_scale": absmax}
 
 
 @register_kernel("int8", "cpu")

@@ -325,16 +325,6 @@ std::pair<at::Tensor, at::Tensor> split_even_odd(const at::Tensor& x) {
 
 // --- quantize (loading) ------------------------------------------------------------------------------------------
 
-// Sixteen consecutive weights as float32, from float32, bfloat16 or float16 (all exact).
-AVX512 inline __m512 load_weights(const float* w) { return _mm512_loadu_ps(w); }
-AVX512 inline __m512 load_weights(const at::BFloat16* w) {
-  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
-}
-AVX512 inline __m512 load_weights(const at::Half* w) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
-}
-
 // The reference's rounding to the nearest code (formats/codebook4bit.py): the position among the 15 sorted
 // midpoints (how many are below the value; the 16th entry of `midpoints` is +inf), by a 4-step binary search, then
 // `order` maps that position to the code.
@@ -582,12 +572,7 @@ std::tuple<at::Tensor, at::Tensor, bool> quantize_4bit(const at::Tensor& weight,
       }
     });
   };
-  switch (weight.scalar_type()) {
-    case at::kFloat: run(weight.data_ptr<float>()); break;
-    case at::kBFloat16: run(weight.data_ptr<at::BFloat16>()); break;
-    case at::kHalf: run(weight.data_ptr<at::Half>()); break;
-    default: TORCH_CHECK(false, "quantize_4bit reads float32, bfloat16 or float16 weights, not ", weight.scalar_type());
-  }
+  with_weight_type(weight, "quantize_4bit", run);
   return {packed, absmax, finite.load()};
 }
 

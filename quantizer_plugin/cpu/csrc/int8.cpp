@@ -1,6 +1,11 @@
 // int8 (weight-only on the CPU): a fused multiply for few activation rows, a dequantize of row ranges as the
 // reference dequantizes them, and the per-thread dequantize-then-GEMM for larger batches.
 
+#include <atomic>
+#include <cmath>
+#include <limits>
+#include <tuple>
+
 #include "amx.h"
 #include "kernels.h"
 #include "simd.h"
@@ -86,7 +91,65 @@ AVX512_BF16 void write_codes_int8(const int8_t* weight, int64_t K, int64_t n0, i
   }
 }
 
+// Row n of the weight as the reference quantizes it (formats/int8.py quantize_rows): absmax, then each element times
+// 127 / absmax (float32, as torch computes it), rounded half to even, clamped to +-127. In a row of absmax below 127 / FLT_MAX that
+// scale is infinite and its zeros give NaN, which the reference's conversion to int8 makes 0: so do we. False,
+// writing nothing, for a NaN or an infinity in the weight.
+template <typename In>
+AVX512 bool quantize_row_avx512(const In* w, int64_t K, int8_t* out, float* absmax) {
+  __m512 largest = _mm512_setzero_ps();
+  __mmask16 not_finite = 0;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 magnitude = _mm512_abs_ps(load_weights(w + k));
+    not_finite |= _mm512_cmp_ps_mask(magnitude, _mm512_set1_ps(INFINITY), _CMP_NLT_UQ);  // inf or NaN
+    largest = _mm512_max_ps(largest, magnitude);
+  }
+  float a = _mm512_reduce_max_ps(largest);
+  for (int64_t t = k; t < K; ++t) {
+    const float magnitude = std::fabs(static_cast<float>(w[t]));
+    if (!std::isfinite(magnitude)) return false;
+    a = std::max(a, magnitude);
+  }
+  if (not_finite) return false;
+  *absmax = a;
+  // torch computes the reference's 127 / absmax (a number over a tensor) as reciprocal(absmax) * 127: two roundings
+  const float scale = (1.0f / std::max(a, std::numeric_limits<float>::min())) * 127.0f;
+  const __m512 vscale = _mm512_set1_ps(scale), limit = _mm512_set1_ps(127.0f), minus_limit = _mm512_set1_ps(-127.0f);
+  for (k = 0; k + 16 <= K; k += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_mul_ps(load_weights(w + k), vscale), _MM_FROUND_TO_NEAREST_INT);
+    v = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(v, v, _CMP_ORD_Q), v);  // 0 x inf: the reference's NaN becomes 0
+    v = _mm512_min_ps(_mm512_max_ps(v, minus_limit), limit);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + k), _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; k < K; ++k) {
+    float v = std::nearbyint(static_cast<float>(w[k]) * scale);  // the default rounding: half to even
+    if (std::isnan(v)) v = 0.0f;
+    out[k] = static_cast<int8_t>(std::min(std::max(v, -127.0f), 127.0f));
+  }
+  return true;
+}
+
 }  // namespace
+
+std::tuple<at::Tensor, at::Tensor, bool> quantize_int8(const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 2 && weight.is_contiguous(), "the weight must be a contiguous matrix");
+  TORCH_CHECK(has_avx512(), "quantize_int8 needs AVX-512");
+  const int64_t N = weight.size(0), K = weight.size(1);
+  at::Tensor values = at::empty({N, K}, weight.options().dtype(at::kChar));
+  at::Tensor absmax = at::empty({N}, weight.options().dtype(at::kFloat));
+  int8_t* out = values.data_ptr<int8_t>();
+  float* scales = absmax.data_ptr<float>();
+  std::atomic<bool> finite{true};
+  with_weight_type(weight, "quantize_int8", [&](const auto* w) {
+    at::parallel_for(0, N, 16, [&](int64_t first, int64_t last) {
+      for (int64_t n = first; n < last && finite.load(std::memory_order_relaxed); ++n) {
+        if (!quantize_row_avx512(w + n * K, K, out + n * K, scales + n)) finite.store(false, std::memory_order_relaxed);
+      }
+    });
+  });
+  return {values, absmax, finite.load()};
+}
 
 // y (M, N) float32 = x (M, K) float32 @ (weight * scale / 127).T for a few activation rows (decode).
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {

@@ -39,6 +39,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
 void dequantize_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t first, int64_t last, at::Tensor& out);
 at::Tensor linear_int8_chunked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
                                int64_t rows_per_chunk);
+// The reference's int8 quantization of a weight (N, K) (formats/int8.py quantize_rows), values identical: int8
+// values, the float32 row absmax, and false (outputs unfinished) if the weight holds a NaN or an infinity.
+std::tuple<at::Tensor, at::Tensor, bool> quantize_int8(const at::Tensor& weight);
 // y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles, K a multiple of 32.
 at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 

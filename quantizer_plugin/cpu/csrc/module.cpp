@@ -18,6 +18,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_4bit_tiles", &linear_4bit_tiles, "x @ W.T for bfloat16 x on the AMX tiles (x permuted as the codes are read)");
   m.def("linear_int8_tiles", &linear_int8_tiles, "x @ W.T for bfloat16 x on the AMX tiles");
   m.def("quantize_4bit", &quantize_4bit, "the reference's nf4/fp4 quantization of a flat weight (codes identical)");
+  m.def("quantize_int8", &quantize_int8, "the reference's int8 row quantization of a weight (values identical)");
   m.def("uses_amx_bf16", &has_amx_bf16, "whether the AMX kernels run here (AMX-BF16 and the tile state granted)");
   m.def("uses_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");

@@ -43,6 +43,27 @@ AVX512 inline __m256i bf16_round(__m512 v) {
   return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
+// Sixteen consecutive weights as float32, from float32, bfloat16 or float16 (all exact).
+AVX512 inline __m512 load_weights(const float* w) { return _mm512_loadu_ps(w); }
+AVX512 inline __m512 load_weights(const at::BFloat16* w) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+AVX512 inline __m512 load_weights(const at::Half* w) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+// Calls fn(typed pointer) for a float32, bfloat16 or float16 weight.
+template <typename Fn>
+inline void with_weight_type(const at::Tensor& weight, const char* op, const Fn& fn) {
+  switch (weight.scalar_type()) {
+    case at::kFloat: return fn(weight.data_ptr<float>());
+    case at::kBFloat16: return fn(weight.data_ptr<at::BFloat16>());
+    case at::kHalf: return fn(weight.data_ptr<at::Half>());
+    default: TORCH_CHECK(false, op, " reads float32, bfloat16 or float16 weights, not ", weight.scalar_type());
+  }
+}
+
 // Stores 32 consecutive outputs: `first` holds elements 0-15, `second` 16-31.
 struct StoreFloat {
   AVX512 static inline void store(float* out, __m512 first, __m512 second) {
