@@ -214,6 +214,22 @@ def cpu_tiles_take_the_columns_shifted():
     patch(native, "load", lambda: ShiftedColumns())
 
 
+def cpu_quantizer_shifts_the_absmax():
+    import quantizer_plugin.cpu.native as native
+
+    kernels = native.load()
+
+    class ShiftedAbsmax:  # the native 4-bit quantizer pairs each block with its neighbour's absmax
+        def __getattr__(self, name):
+            return getattr(kernels, name)
+
+        def quantize_4bit(self, *args):
+            codes, absmax, finite = kernels.quantize_4bit(*args)
+            return codes, absmax.roll(1), finite
+
+    patch(native, "load", lambda: ShiftedAbsmax())
+
+
 def cpu_int8_runs_the_reference():
     from quantizer_plugin import ops
 
@@ -278,6 +294,9 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-tiles-shifted-columns": Mutation(
         "the AMX tile kernel's activation columns off by one", cpu_tiles_take_the_columns_shifted,
         ("tests/test_cpu_backend.py::test_the_tile_kernels_multiply_exactly_the_references_weights",)),
+    "cpu-quantizer-shifted-absmax": Mutation(
+        "the native 4-bit quantizer's absmax one block off", cpu_quantizer_shifts_the_absmax,
+        ("tests/test_cpu_backend.py::test_the_native_quantizer_gives_the_formats_own_tensors",)),
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),

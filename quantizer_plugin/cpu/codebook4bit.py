@@ -4,12 +4,16 @@
   kernel reads the packed codes once, looks each one up in the codebook in registers, and multiplies (the 16-bit
   weight is never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations
   in vdpbf16ps pairs; otherwise in float32. Its output is then rounded to the compute dtype, as the reference's is.
-- Anything else (more rows, or blocks that straddle rows): the native dequantize writes the weight's rows in chunks
-  of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight, and torch's GEMM
+- More rows with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the block and of 128, blocks of 64 or
+  more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64 rows
+  at a time into L1, and the tile unit multiplies it there (the activations packed in the order it writes them).
+- Anything else (float16/float32, no AMX, blocks that straddle rows): the native dequantize writes the weight's
+  rows in chunks of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight, and torch's GEMM
   multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks. When K is a
   multiple of 32 the chunks are written group-permuted (each 32 columns as their 16 even, then 16 odd ones: no
   interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product as it is.
-If the native kernels cannot be built, both run the plain-torch reference (native.py warns once).
+Loading quantizes each weight with the native quantizer (the format's own codes and absmax, one pass). If the native
+kernels cannot be built, everything runs the plain-torch reference (native.py warns once).
 """
 
 from __future__ import annotations
@@ -106,7 +110,8 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
         return y.to(layer.compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
     dtype = layer.compute_dtype
     if uses_tiles(kernels, layer):
-        y = kernels.linear_4bit_tiles(x2d.to(dtype), layer.weight.reshape(-1), *statistics(layer), n, layer.scheme.block_size)
+        packed, block = layer.weight.reshape(-1), layer.scheme.block_size
+        y = kernels.linear_4bit_tiles(x2d.to(dtype), packed, *statistics(layer), n, block)
         if layer.bias is not None:
             y += layer.bias.float()
         served("cpu.codebook4bit.tiles")

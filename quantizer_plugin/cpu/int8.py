@@ -2,7 +2,10 @@
 
 - Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.
-- Larger batches: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
+- Larger batches, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h) multiplies the int8
+  values as bfloat16 (exact) and scales each output by its row's weight_scale / 127, as the decode kernel does.
+- Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
+Loading quantizes each weight with the native quantizer (the format's own values, one pass).
 The activations are not quantized, so the result sits closer to the 16-bit model than LLM.int8's, which also rounds
 every activation row to int8 (outlier columns aside; tests/test_cpu_backend.py checks it against bitsandbytes'
 LLM.int8). The stored tensors and the checkpoint are LLM.int8's, unchanged, and the reference and the Triton
@@ -42,7 +45,8 @@ def fill(kernels, layer: LowBitLinear):
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize by the native kernel (the same values, one pass)."""
     kernels = native.load()
-    if kernels is None or not kernels.uses_avx512() or weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+    readable = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if kernels is None or not kernels.uses_avx512() or not readable:
         served("torch.quantize")
         return fmt.quantize(weight, scheme)
     values, absmax, finite = kernels.quantize_int8(weight.contiguous().reshape(-1, weight.shape[-1]))

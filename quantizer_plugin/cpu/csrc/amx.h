@@ -1,18 +1,19 @@
 // The AMX path for bfloat16 batches past decode (GEMV_MAX_M + 1 activation rows and more).
 //
 // Each thread takes its weight rows four blocks of 16 rows at a time, and their columns a chunk at a time: it writes
-// the chunk of the four blocks as bfloat16 (the format's code writer: nf4/fp4 entries times their block's absmax, as
-// the reference dequantizes them; int8 integers, exact, the row scale applied after) into a buffer laid out as the
-// tiles read it, which stays in L1, and the tile unit multiplies it by the activations. Four accumulator tiles run
+// the chunk of the four blocks as bfloat16 (the format's code writer: nf4/fp4 entries times their block's absmax,
+// bit for bit as the reference dequantizes them; int8 integers, exact, the row scale applied after) into a buffer
+// laid out as the tiles read it, which stays in L1, and the tile unit multiplies it by the activations. Two buffers
+// alternate: the next chunk is written while the tile unit multiplies the current one. Four accumulator tiles run
 // side by side (four blocks, or two blocks times two groups of 16 activation rows), so that each activation tile,
 // read once, serves up to four products, and no product waits for the one before it in the same tile (a tile
 // product's latency is about 2.5 times its issue interval, measured here). Each chunk's 16 x 16 float32 products
 // are then scaled by their rows' scale and summed in float32.
 //
 // The product is computed transposed, y.T (N, M) = W (N, K) @ x.T, so that the weight is the tiles' A operand, whose
-// rows are the weight's own rows; x.T is the B operand, packed once per call into 1 KB tiles of pairs of
-// consecutive columns of x. A code writer may put a row's columns in another order within each 32 (see
-// codebook4bit.cpp), and x's columns are then permuted the same way by the caller.
+// rows are the weight's own rows; x.T is the B operand, packed once per call into 1 KB tiles of pairs of columns of
+// x (pack_activations). A code writer may put a row's columns in another order (codebook4bit.cpp does, within each
+// 128), and then packs x in that order itself.
 //
 // AMX is used only where the CPU has AMX-TILE and AMX-BF16 and Linux grants this process the tile state
 // (arch_prctl(ARCH_REQ_XCOMP_PERM)); `has_amx_bf16()` checks both once.

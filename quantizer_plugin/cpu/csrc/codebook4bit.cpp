@@ -265,7 +265,8 @@ AVX512_BF16 void write_weights_4bit(const uint8_t* packed, const Absmax& absmax,
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* bytes = packed + (n0 + r) * (K / 2) + k_begin / 2;
     uint16_t* out = a + tile_offset(r, 0);  // 128 columns = four tiles on: a pointer step, no division per step
-    for (int64_t e = (n0 + r) * K + k_begin; e < (n0 + r) * K + k_end; e += 128, bytes += 64, out += 4 * TILE_ELEMENTS) {
+    const int64_t row_start = (n0 + r) * K;
+    for (int64_t e = row_start + k_begin; e < row_start + k_end; e += 128, bytes += 64, out += 4 * TILE_ELEMENTS) {
       _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * (K / 2)), _MM_HINT_T1);
       const __m512 first = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(e >> block_shift)));
       const __m512 second = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax((e + 64) >> block_shift)));
