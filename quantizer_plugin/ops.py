@@ -135,11 +135,14 @@ def select_backend(format_name: str, device: torch.device) -> str:
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """`weight`'s stored tensors in `fmt`, by the quantizer of the backend its device takes, where one is registered
     (the same tensors, faster: loading runs this on every weight), or the format's own quantize."""
-    quantizer = _QUANTIZE.get((fmt.name, select_backend(fmt.name, weight.device)))
-    if quantizer is None:
-        served("torch.quantize")
-        return fmt.quantize(weight, scheme)
+    quantizer = _QUANTIZE.get((fmt.name, select_backend(fmt.name, weight.device)), reference_quantize)
     return quantizer(fmt, weight, scheme)
+
+
+def reference_quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
+    """The format's own plain-torch quantize (also what a backend's quantizer falls back to)."""
+    served("torch.quantize")
+    return fmt.quantize(weight, scheme)
 
 
 def reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:

@@ -199,35 +199,34 @@ def cpu_fused_kernel_reads_the_wrong_codebook():
     patch(cpu_codebook, "statistics", lambda layer: (*original(layer)[:-1], original(layer)[-1].flip(0)))
 
 
-def cpu_tiles_take_the_columns_shifted():
+def wrap_native_kernel(name: str, wrap) -> None:
+    """The CPU backend's native module with kernel `name` replaced by wrap(original)."""
     import quantizer_plugin.cpu.native as native
 
     kernels = native.load()
 
-    class ShiftedColumns:  # the 4-bit tile kernel multiplies x with its columns rotated by one
-        def __getattr__(self, name):
-            return getattr(kernels, name)
+    class Wrapped:
+        def __getattr__(self, attribute):
+            return wrap(getattr(kernels, name)) if attribute == name else getattr(kernels, attribute)
 
-        def linear_4bit_tiles(self, x, *args):
-            return kernels.linear_4bit_tiles(x.roll(1, -1).contiguous(), *args)
+    patch(native, "load", lambda: Wrapped())
 
-    patch(native, "load", lambda: ShiftedColumns())
+
+def cpu_tiles_take_the_columns_shifted():
+    # the 4-bit tile kernel multiplies x with its columns rotated by one
+    wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
 def cpu_quantizer_shifts_the_absmax():
-    import quantizer_plugin.cpu.native as native
-
-    kernels = native.load()
-
-    class ShiftedAbsmax:  # the native 4-bit quantizer pairs each block with its neighbour's absmax
-        def __getattr__(self, name):
-            return getattr(kernels, name)
-
-        def quantize_4bit(self, *args):
-            codes, absmax, finite = kernels.quantize_4bit(*args)
+    # the native 4-bit quantizer pairs each block with its neighbour's absmax
+    def shifted(kernel):
+        def quantize(*args):
+            codes, absmax, finite = kernel(*args)
             return codes, absmax.roll(1), finite
 
-    patch(native, "load", lambda: ShiftedAbsmax())
+        return quantize
+
+    wrap_native_kernel("quantize_4bit", shifted)
 
 
 def cpu_int8_runs_the_reference():

@@ -8,10 +8,11 @@
   more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64 rows
   at a time into L1, and the tile unit multiplies it there (the activations packed in the order it writes them).
 - Anything else (float16/float32, no AMX, blocks that straddle rows): the native dequantize writes the weight's
-  rows in chunks of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight, and torch's GEMM
-  multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks. When K is a
-  multiple of 32 the chunks are written group-permuted (each 32 columns as their 16 even, then 16 odd ones: no
-  interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product as it is.
+  rows in chunks of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight,
+  and torch's GEMM multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks.
+  When K is a multiple of 32 the chunks are written group-permuted (each 32 columns as their 16 even, then 16 odd
+  ones: no interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product
+  as it is.
 Loading quantizes each weight with the native quantizer (the format's own codes and absmax, one pass). If the native
 kernels cannot be built, everything runs the plain-torch reference (native.py warns once).
 """
@@ -26,7 +27,7 @@ from ..formats import QuantScheme
 from ..formats.base import NonFiniteWeightError
 from ..formats.codebook4bit import Codebook4BitFormat
 from ..formats.dynamic8bit import dynamic_code
-from ..ops import reference_backward, reference_forward, register_kernel, served
+from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, native
 
 if TYPE_CHECKING:
@@ -131,16 +132,15 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
 def quantize(fmt: Codebook4BitFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize with the codes and absmax from the native kernel (the same, one pass, no temporaries)."""
     kernels = native.load()
-    if kernels is not None and weight.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        midpoints, order = fmt.bounds(weight.device)
-        codes, absmax, finite = kernels.quantize_4bit(weight.contiguous().reshape(-1), scheme.block_size,
-                                                      midpoints.contiguous(), order)  # fmt: skip
-        if not finite:
-            raise NonFiniteWeightError()
-        served("cpu.codebook4bit.quantize")
-        return fmt.stored_tensors(codes, absmax, weight, scheme)
-    served("torch.quantize")
-    return fmt.quantize(weight, scheme)
+    if kernels is None or weight.dtype not in native.QUANTIZER_DTYPES:
+        return reference_quantize(fmt, weight, scheme)
+    midpoints, order = fmt.bounds(weight.device)
+    codes, absmax, finite = kernels.quantize_4bit(weight.contiguous().reshape(-1), scheme.block_size,
+                                                  midpoints.contiguous(), order)  # fmt: skip
+    if not finite:
+        raise NonFiniteWeightError()
+    served("cpu.codebook4bit.quantize")
+    return fmt.stored_tensors(codes, absmax, weight, scheme)
 
 
 @register_kernel("nf4", "cpu", backward=True)

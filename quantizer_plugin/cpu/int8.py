@@ -22,7 +22,7 @@ import torch
 
 from ..formats import QuantScheme, WeightFormat
 from ..formats.base import NonFiniteWeightError
-from ..ops import reference_backward, reference_forward, register_kernel, served
+from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, native
 
 if TYPE_CHECKING:
@@ -45,10 +45,8 @@ def fill(kernels, layer: LowBitLinear):
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize by the native kernel (the same values, one pass)."""
     kernels = native.load()
-    readable = weight.dtype in (torch.float32, torch.bfloat16, torch.float16)
-    if kernels is None or not kernels.uses_avx512() or not readable:
-        served("torch.quantize")
-        return fmt.quantize(weight, scheme)
+    if kernels is None or not kernels.uses_avx512() or weight.dtype not in native.QUANTIZER_DTYPES:
+        return reference_quantize(fmt, weight, scheme)
     values, absmax, finite = kernels.quantize_int8(weight.contiguous().reshape(-1, weight.shape[-1]))
     if not finite:
         raise NonFiniteWeightError()
