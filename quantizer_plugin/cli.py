@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from .config import LowBitConfig, preset_names
-from .formats import format_names
+from .config import LowBitConfig, preset_fields, preset_names
+from .formats import format_names, get_format
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
+ACTIVATIONS = {"int8": "int8", "none": None}  # --activations -> LowBitConfig.activations
 
 
 def embedded_default_model() -> Path:
@@ -92,10 +93,7 @@ def model_class(src: Path):
 
 
 def build_config(args) -> LowBitConfig:
-    if args.preset:
-        config = LowBitConfig.from_preset(args.preset).to_dict()
-    else:
-        config = {"weights": args.weights}
+    config = preset_fields(args.preset) if args.preset else {"weights": args.weights}
     overrides = {
         "block_size": args.block_size,
         "double_quant": False if args.no_double_quant else None,
@@ -104,6 +102,13 @@ def build_config(args) -> LowBitConfig:
         "skip_modules": args.skip,
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
+    if args.activations:
+        config["activations"] = ACTIVATIONS[args.activations]
+        # a preset's settings that the chosen activations mode does not take give way (an option given here stays)
+        applicable = get_format(config["weights"]).settings.get(config["activations"], {})
+        for field in ("block_size", "double_quant", "outlier_threshold"):
+            if field not in applicable and overrides[field] is None:
+                config.pop(field, None)
     return LowBitConfig.from_dict(config)
 
 
@@ -182,7 +187,8 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("out", help="folder to write the quantized checkpoint to")
     quantize.add_argument("--weights", choices=format_names(), default="nf4")
     quantize.add_argument("--preset", choices=preset_names(), help="start from a preset in configs/")
-    quantize.add_argument("--block-size", type=int, help="4-bit absmax block (power of two, 16..4096)")
+    quantize.add_argument("--activations", choices=list(ACTIVATIONS), help="int8: 'int8' (LLM.int8, default) or 'none' (weight-only)")
+    quantize.add_argument("--block-size", type=int, help="nf4/fp4 absmax block or int4/int2 group (power of two, 16..4096)")
     quantize.add_argument("--no-double-quant", action="store_true", help="4-bit: keep the absmax in float32")
     quantize.add_argument("--compute-dtype", help="bfloat16 (default), float16 or float32")
     quantize.add_argument("--outlier-threshold", type=float, help="int8: outlier threshold (0 disables)")

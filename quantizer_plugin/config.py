@@ -16,7 +16,7 @@ QUANT_METHOD = "lowbit"
 # an older one loads and is brought to the current layout (serialization.upgrade_layout).
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-_FIELDS = ("weights", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules")
+_FIELDS = ("weights", "activations", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules")
 
 
 def _resolve_compute_dtype(value: Any) -> torch.dtype:
@@ -34,15 +34,38 @@ def _resolve_compute_dtype(value: Any) -> torch.dtype:
     return value
 
 
+_UNSET = object()  # LowBitConfig(activations=...) not given: the format's default (None is a value: 16-bit)
+
+
+def _check_setting(field: str, value: Any) -> Any:
+    """A format setting's value, validated (the defaults pass too)."""
+    if field == "double_quant" and not isinstance(value, bool):
+        raise TypeError(f"LowBitConfig.double_quant must be a bool, got {value!r}")
+    if field == "block_size" and (
+        isinstance(value, bool) or not isinstance(value, int) or not (16 <= value <= 4096 and value & (value - 1) == 0)
+    ):
+        raise ValueError(f"LowBitConfig.block_size must be a power of two from 16 to 4096, got {value!r}")
+    if field == "outlier_threshold":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"LowBitConfig.outlier_threshold must be a number >= 0, got {value!r}")
+        value = float(value)
+    return value
+
+
 class LowBitConfig(QuantizationConfigMixin):
     """Quantization settings for `from_pretrained(..., quantization_config=LowBitConfig(...))`.
 
     Args:
-        weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible) or "int8" (LLM.int8).
-        double_quant: 4-bit only (default True): store the per-block absmax as 8-bit codes around their mean.
-        block_size: 4-bit only (default 64): elements per absmax block, a power of two from 16 to 4096.
+        weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible), "int4", "int2" (per-group affine
+            integers, scales and zero points optimised without calibration data) or "int8" (LLM.int8, or
+            weight-only with activations=None).
+        activations: "int8" (LLM.int8's int8 activations; the default for weights="int8", and only there) or
+            None (16-bit activations: weight-only quantization; the default, and the only choice, elsewhere).
+        double_quant: nf4/fp4 only (default True): store the per-block absmax as 8-bit codes around their mean.
+        block_size: nf4/fp4/int4/int2 (default 64): elements per absmax block or per affine group, a power of two
+            from 16 to 4096.
         compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
-        outlier_threshold: int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
+        outlier_threshold: LLM.int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
             16-bit; 0 turns the decomposition off.
         skip_modules: module names (or patterns) kept in full precision. Default: the output embedding, tied
             weights and the last module, as transformers' bitsandbytes integration does.
@@ -58,6 +81,7 @@ class LowBitConfig(QuantizationConfigMixin):
         skip_modules: list[str] | None = None,
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
+        activations: str | None = _UNSET,
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LowBitConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -73,30 +97,25 @@ class LowBitConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.weights = weights
-        is_4bit = get_format(weights).bits == 4
 
-        if is_4bit:
-            if outlier_threshold is not None:
-                raise ValueError(f"LowBitConfig.outlier_threshold applies to int8 only, not to weights={weights!r}")
-            double_quant = True if double_quant is None else double_quant
-            block_size = 64 if block_size is None else block_size
-            if not isinstance(double_quant, bool):
-                raise TypeError(f"LowBitConfig.double_quant must be a bool, got {double_quant!r}")
-            if isinstance(block_size, bool) or not isinstance(block_size, int) or not (
-                16 <= block_size <= 4096 and block_size & (block_size - 1) == 0
-            ):
-                raise ValueError(f"LowBitConfig.block_size must be a power of two from 16 to 4096, got {block_size!r}")
-        else:
-            for field, value in (("double_quant", double_quant), ("block_size", block_size)):
-                if value is not None:
-                    raise ValueError(f"LowBitConfig.{field} applies to 4-bit formats only, not to weights={weights!r}")
-            outlier_threshold = 6.0 if outlier_threshold is None else outlier_threshold
-            if isinstance(outlier_threshold, bool) or not isinstance(outlier_threshold, (int, float)) or outlier_threshold < 0:
-                raise ValueError(f"LowBitConfig.outlier_threshold must be a number >= 0, got {outlier_threshold!r}")
-            outlier_threshold = float(outlier_threshold)
-        self.double_quant = double_quant
-        self.block_size = block_size
-        self.outlier_threshold = outlier_threshold
+        modes = get_format(weights).settings  # activations mode -> the settings that apply, with their defaults
+        if activations is _UNSET:
+            activations = next(iter(modes))
+        if activations not in modes:
+            raise ValueError(
+                f"LowBitConfig.activations: weights={weights!r} takes activations in {list(modes)}, got {activations!r}"
+            )
+        self.activations = activations
+        given = {"double_quant": double_quant, "block_size": block_size, "outlier_threshold": outlier_threshold}
+        applicable = modes[activations]
+        for field, value in given.items():
+            if field in applicable:
+                value = _check_setting(field, applicable[field] if value is None else value)
+            elif value is not None:
+                raise ValueError(
+                    f"LowBitConfig.{field} does not apply to weights={weights!r} with activations={activations!r}"
+                )
+            setattr(self, field, value)
         self.compute_dtype = _resolve_compute_dtype(compute_dtype)
         if skip_modules is not None:
             if isinstance(skip_modules, str) or not all(isinstance(name, str) for name in skip_modules):
@@ -107,13 +126,9 @@ class LowBitConfig(QuantizationConfigMixin):
     @property
     def scheme(self) -> QuantScheme:
         """The per-layer settings the formats need."""
-        if self.weights == "int8":
-            return QuantScheme(
-                self.weights, outlier_threshold=self.outlier_threshold, format_version=self.format_version
-            )
-        return QuantScheme(
-            self.weights, block_size=self.block_size, double_quant=self.double_quant, format_version=self.format_version
-        )
+        applicable = get_format(self.weights).settings[self.activations]
+        settings = {field: getattr(self, field) for field in applicable}
+        return QuantScheme(self.weights, **settings, activations=self.activations, format_version=self.format_version)
 
     # --- serialization -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -121,6 +136,7 @@ class LowBitConfig(QuantizationConfigMixin):
             "quant_method": QUANT_METHOD,
             "format_version": self.format_version,
             "weights": self.weights,
+            "activations": self.activations,
             "double_quant": self.double_quant,
             "block_size": self.block_size,
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
@@ -147,18 +163,15 @@ class LowBitConfig(QuantizationConfigMixin):
         config = cls(**config_dict)
         unused = {key: value for key, value in kwargs.items() if key not in _FIELDS}
         if any(key in _FIELDS for key in kwargs):
-            merged = config.to_dict() | {key: value for key, value in kwargs.items() if key in _FIELDS}
+            # over the fields the dict gave, not the defaults they implied (which another format may refuse)
+            merged = config_dict | {key: value for key, value in kwargs.items() if key in _FIELDS}
             config = cls(**merged)
         return (config, unused) if return_unused_kwargs else config
 
     @classmethod
     def from_preset(cls, name: str) -> LowBitConfig:
-        """A preset from quantizer_plugin/configs by name, e.g. "nf4", "fp4", "int8"."""
-        available = preset_names()
-        if name not in available:
-            raise ValueError(f"unknown preset {name!r}; available presets: {available}")
-        text = resources.files("quantizer_plugin.configs").joinpath(f"{name}.json").read_text()
-        return cls.from_dict(json.loads(text))
+        """A preset from quantizer_plugin/configs by name, e.g. "nf4", "int4", "int8-weight-only"."""
+        return cls.from_dict(preset_fields(name))
 
     @classmethod
     def from_bnb(cls, bnb_config) -> LowBitConfig:
@@ -188,3 +201,11 @@ class LowBitConfig(QuantizationConfigMixin):
 def preset_names() -> list[str]:
     folder = resources.files("quantizer_plugin.configs")
     return sorted(entry.name.removesuffix(".json") for entry in folder.iterdir() if entry.name.endswith(".json"))
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields a preset sets (the others take their defaults), e.g. to override some before building a config."""
+    available = preset_names()
+    if name not in available:
+        raise ValueError(f"unknown preset {name!r}; available presets: {available}")
+    return json.loads(resources.files("quantizer_plugin.configs").joinpath(f"{name}.json").read_text())

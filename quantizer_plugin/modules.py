@@ -114,9 +114,7 @@ class LowBitLinear(nn.Module):
         return self
 
     def extra_repr(self) -> str:
-        s = self.scheme
-        detail = f"threshold={s.outlier_threshold}" if s.weights == "int8" else f"block_size={s.block_size}, double_quant={s.double_quant}"
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-            f"weights={s.weights}, {detail}, compute_dtype={self.compute_dtype}"
+            f"weights={self.scheme.weights}, {self.scheme.detail()}, compute_dtype={self.compute_dtype}"
         )

@@ -236,6 +236,36 @@ def cpu_int8_runs_the_reference():
     ops._FORWARD[("int8", "cpu")] = ops.reference_forward
 
 
+def affine_fit_is_round_to_nearest():
+    from quantizer_plugin.formats import affine
+
+    patch(affine, "_HQQ_STEPS", 0)
+    patch(affine, "_LEAST_SQUARES_STEPS", 0)
+
+
+def affine_codes_packed_low_bits_first():
+    import torch
+
+    from quantizer_plugin.formats.affine import IntAffineFormat
+
+    def pack(self, codes):
+        n, k = codes.shape
+        per = self.per_byte
+        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, -(-k // per) * per - k)).reshape(n, -1, per)
+        packed = torch.zeros(codes.shape[:2], dtype=torch.uint8)
+        for j in range(per):
+            packed |= codes[..., j] << (self.bits * j)
+        return packed
+
+    def unpack(self, packed, in_features):
+        mask = 2**self.bits - 1
+        codes = torch.stack([(packed >> (self.bits * j)) & mask for j in range(self.per_byte)], dim=-1)
+        return codes.reshape(packed.shape[0], -1)[:, :in_features]
+
+    patch(IntAffineFormat, "pack", pack)
+    patch(IntAffineFormat, "unpack", unpack)
+
+
 MUTATIONS: dict[str, Mutation] = {
     "4bit-dequantize-returns-zeros": Mutation(
         "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
@@ -299,6 +329,13 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+    "affine-fit-is-round-to-nearest": Mutation(
+        "int4/int2 fitted by plain round-to-nearest on min/max", affine_fit_is_round_to_nearest,
+        ("tests/test_integer_formats.py::test_fit_beats_round_to_nearest_in_every_group_and_hqq_overall",)),
+    "affine-codes-low-bits-first": Mutation(
+        "int4/int2 codes packed from the low bits (pack and unpack agree, the documented layout does not)",
+        affine_codes_packed_low_bits_first,
+        ("tests/test_integer_formats.py::test_stored_tensors_follow_the_documented_layout",)),
 }  # fmt: skip
 
 # The runner's own control: nothing is broken, so the same machinery must report it as surviving.

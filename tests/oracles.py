@@ -2,7 +2,8 @@
 
 - The weights a layer's stored tensors stand for, element by element: element i of the flattened weight is
   codebook[its 4-bit code] * absmax[i // block_size], the codebooks and the 8-bit dynamic code taken from
-  bitsandbytes (a test-only dependency), the nibbles unpacked with integer arithmetic; int8 is codes * row_absmax / 127.
+  bitsandbytes (a test-only dependency), the nibbles unpacked with integer arithmetic; int8 is codes * row_absmax / 127;
+  int4/int2 are (code - zero) * scale of the element's group, the codes unpacked with integer arithmetic.
 - LLM.int8's product written out in float64 from its definition (Dettmers et al. 2022, as bitsandbytes computes it):
   a column of x holding any |x| >= threshold is multiplied in floating point against the dequantized weight column;
   every other column goes through per-row int8 codes of x, whose row absmax skips the outlier entries.
@@ -45,11 +46,28 @@ def dequantize_int8(stored: dict[str, torch.Tensor]) -> torch.Tensor:
     return stored["weight"].float() * (stored["weight_scale"].float() / 127.0)[:, None]
 
 
+def dequantize_affine(stored: dict[str, torch.Tensor], in_features: int, bits: int, block_size: int) -> torch.Tensor:
+    """Element (r, c) = (code - zero[r, c // block]) * scale[r, c // block], the code of column c the bits
+    (c % per_byte) from the top of byte c // per_byte of row r."""
+    per_byte = 8 // bits
+    columns = torch.arange(in_features)
+    packed = stored["weight"].long()[:, columns // per_byte]
+    shift = 8 - bits * (columns % per_byte + 1)
+    codes = (packed // 2**shift) % 2**bits
+    group = columns // block_size
+    return (codes - stored["weight_zero"].float()[:, group]) * stored["weight_scale"].float()[:, group]
+
+
+AFFINE_BITS = {"int4": 4, "int2": 2}
+
+
 def weight_of(layer) -> torch.Tensor:
     """The float32 (out_features, in_features) weight a quantized layer's stored tensors stand for (on CPU)."""
     stored = {name: tensor.detach().cpu() for name, tensor in layer.quantized_tensors().items()}
     if layer.scheme.weights == "int8":
         return dequantize_int8(stored)
+    if layer.scheme.weights in AFFINE_BITS:
+        return dequantize_affine(stored, layer.in_features, AFFINE_BITS[layer.scheme.weights], layer.scheme.block_size)
     return dequantize_4bit(stored, layer.out_features, layer.in_features, layer.scheme.weights, layer.scheme.block_size)
 
 

@@ -25,6 +25,26 @@ def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
     assert model(token_ids).logits.shape == (2, 11, 320)
 
 
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--weights", "int4", "--block-size", "32"], dict(weights="int4", block_size=32, activations=None)),
+        (["--weights", "int2"], dict(weights="int2", block_size=64, double_quant=None)),
+        (["--weights", "int8", "--activations", "none"], dict(weights="int8", activations=None, outlier_threshold=None)),
+        (["--preset", "int8", "--activations", "none"], dict(weights="int8", activations=None, compute_dtype="float16")),
+        (["--preset", "int8-weight-only"], dict(weights="int8", activations=None)),
+    ],
+)
+def test_integer_formats_and_activations_from_the_command_line(llama_dir, tmp_path, token_ids, args, expected):
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), str(out), "--no-fidelity", *args]) == 0
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert {key: config[key] for key in expected} == expected
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert all(m.fmt.name == expected["weights"] for m in model.modules() if isinstance(m, LowBitLinear))
+    assert torch.isfinite(model(token_ids).logits).all()
+
+
 @pytest.mark.parametrize("weights, low, high", [("nf4", 0.25, 0.27), ("int8", 0.50, 0.52)])
 def test_size_report_uses_the_source_checkpoints_dtype(llama_dir, tmp_path, capsys, weights, low, high):
     # llama_dir is saved in bfloat16 (config.json says "dtype": "bfloat16"): 2 bytes per source weight
@@ -45,7 +65,7 @@ def test_refuses_to_overwrite_and_bad_settings_write_nothing(llama_dir, tmp_path
         main(["quantize", str(llama_dir), str(out)])
     fresh = tmp_path / "fresh"
     assert main(["quantize", str(llama_dir), str(fresh), "--weights", "int8", "--block-size", "64"]) == 2
-    assert "block_size applies to 4-bit formats only" in capsys.readouterr().err
+    assert "block_size does not apply to weights='int8'" in capsys.readouterr().err
     assert not fresh.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -22,6 +22,14 @@ def test_defaults():
     assert (config.weights, config.double_quant, config.block_size, config.compute_dtype) == ("nf4", True, 64, torch.bfloat16)
     int8 = LowBitConfig(weights="int8")
     assert (int8.outlier_threshold, int8.double_quant, int8.block_size) == (6.0, None, None)
+    assert int8.activations == "int8" and int8.scheme.activations == "int8"  # LLM.int8 stays the default
+    assert config.activations is None and config.scheme.activations is None
+    weight_only = LowBitConfig(weights="int8", activations=None)
+    assert (weight_only.outlier_threshold, weight_only.scheme.activations) == (None, None)
+    for weights in ("int4", "int2"):
+        affine = LowBitConfig(weights=weights)
+        assert (affine.block_size, affine.double_quant, affine.outlier_threshold, affine.activations) == (64, None, None, None)
+        assert LowBitConfig(weights=weights, block_size=4096).scheme.block_size == 4096
 
 
 @pytest.mark.parametrize(
@@ -30,6 +38,9 @@ def test_defaults():
         dict(weights="nf4", double_quant=False, block_size=128, compute_dtype="float16"),
         dict(weights="fp4", compute_dtype=torch.float32, skip_modules=["lm_head", "mlp.down_proj"]),
         dict(weights="int8", outlier_threshold=0.0),
+        dict(weights="int8", activations=None, compute_dtype="bfloat16"),
+        dict(weights="int4", block_size=128),
+        dict(weights="int2", block_size=16, skip_modules=["lm_head"]),
     ],
 )
 def test_round_trip_through_json(kwargs):
@@ -60,6 +71,13 @@ def test_compute_dtype_by_name(name):
         (dict(compute_dtype="int32"), "compute_dtype"),
         (dict(compute_dtype="not_a_dtype"), "compute_dtype"),
         (dict(skip_modules="lm_head"), "skip_modules"),
+        (dict(weights="int4", double_quant=True), "double_quant"),
+        (dict(weights="int2", outlier_threshold=6.0), "outlier_threshold"),
+        (dict(weights="int4", block_size=96), "block_size"),
+        (dict(weights="int4", activations="int8"), "activations"),
+        (dict(weights="nf4", activations="int8"), "activations"),
+        (dict(weights="int8", activations="fp8"), "activations"),
+        (dict(weights="int8", activations=None, outlier_threshold=6.0), "outlier_threshold"),
     ],
 )
 def test_bad_input_names_the_field(kwargs, field):
@@ -83,6 +101,18 @@ def test_presets_load_by_name(name):
     config = LowBitConfig.from_preset(name)
     assert config.weights == name.split("-")[0]
     assert config.double_quant == (None if name == "int8" else name != "nf4-no-dq")
+
+
+def test_integer_presets():
+    assert (LowBitConfig.from_preset("int4").weights, LowBitConfig.from_preset("int2").weights) == ("int4", "int2")
+    weight_only = LowBitConfig.from_preset("int8-weight-only")
+    assert (weight_only.weights, weight_only.activations, weight_only.outlier_threshold) == ("int8", None, None)
+
+
+def test_config_without_activations_keeps_llm_int8():
+    # a config.json written before the field existed
+    saved = {k: v for k, v in LowBitConfig(weights="int8").to_dict().items() if k != "activations"}
+    assert LowBitConfig.from_dict(saved).activations == "int8"
 
 
 def test_preset_list_and_unknown_preset():

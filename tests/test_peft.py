@@ -26,11 +26,14 @@ import oracles
 from conftest import tiny_llama_config
 from helpers import lowbit_modules
 
-# nf4 with double quant (the QLoRA recipe), fp4, LLM.int8.
+# nf4 with double quant (the QLoRA recipe), fp4, LLM.int8, int8 weight-only, int4 and int2.
 FORMATS = {
     "nf4": dict(weights="nf4", double_quant=True),
     "fp4": dict(weights="fp4"),
     "int8": dict(weights="int8"),
+    "int8-weight-only": dict(weights="int8", activations=None),
+    "int4": dict(weights="int4"),
+    "int2": dict(weights="int2"),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

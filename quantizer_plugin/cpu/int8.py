@@ -1,4 +1,5 @@
-"""int8 on the CPU backend: weight-only, with 16-bit activations (optimum-quanto's w8a16), not LLM.int8.
+"""int8 on the CPU backend: weight-only, with 16-bit activations (optimum-quanto's w8a16), for both activations modes:
+LowBitConfig(weights="int8", activations=None) asks for exactly this, and LLM.int8 (activations="int8") runs it too.
 
 - Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.

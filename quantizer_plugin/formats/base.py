@@ -21,6 +21,10 @@ import torch.nn.functional as F
 FORMAT_VERSION = 2
 
 
+# QuantScheme.activations' default: the format's first activations mode (LLM.int8's int8 for weights="int8").
+FORMAT_DEFAULT = "the format's default"
+
+
 @dataclass(frozen=True)
 class QuantScheme:
     """The per-layer quantization settings a format needs (a projection of LowBitConfig)."""
@@ -30,6 +34,16 @@ class QuantScheme:
     double_quant: bool = True
     outlier_threshold: float = 6.0
     format_version: int = FORMAT_VERSION
+    activations: str | None = FORMAT_DEFAULT  # "int8" (LLM.int8) or None (16-bit activations)
+
+    def __post_init__(self):
+        if self.activations == FORMAT_DEFAULT:
+            object.__setattr__(self, "activations", next(iter(get_format(self.weights).settings)))
+
+    def detail(self) -> str:
+        """The settings that apply to this format and activations mode, as `name=value` pairs."""
+        applicable = get_format(self.weights).settings[self.activations]
+        return ", ".join([f"activations={self.activations}", *(f"{name}={getattr(self, name)}" for name in applicable)])
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,9 @@ class WeightFormat(ABC):
 
     name: str
     bits: int
+    # The LowBitConfig fields this format reads (besides weights and compute_dtype) with their defaults, for each
+    # activations mode it accepts; the first mode is the default. 16-bit activations (None) for weight-only formats.
+    settings: dict[str | None, dict[str, object]] = {None: {}}
 
     @abstractmethod
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:

@@ -38,6 +38,7 @@ def _cdiv(a: int, b: int) -> int:
 
 class Codebook4BitFormat(WeightFormat):
     bits = 4
+    settings = {None: {"block_size": 64, "double_quant": True}}
 
     def __init__(self, name: str, code: torch.Tensor):
         if code.shape != (16,) or code.dtype != torch.float32:

@@ -1,4 +1,5 @@
-"""LLM.int8 (Dettmers et al. 2022): int8 weights with one absmax scale per output row, and a mixed-precision matmul.
+"""LLM.int8 (Dettmers et al. 2022): int8 weights with one absmax scale per output row, and a mixed-precision matmul;
+or, with activations=None, the same weights multiplied by 16-bit activations (weight-only int8).
 
 At matmul time the activation columns (input features) holding any |x| >= outlier_threshold are multiplied in
 floating point against the dequantized weight columns; every other column goes through int8 x int8 with one
@@ -55,6 +56,9 @@ def quantize_activations(x2d: torch.Tensor, threshold: float) -> tuple[torch.Ten
 class Int8RowwiseFormat(WeightFormat):
     name = "int8"
     bits = 8
+    # LLM.int8 by default; activations=None is weight-only (optimum-quanto's w8a16): the same stored tensors, and
+    # x @ dequant(W).T in 16-bit.
+    settings = {"int8": {"outlier_threshold": 6.0}, None: {}}
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         return {
@@ -85,6 +89,8 @@ class Int8RowwiseFormat(WeightFormat):
         scheme: QuantScheme,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
+        if scheme.activations is None:
+            return super().reference_linear(x, tensors, bias, out_features, in_features, scheme, compute_dtype)
         w_int8, w_absmax = tensors["weight"], tensors["weight_scale"]
         x2d = x.reshape(-1, in_features).to(compute_dtype)
         x_int8, x_absmax, outliers = quantize_activations(x2d, scheme.outlier_threshold)
