@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from .config import LowBitConfig, preset_fields, preset_names
+from .config import FORMAT_SETTINGS, LowBitConfig, preset_fields, preset_names
 from .formats import format_names, get_format
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
@@ -106,7 +106,7 @@ def build_config(args) -> LowBitConfig:
         config["activations"] = ACTIVATIONS[args.activations]
         # a preset's settings that the chosen activations mode does not take give way (an option given here stays)
         applicable = get_format(config["weights"]).settings.get(config["activations"], {})
-        for field in ("block_size", "double_quant", "outlier_threshold"):
+        for field in FORMAT_SETTINGS:
             if field not in applicable and overrides[field] is None:
                 config.pop(field, None)
     return LowBitConfig.from_dict(config)

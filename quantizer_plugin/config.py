@@ -34,6 +34,8 @@ def _resolve_compute_dtype(value: Any) -> torch.dtype:
     return value
 
 
+# The fields a format's settings may name (WeightFormat.settings); which apply depends on weights and activations.
+FORMAT_SETTINGS = ("double_quant", "block_size", "outlier_threshold")
 _UNSET = object()  # LowBitConfig(activations=...) not given: the format's default (None is a value: 16-bit)
 
 
@@ -100,13 +102,13 @@ class LowBitConfig(QuantizationConfigMixin):
 
         modes = get_format(weights).settings  # activations mode -> the settings that apply, with their defaults
         if activations is _UNSET:
-            activations = next(iter(modes))
+            activations = get_format(weights).default_activations
         if activations not in modes:
             raise ValueError(
                 f"LowBitConfig.activations: weights={weights!r} takes activations in {list(modes)}, got {activations!r}"
             )
         self.activations = activations
-        given = {"double_quant": double_quant, "block_size": block_size, "outlier_threshold": outlier_threshold}
+        given = dict(zip(FORMAT_SETTINGS, (double_quant, block_size, outlier_threshold)))
         applicable = modes[activations]
         for field, value in given.items():
             if field in applicable:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import QuantScheme, TensorSpec, WeightFormat, refuse_non_finite
+from .base import QuantScheme, TensorSpec, WeightFormat, cdiv, refuse_non_finite
 
 # Rows fitted at a time: the fit's float32 temporaries stay a few tens of megabytes whatever the weight's size.
 _CHUNK_ELEMENTS = 1 << 21
@@ -24,10 +24,6 @@ _CHUNK_ELEMENTS = 1 << 21
 _LP_NORM, _BETA, _KAPPA, _HQQ_STEPS = 0.7, 10.0, 1.01, 5
 _LEAST_SQUARES_STEPS = 5  # more steps gained under 1% of squared error on random and outlier-laden weights
 _TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a smaller scale would lose precision when stored
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, top: int) -> torch.Tensor:
@@ -45,7 +41,7 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     scale = ((high - low) / top).clamp_(min=_TINY).half().float()  # round-to-nearest's, as stored
     zero = -low / scale
     best_scale, best_zero = scale.half(), zero.half()
-    best_error = _squared_error(w, _codes(w, best_scale.float(), best_zero.float(), top), best_scale.float(), best_zero.float())
+    best_error = torch.full_like(low, torch.inf)
 
     def keep_if_better(scale: torch.Tensor, zero: torch.Tensor) -> None:
         nonlocal best_error
@@ -56,6 +52,8 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
         best_error = torch.where(better, error, best_error)
         best_scale.copy_(torch.where(better, stored_scale, best_scale))
         best_zero.copy_(torch.where(better, stored_zero, best_zero))
+
+    keep_if_better(scale, zero)  # round-to-nearest: the candidate every later one must beat
 
     # HQQ: the zero point that best explains the codes once the error's outliers are shrunk away (lp, p < 1).
     beta = _BETA
@@ -92,9 +90,9 @@ class IntAffineFormat(WeightFormat):
         self.per_byte = 8 // bits
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
-        groups = _cdiv(in_features, scheme.block_size)
+        groups = cdiv(in_features, scheme.block_size)
         return {
-            "weight": TensorSpec((out_features, _cdiv(in_features, self.per_byte)), torch.uint8),
+            "weight": TensorSpec((out_features, cdiv(in_features, self.per_byte)), torch.uint8),
             "weight_scale": TensorSpec((out_features, groups), torch.float16),
             "weight_zero": TensorSpec((out_features, groups), torch.float16),
         }
@@ -127,7 +125,7 @@ class IntAffineFormat(WeightFormat):
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """(rows, k) codes as bytes, `per_byte` to a byte, the first in the high bits; the last byte zero-padded."""
         n, k = codes.shape
-        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, _cdiv(k, self.per_byte) * self.per_byte - k))
+        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, cdiv(k, self.per_byte) * self.per_byte - k))
         codes = codes.reshape(n, -1, self.per_byte)
         packed = torch.zeros(codes.shape[:2], dtype=torch.uint8, device=codes.device)
         for j in range(self.per_byte):

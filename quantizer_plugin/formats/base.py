@@ -38,7 +38,7 @@ class QuantScheme:
 
     def __post_init__(self):
         if self.activations == FORMAT_DEFAULT:
-            object.__setattr__(self, "activations", next(iter(get_format(self.weights).settings)))
+            object.__setattr__(self, "activations", get_format(self.weights).default_activations)
 
     def detail(self) -> str:
         """The settings that apply to this format and activations mode, as `name=value` pairs."""
@@ -52,6 +52,11 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for positive integers."""
+    return -(-a // b)
 
 
 def refuse_non_finite(weight: torch.Tensor) -> None:
@@ -73,6 +78,10 @@ class WeightFormat(ABC):
     # The LowBitConfig fields this format reads (besides weights and compute_dtype) with their defaults, for each
     # activations mode it accepts; the first mode is the default. 16-bit activations (None) for weight-only formats.
     settings: dict[str | None, dict[str, object]] = {None: {}}
+
+    @property
+    def default_activations(self) -> str | None:
+        return next(iter(self.settings))
 
     @abstractmethod
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:

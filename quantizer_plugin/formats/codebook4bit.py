@@ -24,16 +24,12 @@ from functools import lru_cache
 
 import torch
 
-from .base import QuantScheme, TensorSpec, WeightFormat, refuse_non_finite
+from .base import QuantScheme, TensorSpec, WeightFormat, cdiv, refuse_non_finite
 from .dynamic8bit import DOUBLE_QUANT_BLOCK, dequantize_dynamic, quantize_dynamic
 
 
 # Elements quantized at a time (a multiple of every block size, and even, so chunks pack independently).
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class Codebook4BitFormat(WeightFormat):
@@ -60,12 +56,12 @@ class Codebook4BitFormat(WeightFormat):
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         n = out_features * in_features
-        n_blocks = _cdiv(n, scheme.block_size)
+        n_blocks = cdiv(n, scheme.block_size)
         column = () if scheme.format_version < 2 else (1,)  # see FORMAT_VERSION
-        specs = {"weight": TensorSpec((_cdiv(n, 2), *column), torch.uint8)}
+        specs = {"weight": TensorSpec((cdiv(n, 2), *column), torch.uint8)}
         if scheme.double_quant:
             specs["weight_absmax_code"] = TensorSpec((n_blocks, *column), torch.uint8)
-            specs["weight_absmax_scale"] = TensorSpec((_cdiv(n_blocks, DOUBLE_QUANT_BLOCK),), torch.float32)
+            specs["weight_absmax_scale"] = TensorSpec((cdiv(n_blocks, DOUBLE_QUANT_BLOCK),), torch.float32)
             specs["weight_absmax_offset"] = TensorSpec(column, torch.float32)
         else:
             specs["weight_absmax"] = TensorSpec((n_blocks,), torch.float32)
