@@ -6,9 +6,10 @@
 The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved in bf16 (0.4B parameters). Every
 provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and lowbit-int8 with
 LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig. All are loaded side by side in one process, and the
-rounds are interleaved (each round runs every provider once). A sample is the time of `generate` for NEW_TOKENS
-greedy tokens minus the time for one token, over NEW_TOKENS - 1: decode steps only, no prefill. Reported: the
-median ms per token with p20-p80, tokens per second, and each provider's speedup over bf16.
+rounds are interleaved (each round runs every provider once). A sample is one `generate` of NEW_TOKENS greedy tokens,
+timed by a streamer as generate hands it each token: the time from the first new token to the last, over
+NEW_TOKENS - 1 (decode steps only, no prefill; one run, so no difference of two noisy timings). Reported: the median
+ms per token with p20-p80, tokens per second, and each provider's speedup over bf16.
 
 Writes benchmarks/out/cpu_decode.jsonl and benchmarks/out/cpu_decode.md (with the issue's targets, pass/fail).
 """
@@ -65,11 +66,29 @@ def load(provider: str, path: Path):
     return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
 
 
-def generate_ms(model, prompt: torch.Tensor, tokens: int) -> float:
+class TokenClock:
+    """A generate streamer (transformers' BaseStreamer interface) noting when each push arrives: first the prompt,
+    then each new token as soon as it is chosen."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def put(self, value) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def decode_ms_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
+    """ms per decode step: from the first new token (the prefill's) to the last, over tokens - 1 steps."""
+    clock = TokenClock()
     with torch.no_grad():
-        start = time.perf_counter()
-        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0)
-        return (time.perf_counter() - start) * 1e3
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
+                       streamer=clock)  # fmt: skip
+    if len(clock.times) != tokens + 1:
+        raise RuntimeError(f"generate pushed {len(clock.times) - 1} tokens, expected {tokens}")
+    return (clock.times[-1] - clock.times[1]) / (tokens - 1) * 1e3
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,16 +115,14 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             models[provider] = load(provider, path)
             load_s[provider] = time.perf_counter() - start
-            generate_ms(models[provider], prompt, 2)  # warm-up: native build, oneDNN primitives
+            decode_ms_per_token(models[provider], prompt, 2)  # warm-up: native build, oneDNN primitives
         except Exception as error:
             skipped[provider] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         gc.collect()
     per_token: dict[str, list[float]] = {provider: [] for provider in models}
     for _ in range(rounds):
         for provider, model in models.items():
-            full = generate_ms(model, prompt, new_tokens)
-            first = generate_ms(model, prompt, 1)
-            per_token[provider].append((full - first) / (new_tokens - 1))
+            per_token[provider].append(decode_ms_per_token(model, prompt, new_tokens))
     rows = []
     for provider, samples in per_token.items():
         median, p20, p80 = torch.tensor(samples).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
