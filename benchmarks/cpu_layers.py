@@ -5,10 +5,13 @@
 
 Providers (each skipped, with the reason in the report, where its library is missing or refuses the layer):
 - bf16: torch.nn.functional.linear on the 16-bit weight (oneDNN; AMX on CPUs that have it);
-- lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8: our LowBitLinear through the dispatch seam, i.e.
-  the CPU backend (the record of which kernel served the calls goes in the report);
+- lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8's config; on the CPU it runs weight-only),
+  lowbit-int8-wo (activations=None), lowbit-int4, lowbit-int2 (group 64): our LowBitLinear through the dispatch
+  seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
-- quanto-int4, quanto-int8: optimum-quanto's qint4 (group 64) / qint8 weights with bf16 activations;
+- quanto-int2, quanto-int4, quanto-int8: optimum-quanto's qint2 / qint4 (group 64) / qint8 weights, bf16 activations;
+- torch-int4: torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu) on lowbit-int4's codes, group 64 (its scale
+  and zero point rounded to bfloat16, as that op takes them);
 - torchao-int8: torchao's Int8WeightOnlyConfig; torchao-int4: Int4WeightOnlyConfig (group 64, plain packing).
 Timings are medians (with p20-p80) over interleaved rounds: each round times every provider once, in turn, so that
 drift of the machine touches all of them alike. Each sample is the mean of enough back-to-back calls to last about
@@ -38,8 +41,36 @@ BATCH_SIZES = [1, 16, 128]
 SMOKE_SHAPES = [(256, 512)]
 SMOKE_BATCH_SIZES = [1, 16]
 DTYPE = torch.bfloat16
-OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8"]
-PEERS = ["bnb-nf4", "bnb-int8", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8"]
+OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int2"]
+PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8", "torch-int4"]
+# Decode (M = 1) targets against bf16: the CPU-speed issue's (nf4, fp4, int8) and the integer formats issue's.
+DECODE_TARGETS = {"lowbit-nf4": 2.0, "lowbit-fp4": 2.0, "lowbit-int8": 1.5, "lowbit-int8-wo": 1.5, "lowbit-int4": 2.0,
+                  "lowbit-int2": 1.0}  # fmt: skip
+
+
+def scheme_of(provider: str):
+    from quantizer_plugin.formats import QuantScheme
+
+    weights = provider.removeprefix("lowbit-")
+    if weights == "int8-wo":
+        return QuantScheme("int8", activations=None)
+    return QuantScheme(weights, 64, True) if weights in ("nf4", "fp4") else QuantScheme(weights, 64)
+
+
+class TorchInt4(torch.nn.Module):
+    """torch's CPU int4 weight-only matmul on an int4 LowBitLinear's codes: w = (q - 8) * scale + offset per group,
+    with offset = (8 - z) * s, both in bfloat16."""
+
+    def __init__(self, layer):
+        super().__init__()
+        codes = layer.fmt.unpack(layer.weight, layer.in_features).to(torch.int32)
+        scale, zero = layer.weight_scale.float(), layer.weight_zero.float()
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+        self.scale_and_offset = torch.stack([scale.T, ((8 - zero) * scale).T], dim=-1).to(DTYPE).contiguous()
+        self.group = layer.scheme.block_size
+
+    def forward(self, x):
+        return torch._weight_int4pack_mm_for_cpu(x, self.packed, self.group, self.scale_and_offset)
 
 
 def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
@@ -50,11 +81,10 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
         return linear
     if provider.startswith("lowbit-"):
         from quantizer_plugin import LowBitLinear
-        from quantizer_plugin.formats import QuantScheme
 
-        weights = provider.removeprefix("lowbit-")
-        scheme = QuantScheme(weights, 64, True) if weights != "int8" else QuantScheme("int8")
-        return LowBitLinear.from_float(linear, scheme, compute_dtype=DTYPE)
+        return LowBitLinear.from_float(linear, scheme_of(provider), compute_dtype=DTYPE)
+    if provider == "torch-int4":
+        return TorchInt4(build("lowbit-int4", linear))
     if provider.startswith("bnb-"):
         import bitsandbytes as bnb
 
@@ -69,10 +99,10 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
             layer = layer.to("cpu")
         return layer.eval()
     if provider.startswith("quanto-"):
-        from optimum.quanto import freeze, qint4, qint8, quantize
+        from optimum.quanto import freeze, qint2, qint4, qint8, quantize
 
         model = torch.nn.Sequential(copy.deepcopy(linear))
-        quantize(model, weights=qint4 if provider == "quanto-int4" else qint8)
+        quantize(model, weights={"quanto-int2": qint2, "quanto-int4": qint4, "quanto-int8": qint8}[provider])
         freeze(model)
         return model
     if provider.startswith("torchao-"):
@@ -142,7 +172,7 @@ def targets(rows: list[Row]) -> list[str]:
             lines.append(f"- {what}: {value:.2f}x (target >= {goal:.2f}x): {'PASS' if value >= goal else 'FAIL'}")
 
     for shape in sorted({r.shape for r in rows}):
-        for provider, goal in (("lowbit-nf4", 2.0), ("lowbit-fp4", 2.0), ("lowbit-int8", 1.5)):
+        for provider, goal in DECODE_TARGETS.items():
             verdict(f"{shape}, M=1, {provider} vs bf16", ratio(shape, 1, provider, "bf16"), goal)
         for provider in OURS:
             verdict(f"{shape}, M=16, {provider} vs bf16", ratio(shape, 16, provider, "bf16"), 1.0)

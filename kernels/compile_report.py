@@ -28,7 +28,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler.compiler import ASTSource
 
-from . import codebook4bit, int8_activation, int8_backward, int8_matmul
+from . import dequant_matmul, int8_activation, int8_backward, int8_matmul
 from .tuning import interpreting
 
 HOPPER = 90
@@ -103,28 +103,38 @@ def compile_one(build: Build, arch: int) -> Report:
     )  # fmt: skip
 
 
-def _codebook4bit_builds() -> list[Build]:
+def _dequant_matmul_builds() -> list[Build]:
     weight = dict(
         packed_ptr="*u8", absmax_ptr="*fp32", absmax_code_ptr="*u8", absmax_scale_ptr="*fp32",
-        absmax_offset_ptr="*fp32", dynamic_code_ptr="*fp32", codebook_ptr="*fp32",
+        absmax_offset_ptr="*fp32", dynamic_code_ptr="*fp32", codebook_ptr="*fp32", scale_ptr="*fp32",
+        zero_ptr="*fp32",
     )  # fmt: skip
-    # (dtype, block size, aligned rows, double quant): the default NF4 layout first, then a block inside one K
-    # tile in fp16, rows that straddle blocks and bytes, and a block longer than any K tile.
-    layouts = [("bf16", 64, True, True), ("fp16", 16, True, False), ("bf16", 64, False, True), ("bf16", 4096, True, True)]
+    affine = dict(weight, scale_ptr="*fp16", zero_ptr="*fp16")
+    int8 = dict(weight, packed_ptr="*i8")
+    kinds = dequant_matmul.CODEBOOK, dequant_matmul.AFFINE, dequant_matmul.INT8
+    # (name, weight pointers, KIND, BITS, dtype, block size, aligned rows, double quant): the default NF4 layout
+    # first, then a block inside one K tile in fp16, rows that straddle blocks and bytes, and a block longer than
+    # any K tile; then int4, int2 and weight-only int8.
+    layouts = [
+        ("4bit", weight, kinds[0], 4, "bf16", 64, True, True), ("4bit", weight, kinds[0], 4, "fp16", 16, True, False),
+        ("4bit", weight, kinds[0], 4, "bf16", 64, False, True), ("4bit", weight, kinds[0], 4, "bf16", 4096, True, True),
+        ("int4", affine, kinds[1], 4, "bf16", 64, False, False), ("int2", affine, kinds[1], 2, "fp16", 64, False, False),
+        ("int8 weight-only", int8, kinds[2], 8, "bf16", 64, False, False),
+    ]  # fmt: skip
     builds = []
-    for index, (dt, block, aligned, dq) in enumerate(layouts):
-        common = dict(QUANT_BLOCK=block, DQ_BLOCK=256, DOUBLE_QUANT=dq, ALIGNED=aligned, DOT_PRECISION="tf32",
-                      INTERPRETED=False)  # fmt: skip
-        forward = dict(x_ptr="*" + dt, **weight, bias_ptr="*" + dt, y_ptr="*" + dt, workspace_ptr="*fp32",
+    for index, (family, pointers, kind, bits, dt, block, aligned, dq) in enumerate(layouts):
+        common = dict(QUANT_BLOCK=block, DQ_BLOCK=256, DOUBLE_QUANT=dq, ALIGNED=aligned, KIND=kind, BITS=bits,
+                      DOT_PRECISION="tf32", INTERPRETED=False)  # fmt: skip
+        forward = dict(x_ptr="*" + dt, **pointers, bias_ptr="*" + dt, y_ptr="*" + dt, workspace_ptr="*fp32",
                        counter_ptr="*i32")  # fmt: skip
-        backward = dict(grad_y_ptr="*" + dt, **weight, grad_x_ptr="*" + dt)
-        for name, kernel, pointers, constexprs in [
-            ("4bit forward, decode", codebook4bit._FORWARD_DECODE, forward, dict(common, HAS_BIAS=True)),
-            ("4bit forward, prefill", codebook4bit._FORWARD_PREFILL, forward, dict(common, HAS_BIAS=True)),
-            ("4bit grad_input", codebook4bit._GRAD_INPUT, backward, common),
+        backward = dict(grad_y_ptr="*" + dt, **pointers, grad_x_ptr="*" + dt)
+        for name, kernel, arguments, constexprs in [
+            (f"{family} forward, decode", dequant_matmul._FORWARD_DECODE, forward, dict(common, HAS_BIAS=True)),
+            (f"{family} forward, prefill", dequant_matmul._FORWARD_PREFILL, forward, dict(common, HAS_BIAS=True)),
+            (f"{family} grad_input", dequant_matmul._GRAD_INPUT, backward, common),
         ]:
             configs = kernel.configs if index == 0 else kernel.configs[:1]
-            builds += [Build(f"{name} ({dt})", kernel, pointers, constexprs, config) for config in configs]
+            builds += [Build(f"{name} ({dt})", kernel, arguments, constexprs, config) for config in configs]
     return builds
 
 
@@ -155,7 +165,7 @@ def _int8_builds() -> list[Build]:
 def all_builds() -> list[Build]:
     if interpreting():
         raise RuntimeError("the kernels were defined for Triton's interpreter: run this with TRITON_INTERPRET unset")
-    return _codebook4bit_builds() + _int8_builds()
+    return _dequant_matmul_builds() + _int8_builds()
 
 
 def print_reports(reports: list[Report], file=sys.stdout) -> None:

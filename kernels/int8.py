@@ -4,7 +4,8 @@ The maths lives in int8_activation (outlier columns, row quantization), int8_mat
 tiled and weight-streaming) and int8_backward (grad_x through the frozen weight). Like the reference
 (quantizer_plugin.formats.int8.reference_linear), the input is first cast to the layer's compute dtype, the
 kernels compute in it, and the result is returned in the input's dtype. Weight-only int8 (activations=None) runs
-the reference forward; its input gradient is the same kernel's.
+the weight-only kernel of dequant_matmul.py (16-bit activations, the weight dequantized in registers); its input
+gradient is the same as LLM.int8's.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from quantizer_plugin.ops import reference_forward, register_kernel
+from quantizer_plugin.ops import register_kernel
 
+from . import dequant_matmul
 from .int8_backward import int8_grad_input
 from .int8_matmul import int8_linear
 
@@ -24,8 +26,8 @@ if TYPE_CHECKING:
 
 @register_kernel("int8", "triton")
 def int8_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    if layer.scheme.activations is None:  # weight-only int8 has no Triton kernel yet: dequantize, 16-bit GEMM
-        return reference_forward(x, layer)
+    if layer.scheme.activations is None:
+        return dequant_matmul.linear_forward(x, layer)
     tensors = layer.quantized_tensors()
     x2d = x.reshape(-1, layer.in_features).to(layer.compute_dtype).contiguous()
     bias = layer.bias.detach() if layer.bias is not None else None

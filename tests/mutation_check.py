@@ -56,9 +56,24 @@ def dequantize_4bit_returns_zeros():
 
 
 def kernel_4bit_falls_back_to_the_reference():
-    import quantizer_plugin.kernels.codebook4bit as kernels
+    import quantizer_plugin.kernels.dequant_matmul as kernels
 
     patch(kernels, "_fits", lambda layer: False)
+
+
+def kernel_affine_ignores_the_zero_points():
+    # the generic Triton kernel handed zero points of 0 for int4/int2
+    import torch
+
+    import quantizer_plugin.kernels.dequant_matmul as kernels
+
+    original = kernels._weight_args
+
+    def without_zero_points(tensors, fmt, scheme, device):
+        args = original(tensors, fmt, scheme, device)
+        return (*args[:-1], torch.zeros_like(args[-1])) if kernels.kind_of(fmt) == kernels.AFFINE else args
+
+    patch(kernels, "_weight_args", without_zero_points)
 
 
 def kernel_int8_entry_points_run_the_reference():
@@ -217,6 +232,20 @@ def cpu_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_affine_fused_drops_the_zero_points():
+    # the int4/int2 fused kernel handed zero points of 0 (as if the format were symmetric)
+    import torch
+
+    def without_zero_points(kernel):
+        return lambda x, packed, scale, zero, *rest: kernel(x, packed, scale, torch.zeros_like(zero), *rest)
+
+    wrap_native_kernel("gemv_affine", without_zero_points)
+
+
+def cpu_affine_tiles_take_the_columns_shifted():
+    wrap_native_kernel("linear_affine_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
 def cpu_quantizer_shifts_the_absmax():
     # the native 4-bit quantizer pairs each block with its neighbour's absmax
     def shifted(kernel):
@@ -329,6 +358,15 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+    "kernel-affine-ignores-zero-points": Mutation(
+        "the Triton kernel reads int4/int2 with zero points of 0", kernel_affine_ignores_the_zero_points,
+        ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),
+    "cpu-affine-fused-drops-zero-points": Mutation(
+        "the int4/int2 fused kernel ignores the zero points", cpu_affine_fused_drops_the_zero_points,
+        ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",)),
+    "cpu-affine-tiles-shifted-columns": Mutation(
+        "the int4/int2 AMX tile kernel's activation columns off by one", cpu_affine_tiles_take_the_columns_shifted,
+        ("tests/test_cpu_affine.py::test_the_affine_tile_kernel_multiplies_exactly_the_references_weights",)),
     "affine-fit-is-round-to-nearest": Mutation(
         "int4/int2 fitted by plain round-to-nearest on min/max", affine_fit_is_round_to_nearest,
         ("tests/test_integer_formats.py::test_fit_beats_round_to_nearest_in_every_group_and_hqq_overall",)),

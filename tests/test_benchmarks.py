@@ -127,7 +127,7 @@ def cpu_benchmarks(monkeypatch):
 
 def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, tmp_path):
     cpu_layers, _ = cpu_benchmarks
-    providers = "bf16,lowbit-nf4,lowbit-int8,bnb-nf4"
+    providers = "bf16,lowbit-nf4,lowbit-int8,lowbit-int4,bnb-nf4"
     assert cpu_layers.main(["--smoke", "--out", str(tmp_path), "--providers", providers]) == 0
     rows = [json.loads(line) for line in (tmp_path / "cpu_layers.jsonl").read_text().splitlines()]
     assert {(row["provider"], row["m"]) for row in rows} == {
@@ -139,6 +139,7 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
         assert abs(error["lowbit-nf4", m] - error["bnb-nf4", m]) <= 0.2 * error["bnb-nf4", m]
     report = (tmp_path / "cpu_layers.md").read_text()
     assert "lowbit-nf4: cpu.codebook4bit." in report and "lowbit-int8: cpu.int8." in report and "Targets:" in report
+    assert "lowbit-int4: cpu.affine." in report
 
 
 def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):

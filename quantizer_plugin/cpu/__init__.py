@@ -9,4 +9,4 @@ ops.py imports this package on the first call with a CPU tensor; importing it re
 nothing (the native build happens on first use).
 """
 
-from . import codebook4bit, int8  # noqa: F401  (registration side effect)
+from . import affine, codebook4bit, int8  # noqa: F401  (registration side effect)

@@ -233,6 +233,55 @@ inline at::Tensor pack_activations(const at::Tensor& x) {
       .contiguous();
 }
 
+// Rows [n0, n0 + rows), columns [k_begin, k_end) of a weight of 4-bit codes (the checkpoint's bytes: each row in
+// K / 2 bytes, two codes a byte, the first in the high nibble; NF4/FP4 and int4) in bfloat16 at tile_offset, bit for
+// bit the reference's: `table(b)` gives the 16 values (float32) the codes of block b stand for, which are rounded
+// once to bfloat16 into the table vpermw looks the codes up in (NF4/FP4: the codebook times the block's absmax;
+// int4: (i - z) * s). Block b holds the weight's flat elements [b * block, (b + 1) * block). Each 128 columns (64
+// bytes: 32 little-endian words of four codes) take four lookups, one per shift of the words: element 4i + j of the
+// first 64 columns is in bits (j ^ 1) * 4 of word i (the first element of a byte is its high nibble), and of the
+// second 64 in word 16 + i, whose index also gets bit 4 set to read the second half of a 32-entry table holding the
+// second 64 columns' block. So lookup j writes the 32 columns [32j, 32j + 32) as elements 4i + j, then 64 + 4i + j,
+// i < 16, and the activations are packed in that order (pack_activations_nibble_order). Needs K % 128 == 0,
+// block % 64 == 0 (a power of two), the range on 128s.
+template <typename Table>
+AMX_BF16 void write_weights_4bit(const uint8_t* packed, const Table& table, int64_t block, int64_t K, int64_t n0,
+                                 int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
+  const __m512i nibble = _mm512_set1_epi16(0xF);
+  const __m512i second_table = _mm512_maskz_set1_epi16(0xFFFF0000, 16);
+  constexpr int nibble_or_table = 0xEA;  // vpternlog: (words & nibble) | second_table
+  const int block_shift = __builtin_ctzll(block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = packed + (n0 + r) * (K / 2) + k_begin / 2;
+    uint16_t* out = a + tile_offset(r, 0);  // 128 columns = four tiles on: a pointer step, no division per step
+    const int64_t row_start = (n0 + r) * K;
+    for (int64_t e = row_start + k_begin; e < row_start + k_end; e += 128, bytes += 64, out += 4 * TILE_ELEMENTS) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * (K / 2)), _MM_HINT_T1);
+      const __m512i values = (__m512i)_mm512_cvtne2ps_pbh(table((e + 64) >> block_shift), table(e >> block_shift));
+      const __m512i words = _mm512_loadu_si512(bytes);
+      for (int j = 0; j < 4; ++j) {
+        const __m512i shifted = _mm512_srli_epi16(words, (j ^ 1) * 4);
+        const __m512i index = _mm512_ternarylogic_epi32(shifted, nibble, second_table, nibble_or_table);
+        _mm512_storeu_si512(out + j * TILE_ELEMENTS, _mm512_permutexvar_epi16(index, values));
+      }
+    }
+  }
+}
+
+// pack_activations for x (M, K) whose columns the tiles take in write_weights_4bit's order: column 128G + 32j +
+// 16h + i of the tiles is x's 128G + 64h + 4i + j.
+inline at::Tensor pack_activations_nibble_order(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 matrix");
+  const int64_t M = x.size(0), K = x.size(1), groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+  TORCH_CHECK(K % 128 == 0, "the 4-bit AMX kernel needs K a multiple of 128, not ", K);
+  // x as (groups, m, G, h, i / 2, i % 2, j), to (G, j, groups, h, i / 2, m, i % 2): tile 4G + j, pair 8h + i / 2
+  return at::constant_pad_nd(x, {0, 0, 0, groups * TILE_ROWS - M})
+      .reshape({groups, TILE_ROWS, K / 128, 2, 8, 2, 4})
+      .permute({2, 6, 0, 3, 4, 1, 5})
+      .contiguous()
+      .view({K / TILE_K, groups, TILE_ROWS, TILE_ROWS, 2});
+}
+
 // y (M, N) float32 = x @ W.T on the tiles, x (M, K) packed by a pack_activations* function into `xp`.
 // `write_codes(n0, rows, k_begin, k_end, a)` writes weight rows [n0, n0 + rows), columns [k_begin, k_end), as
 // bfloat16 at tile_offset(r, k - k_begin) of `a` (in the column order x was packed in); `row_scale(n)` is the

@@ -168,6 +168,13 @@ AVX512 void decode_absmax(const Absmax& a, int64_t first, int64_t count, float* 
   for (; i < count; ++i) out[i] = a(first + i);
 }
 
+// For amx.h's write_weights_4bit: a block's 16 codebook entries times its absmax (float32, as the reference).
+struct CodebookTable {
+  const float* lut;
+  const Absmax& absmax;
+  AVX512 inline __m512 operator()(int64_t b) const { return _mm512_mul_ps(_mm512_loadu_ps(lut), _mm512_set1_ps(absmax(b))); }
+};
+
 // --- the fused dequantize-and-multiply for a few activation rows ------------------------------------------------
 
 // y[m][n] for rows n in [n_begin, n_end): K % block == 0 and block % 32 == 0, so every row starts on a byte and on a
@@ -245,54 +252,6 @@ AVX512_BF16 void gemv_rows_bf16(const uint8_t* packed, const Absmax& absmax, con
     }
     for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]);
   }
-}
-
-// Rows [n0, n0 + rows), columns [k_begin, k_end) of the weight in bfloat16 at amx.h's tile_offset, bit for bit the
-// reference's: the codebook's 16 entries times a block's absmax (float32), rounded once to bfloat16, make the table
-// that vpermw looks the codes up in. Each 128 columns (64 bytes: 32 little-endian words of four codes) take four
-// lookups, one per shift of the words: element 4i + j of the first 64 columns is in bits (j ^ 1) * 4 of word i (the
-// first element of a byte is its high nibble), and of the second 64 in word 16 + i, whose index also gets bit 4 set
-// to read the second half of a 32-entry table holding the second 64 columns' block. So lookup j writes the 32
-// columns [32j, 32j + 32) as elements 4i + j, then 64 + 4i + j, i < 16, and the activations are packed in that
-// order (pack_activations_nibble_order). Needs K % 128 == 0, block % 64 == 0 (a power of two), the range on 128s.
-AVX512_BF16 void write_weights_4bit(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block,
-                                    int64_t K, int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
-  const __m512 codebook = _mm512_loadu_ps(lut);
-  const __m512i nibble = _mm512_set1_epi16(0xF);
-  const __m512i second_table = _mm512_maskz_set1_epi16(0xFFFF0000, 16);
-  constexpr int nibble_or_table = 0xEA;  // vpternlog: (words & nibble) | second_table
-  const int block_shift = __builtin_ctzll(block);
-  for (int64_t r = 0; r < rows; ++r) {
-    const uint8_t* bytes = packed + (n0 + r) * (K / 2) + k_begin / 2;
-    uint16_t* out = a + tile_offset(r, 0);  // 128 columns = four tiles on: a pointer step, no division per step
-    const int64_t row_start = (n0 + r) * K;
-    for (int64_t e = row_start + k_begin; e < row_start + k_end; e += 128, bytes += 64, out += 4 * TILE_ELEMENTS) {
-      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * (K / 2)), _MM_HINT_T1);
-      const __m512 first = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax(e >> block_shift)));
-      const __m512 second = _mm512_mul_ps(codebook, _mm512_set1_ps(absmax((e + 64) >> block_shift)));
-      const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(second, first);
-      const __m512i words = _mm512_loadu_si512(bytes);
-      for (int j = 0; j < 4; ++j) {
-        const __m512i shifted = _mm512_srli_epi16(words, (j ^ 1) * 4);
-        const __m512i index = _mm512_ternarylogic_epi32(shifted, nibble, second_table, nibble_or_table);
-        _mm512_storeu_si512(out + j * TILE_ELEMENTS, _mm512_permutexvar_epi16(index, table));
-      }
-    }
-  }
-}
-
-// amx.h's pack_activations for x (M, K) whose columns the tiles take in write_weights_4bit's order: column 128G +
-// 32j + 16h + i of the tiles is x's 128G + 64h + 4i + j.
-at::Tensor pack_activations_nibble_order(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 matrix");
-  const int64_t M = x.size(0), K = x.size(1), groups = (M + TILE_ROWS - 1) / TILE_ROWS;
-  TORCH_CHECK(K % 128 == 0, "the 4-bit AMX kernel needs K a multiple of 128, not ", K);
-  // x as (groups, m, G, h, i / 2, i % 2, j), to (G, j, groups, h, i / 2, m, i % 2): tile 4G + j, pair 8h + i / 2
-  return at::constant_pad_nd(x, {0, 0, 0, groups * TILE_ROWS - M})
-      .reshape({groups, TILE_ROWS, K / 128, 2, 8, 2, 4})
-      .permute({2, 6, 0, 3, 4, 1, 5})
-      .contiguous()
-      .view({K / TILE_K, groups, TILE_ROWS, TILE_ROWS, 2});
 }
 
 void gemv_rows_scalar(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K,
@@ -539,7 +498,7 @@ at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed, cons
   return tile_linear(
       pack_activations_nibble_order(x), x.size(0), N, std::max<int64_t>(block, 128),
       [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
-        write_weights_4bit(p, a, table, block, K, n0, rows, k_begin, k_end, out);
+        write_weights_4bit(p, CodebookTable{table, a}, block, K, n0, rows, k_begin, k_end, out);
       },
       [](int64_t) { return 1.0f; });  // the written weights are scaled already
 }

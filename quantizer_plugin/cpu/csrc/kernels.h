@@ -45,6 +45,22 @@ std::tuple<at::Tensor, at::Tensor, bool> quantize_int8(const at::Tensor& weight)
 // y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles, K a multiple of 32.
 at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 
+// int4/int2 (formats/affine.py): `packed` uint8 (N, ceil(K * bits / 8)), `scale` and `zero` float16 (N, groups);
+// the fused kernels need K a multiple of the block and the block of 64, and return y (M, N) float32.
+at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t bits, int64_t block);
+at::Tensor gemv_affine_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const at::Tensor& zero, int64_t bits, int64_t block);
+// y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles, K a multiple of the block and of 128,
+// the block of 64.
+at::Tensor linear_affine_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t block);
+// out (last - first, K) = rows [first, last) of the weight, dequantized as the reference does, in out's dtype.
+void dequantize_affine(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                       int64_t block, int64_t first, int64_t last, at::Tensor& out);
+at::Tensor linear_affine_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                 const at::Tensor& zero, int64_t bits, int64_t block, int64_t rows_per_chunk);
+
 bool has_avx512();
 bool has_avx512_bf16();
 bool has_amx_bf16();

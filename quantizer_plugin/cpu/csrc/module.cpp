@@ -19,6 +19,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8_tiles", &linear_int8_tiles, "x @ W.T for bfloat16 x on the AMX tiles");
   m.def("quantize_4bit", &quantize_4bit, "the reference's nf4/fp4 quantization of a flat weight (codes identical)");
   m.def("quantize_int8", &quantize_int8, "the reference's int8 row quantization of a weight (values identical)");
+  m.def("gemv_affine", &gemv_affine, "y = x @ dequant(W).T for a few float32 activation rows, int4/int2 weight");
+  m.def("gemv_affine_bf16", &gemv_affine_bf16, "y = x @ dequant(W).T for a few bfloat16 activation rows, int4/int2");
+  m.def("linear_affine_tiles", &linear_affine_tiles, "x @ W.T for bfloat16 x on the AMX tiles, int4/int2 weight");
+  m.def("dequantize_affine", &dequantize_affine, "dequantize rows [first, last) of an int4/int2 weight into out");
+  m.def("linear_affine_chunked", &linear_affine_chunked, "x @ W.T, W (int4/int2) dequantized in row chunks per thread");
   m.def("uses_amx_bf16", &has_amx_bf16, "whether the AMX kernels run here (AMX-BF16 and the tile state granted)");
   m.def("uses_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");

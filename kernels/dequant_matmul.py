@@ -1,21 +1,26 @@
-"""Fused dequantize-and-multiply kernels for the 4-bit codebook formats (NF4, FP4), forward and input gradient.
+"""Fused dequantize-and-multiply kernels for the weight-only formats, forward and input gradient: the 4-bit codebooks
+(NF4, FP4), the integer affine formats (int4, int2) and int8 with 16-bit activations (weights="int8",
+activations=None).
 
-The weight stays in the stored layout of quantizer_plugin.formats.codebook4bit (flat row-major codes, two per byte,
-first element in the high nibble; one absmax per `block_size` consecutive elements, optionally double-quantized),
-so checkpoints and kernels share one format. Each kernel dequantizes a [rows, BLOCK_K] tile of W in registers
-(code -> codebook value -> times the block's absmax, itself decoded from its 8-bit code, block scale and offset
-with double quantization) and feeds it to tl.dot; the 16-bit weight is never written to memory. One generic kernel
-serves both formats: the codebook is a 16-entry table passed by pointer, and the double-quant and layout variants
-are tl.constexpr flags.
-
-Two layouts of the tile load, picked by the launcher:
-- ALIGNED (in_features a multiple of block_size): each row starts on a byte and a block boundary, so the tile is
-  loaded as whole bytes split into two nibbles, and its absmax as one value per (row, block), broadcast;
-- otherwise (blocks and bytes may straddle rows): every element finds its byte and its block by its flat index.
+The weight stays in its format's stored layout (quantizer_plugin.formats), so checkpoints and kernels share one
+format. Each kernel dequantizes a [rows, BLOCK_K] tile of W in registers and feeds it to tl.dot; the 16-bit weight is
+never written to memory. One generic kernel serves every format, specialised by tl.constexpr: KIND picks the tile
+dequantizer (below), BITS the integer width, DOUBLE_QUANT and ALIGNED the codebook variants.
+- Codebook (NF4/FP4: flat row-major codes, two per byte, the first element in the high nibble; one absmax per
+  `block_size` consecutive elements, optionally double-quantized): code -> codebook value (a 16-entry table passed
+  by pointer) -> times the block's absmax, itself decoded from its 8-bit code, block scale and offset with double
+  quantization. Two layouts of the tile load, picked by the launcher:
+  - ALIGNED (in_features a multiple of block_size): each row starts on a byte and a block boundary, so the tile is
+    loaded as whole bytes split into two nibbles, and its absmax as one value per (row, block), broadcast;
+  - otherwise (blocks and bytes may straddle rows): every element finds its byte and its block by its flat index.
+- Affine (int4/int2: each row in its own ceil(K * bits / 8) bytes, codes from the high bits; a float16 scale and zero
+  point per group of a row): (q - z) * s, as the reference computes it.
+- Int8 (int8 values (N, K), float32 row absmax): q * (absmax / 127), as the reference computes it.
+Each tile is then rounded to the activations' dtype, as the reference rounds the whole weight.
 
 Shapes: decode (M <= 16) uses a weight-streaming configuration (a 16-row x tile, narrow N tiles so that enough
 programs stream the weight to fill the GPU, long K tiles); prefill uses tensor-core-sized tiles. Both are autotuned
-on (M bucket, N, K).
+on (M bucket, N, K, format).
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
-from quantizer_plugin.formats import QuantScheme
+from quantizer_plugin.formats import QuantScheme, WeightFormat
+from quantizer_plugin.formats.affine import IntAffineFormat
 from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
 from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
 from quantizer_plugin.ops import reference_backward, reference_forward, register_kernel, served
@@ -39,6 +45,9 @@ from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_conf
 
 # The kernels index the flat weight with 32-bit integers; larger layers take the reference path.
 MAX_ELEMENTS = 2**31 - 1
+# KIND: which tile dequantizer a launch is specialised for, and the name its launches are recorded under.
+CODEBOOK, AFFINE, INT8 = 0, 1, 2
+FAMILY = {CODEBOOK: "codebook4bit", AFFINE: "affine", INT8: "int8_weight_only"}
 
 
 @triton.jit
@@ -56,13 +65,13 @@ def _load_absmax(
 
 
 @triton.jit
-def _dequantize_tile(
+def _codebook_tile(
     packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, codebook_ptr,
     rows, k0, N, K,
     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
 ):  # fmt: skip
-    """float32 tile dequant(W)[rows, k0 : k0 + BLOCK_K], zero outside W. k0 is a multiple of BLOCK_K."""
+    """NF4/FP4: float32 tile dequant(W)[rows, k0 : k0 + BLOCK_K], zero outside W. k0 is a multiple of BLOCK_K."""
     row_ok = rows < N
     if ALIGNED:
         # K % QUANT_BLOCK == 0, so K is even: row r's codes are bytes r*K/2 .. (r+1)*K/2 - 1.
@@ -106,12 +115,59 @@ def _dequantize_tile(
 
 
 @triton.jit
+def _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                 BITS: tl.constexpr):  # fmt: skip
+    """int4/int2: float32 tile (q - z) * s of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    ok = (rows < N)[:, None] & (cols < K)[None, :]
+    row_bytes = (K * BITS + 7) // 8
+    packed = tl.load(packed_ptr + rows[:, None] * row_bytes + (cols // (8 // BITS))[None, :], mask=ok, other=0)
+    shift = 8 - BITS * (cols % (8 // BITS) + 1)  # the first code of a byte is in its high bits
+    codes = (packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
+    at = rows[:, None] * tl.cdiv(K, GROUP) + (cols // GROUP)[None, :]
+    scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(zero_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    return (codes.to(tl.float32) - zero) * scale
+
+
+@triton.jit
+def _int8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr):
+    """int8 (weight-only): float32 tile q * (absmax / 127) of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    values = tl.load(packed_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0).to(tl.float32)
+    return values * (tl.load(scale_ptr + rows, mask=row_ok, other=0.0) / 127.0)[:, None]
+
+
+@triton.jit
+def _dequantize_tile(
+    packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, codebook_ptr,
+    scale_ptr, zero_ptr, rows, k0, N, K,
+    ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
+    DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    """float32 tile dequant(W)[rows, k0 : k0 + BLOCK_K] of the KIND of weight, zero outside W. The codebook formats
+    read the absmax pointers and the codebook; the affine ones scale_ptr and zero_ptr; int8 its row absmax at
+    scale_ptr. Pointers a KIND does not read are placeholders."""
+    if KIND == 1:
+        return _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, BLOCK_K, QUANT_BLOCK, BITS)
+    elif KIND == 2:
+        return _int8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K)
+    else:
+        return _codebook_tile(
+            packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
+            codebook_ptr, rows, k0, N, K, ROWS, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
+        )  # fmt: skip
+
+
+@triton.jit
 def _matmul_kernel(
     x_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
-    codebook_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
+    codebook_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
     M, N, K, M_BUCKET, stride_xm, stride_ym,
     QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32; program (tile, split) reduces
@@ -129,7 +185,8 @@ def _matmul_kernel(
         x = tl.load(x_ptr + rows_m[:, None] * stride_xm + cols[None, :], mask=x_ok, other=0.0)
         w = _dequantize_tile(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
-            codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
+            codebook_ptr, scale_ptr, zero_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK,
+            DOUBLE_QUANT, ALIGNED, KIND, BITS,
         )  # fmt: skip
         acc = dot_16bit(x, tl.trans(cast_rounded(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
     y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
@@ -143,9 +200,10 @@ def _matmul_kernel(
 @triton.jit
 def _grad_input_kernel(
     grad_y_ptr, packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
-    codebook_ptr, grad_x_ptr,
+    codebook_ptr, scale_ptr, zero_ptr, grad_x_ptr,
     M, N, K, M_BUCKET, stride_gm, stride_xm,
     QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -162,14 +220,15 @@ def _grad_input_kernel(
         g = tl.load(grad_y_ptr + rows_m[:, None] * stride_gm + rows_n[None, :], mask=g_ok, other=0.0)
         w = _dequantize_tile(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
-            codebook_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK, DOUBLE_QUANT, ALIGNED,
+            codebook_ptr, scale_ptr, zero_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK,
+            DOUBLE_QUANT, ALIGNED, KIND, BITS,
         )  # fmt: skip
         acc = dot_16bit(g, cast_rounded(w, g.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
     x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
     tl.store(grad_x_ptr + rows_m[:, None] * stride_xm + cols[None, :], cast_rounded(acc, grad_x_ptr.dtype.element_ty, INTERPRETED), mask=x_ok)
 
 
-_KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED"]
+_KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED", "KIND", "BITS"]
 _FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode", splits_k=True), _KEY)
 _FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill", splits_k=True), _KEY)
 _GRAD_INPUT = autotuned(_grad_input_kernel, matmul_configs("4bit", "grad_input"), _KEY)
@@ -181,15 +240,32 @@ def _tables(fmt: Codebook4BitFormat, device: torch.device) -> tuple[torch.Tensor
     return fmt.code(device).contiguous(), dynamic_code(device).contiguous()
 
 
-def _weight_args(tensors: dict[str, torch.Tensor], fmt: Codebook4BitFormat, scheme: QuantScheme, device) -> tuple:
-    """The weight's pointer arguments, in kernel order; unused statistics are given a placeholder tensor."""
-    codebook, code8 = _tables(fmt, device)
+def kind_of(fmt: WeightFormat) -> int:
+    if isinstance(fmt, Codebook4BitFormat):
+        return CODEBOOK
+    if isinstance(fmt, IntAffineFormat):
+        return AFFINE
+    if fmt.name == "int8":
+        return INT8
+    raise ValueError(f"format {fmt.name!r} has no weight-only Triton kernel")
+
+
+def _weight_args(tensors: dict[str, torch.Tensor], fmt: WeightFormat, scheme: QuantScheme, device) -> tuple:
+    """The weight's pointer arguments, in kernel order; pointers its KIND does not read get a placeholder tensor."""
     packed = tensors["weight"]
+    kind = kind_of(fmt)
+    if kind == AFFINE:
+        scale, zero = tensors["weight_scale"], tensors["weight_zero"]
+        return packed, scale, packed, scale, scale, scale, scale, scale, zero
+    if kind == INT8:
+        scale = tensors["weight_scale"]
+        return packed, scale, packed, scale, scale, scale, scale, scale, scale
+    codebook, code8 = _tables(fmt, device)
     if scheme.double_quant:
         code, scale, offset = tensors["weight_absmax_code"], tensors["weight_absmax_scale"], tensors["weight_absmax_offset"]
-        return packed, scale, code, scale, offset, code8, codebook
+        return packed, scale, code, scale, offset, code8, codebook, scale, scale
     absmax = tensors["weight_absmax"]
-    return packed, absmax, packed, absmax, absmax, code8, codebook
+    return packed, absmax, packed, absmax, absmax, code8, codebook, absmax, absmax
 
 
 def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -211,18 +287,20 @@ def _check_weight(tensors, fmt, scheme, n, k, device, full: bool) -> None:
         _check(f"stored tensor {name!r}", tensors[name], spec.shape, spec.dtype, device)
 
 
-def _meta(k: int, scheme: QuantScheme, dtype: torch.dtype) -> dict:
+def _meta(k: int, fmt: WeightFormat, scheme: QuantScheme, dtype: torch.dtype) -> dict:
+    kind = kind_of(fmt)
+    codebook = kind == CODEBOOK  # the other kinds read neither flag: fixed, so that they compile once
     return dict(
-        QUANT_BLOCK=scheme.block_size, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=scheme.double_quant,
-        ALIGNED=k % scheme.block_size == 0, DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        INTERPRETED=interpreting(),
+        QUANT_BLOCK=scheme.block_size, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=codebook and scheme.double_quant,
+        ALIGNED=codebook and k % scheme.block_size == 0, KIND=kind, BITS=fmt.bits,
+        DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRETED=interpreting(),
     )  # fmt: skip
 
 
 def dequant_matmul(
     x: torch.Tensor,
     tensors: dict[str, torch.Tensor],
-    fmt: Codebook4BitFormat,
+    fmt: WeightFormat,
     scheme: QuantScheme,
     out_features: int,
     bias: torch.Tensor | None = None,
@@ -245,7 +323,7 @@ def dequant_matmul(
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    meta = _meta(k, scheme, x.dtype)
+    meta = _meta(k, fmt, scheme, x.dtype)
     kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
     if config is not None:
         kernel, config = _matmul_kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1))
@@ -257,14 +335,14 @@ def dequant_matmul(
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"]), meta["SPLIT_K"])
 
     kernel[grid(config) if config else grid](*args, HAS_BIAS=bias is not None, **meta, **(config or {}))
-    served(f"triton.codebook4bit.{'config' if config else 'decode' if m <= DECODE_MAX_M else 'prefill'}")
+    served(f"triton.{FAMILY[meta['KIND']]}.{'config' if config else 'decode' if m <= DECODE_MAX_M else 'prefill'}")
     return y
 
 
 def dequant_matmul_grad_input(
     grad_y: torch.Tensor,
     tensors: dict[str, torch.Tensor],
-    fmt: Codebook4BitFormat,
+    fmt: WeightFormat,
     scheme: QuantScheme,
     in_features: int,
     config: dict | None = None,
@@ -279,7 +357,7 @@ def dequant_matmul_grad_input(
     grad_x = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
-    meta = _meta(k, scheme, grad_y.dtype)
+    meta = _meta(k, fmt, scheme, grad_y.dtype)
     args = (grad_y, *_weight_args(tensors, fmt, scheme, grad_y.device), grad_x)
     args += (m, n, k, m_bucket(m), grad_y.stride(0), grad_x.stride(0))
 
@@ -290,7 +368,7 @@ def dequant_matmul_grad_input(
         _grad_input_kernel[grid(config)](*args, **meta, **config)
     else:
         _GRAD_INPUT[grid](*args, **meta)
-    served("triton.codebook4bit.grad_input")
+    served(f"triton.{FAMILY[meta['KIND']]}.grad_input")
     return grad_x
 
 
@@ -303,6 +381,8 @@ def _fits(layer) -> bool:
 
 @register_kernel("nf4", "triton")
 @register_kernel("fp4", "triton")
+@register_kernel("int4", "triton")
+@register_kernel("int2", "triton")
 def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
     if not _fits(layer):
         return reference_forward(x, layer)
@@ -315,6 +395,8 @@ def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
 
 @register_kernel("nf4", "triton", backward=True)
 @register_kernel("fp4", "triton", backward=True)
+@register_kernel("int4", "triton", backward=True)
+@register_kernel("int2", "triton", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer) -> torch.Tensor:
     if not _fits(layer):
         return reference_backward(grad_y, layer)

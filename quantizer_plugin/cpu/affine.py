@@ -1,0 +1,94 @@
+"""int4 and int2 (per-group affine, formats/affine.py) on the CPU backend.
+
+- Decode (at most GEMV_MAX_M activation rows, K a multiple of the group and the group of 64 or more): the native
+  fused kernel reads the packed codes once and multiplies the codes themselves (small integers, exact in bfloat16
+  and float32); each group's sum is then scaled, and the zero points' share (s * z times the group's sum of
+  activations) taken off. bfloat16 compute on CPUs with AVX512-BF16 multiplies bfloat16 activations by pairs
+  (vdpbf16ps); otherwise float32. The weight is never rounded to the compute dtype here, so the result is at least
+  as close to the exact product as the reference's; it is then rounded to the compute dtype, as the reference's is.
+- More rows with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the group and of 128, the group of 64
+  or more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64
+  rows at a time into L1, through a table of each group's (i - z) * s, and the tile unit multiplies it there.
+- Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
+  and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
+  chunks.
+Without AVX-512 (or without the native build) the plain-torch reference runs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..ops import reference_backward, reference_forward, register_kernel, served
+from . import chunks, native
+
+if TYPE_CHECKING:
+    from ..modules import LowBitLinear
+
+GEMV_MAX_M = 6  # as for the 4-bit codebooks: past this, the chunks' GEMM is faster
+FUSED_STEP = 64  # columns a fused kernel step reads: the group must be a multiple of it
+
+
+def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
+    """Which fused decode kernel serves `m` activation rows of `layer`: "fused_bf16", "fused" or None (chunks)."""
+    block, k = layer.scheme.block_size, layer.in_features
+    if m > GEMV_MAX_M or k % block or block % FUSED_STEP:
+        return None
+    return "fused_bf16" if layer.compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
+
+
+def uses_tiles(kernels, layer: LowBitLinear) -> bool:
+    """Whether batches past decode run on the AMX tiles: bfloat16 compute, K a multiple of the group and of 128, the
+    group of 64 or more, and AMX on this CPU."""
+    block, k = layer.scheme.block_size, layer.in_features
+    bf16 = layer.compute_dtype == torch.bfloat16
+    return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
+
+
+def _weight_args(layer: LowBitLinear) -> tuple:
+    return layer.weight, layer.weight_scale, layer.weight_zero, layer.fmt.bits, layer.scheme.block_size
+
+
+@register_kernel("int4", "cpu")
+@register_kernel("int2", "cpu")
+def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    kernels = native.load()
+    if kernels is None or not kernels.uses_avx512():
+        return reference_forward(x, layer)
+    n, k, dtype = layer.out_features, layer.in_features, layer.compute_dtype
+    x2d = x.reshape(-1, k)
+    fused = fused_kernel(kernels, x2d.shape[0], layer)
+    if fused == "fused_bf16":
+        y = kernels.gemv_affine_bf16(x2d.to(torch.bfloat16).contiguous(), *_weight_args(layer))
+    elif fused == "fused":
+        y = kernels.gemv_affine(x2d.to(dtype).float().contiguous(), *_weight_args(layer))
+    elif uses_tiles(kernels, layer):
+        y = kernels.linear_affine_tiles(x2d.to(dtype), *_weight_args(layer))
+        fused = "tiles"
+    else:
+        rows = chunks.rows_per_chunk(k, dtype)
+        y = kernels.linear_affine_chunked(x2d.to(dtype).contiguous(), *_weight_args(layer), rows)
+        fused = "dequantize_matmul"
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    served(f"cpu.affine.{fused}")
+    return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_kernel("int4", "cpu", backward=True)
+@register_kernel("int2", "cpu", backward=True)
+def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+    kernels = native.load()
+    if kernels is None or not kernels.uses_avx512():
+        return reference_backward(grad_y, layer)
+    args = _weight_args(layer)
+
+    def fill(first: int, last: int, out: torch.Tensor) -> None:
+        kernels.dequantize_affine(*args, first, last, out.view(last - first, layer.in_features))
+
+    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
+    grad_x = chunks.grad_input(g2d, layer.out_features, layer.in_features, fill)
+    served("cpu.affine.grad_input")
+    return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

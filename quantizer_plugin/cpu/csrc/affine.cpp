@@ -1,0 +1,446 @@
+// Integer affine formats (int4, int2) on the CPU: a fused multiply for few activation rows (decode), a dequantize of
+// row ranges as the reference dequantizes them, and the per-thread dequantize-then-GEMM for larger batches.
+//
+// The layout is the checkpoint's own (quantizer_plugin/formats/affine.py): each row of the weight in its own
+// ceil(K * bits / 8) bytes, 8 / bits codes per byte, the first in the high bits; a float16 scale s and zero point z
+// per group of `block` consecutive columns of a row (the last group short when K is not a multiple). A code q stands
+// for (q - z) * s, which the dequantize computes as the reference does: q - z in float32, then one float32 product
+// (no FMA: the build passes -ffp-contract=off), rounded once to the output dtype.
+//
+// The fused kernels multiply the codes themselves (small integers, exact in bfloat16 and float32) and apply the
+// group's affine map to the sum: y = sum over groups g of s_g * (sum of q x over g) - s_g * z_g * (sum of x over g).
+
+#include <ATen/ATen.h>
+
+#include "amx.h"
+#include "kernels.h"
+#include "simd.h"
+
+namespace quantizer_plugin {
+
+namespace {
+
+// Columns a fused step reads: 64 codes, 32 bytes of int4 or 16 of int2.
+constexpr int64_t STEP = 64;
+
+// The activations' columns within each STEP in the order the fused kernels read the codes: the STEP / per_byte
+// codes in the high bits of the STEP's bytes first, then the next bits, and so on (a transpose of (bytes, per_byte)).
+at::Tensor step_order(const at::Tensor& x, int64_t bits) {
+  const int64_t per_byte = 8 / bits;
+  return x.reshape({x.size(0), x.size(1) / STEP, STEP / per_byte, per_byte}).transpose(2, 3).contiguous();
+}
+
+// The sum of each group's activations, (M, groups) float32: the zero points' share of the product.
+at::Tensor group_sums(const at::Tensor& x, int64_t block) {
+  return x.to(at::kFloat).reshape({x.size(0), x.size(1) / block, block}).sum(2);
+}
+
+// A float16 broadcast to 16 float32 lanes by the vector conversion (c10's scalar one is a dozen integer steps).
+AVX512 inline __m512 broadcast_half(at::Half h) { return _mm512_cvtph_ps(_mm256_set1_epi16(static_cast<short>(h.x))); }
+
+AVX512 inline void halves_to_floats(const at::Half* h, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 16 <= count; i += 16) {
+    _mm512_storeu_ps(out + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i))));
+  }
+  for (; i < count; ++i) out[i] = static_cast<float>(h[i]);
+}
+
+// The sum over groups g of s[g] * z[g] * sums[g]: what a row's zero points take off its output.
+AVX512 inline float zero_point_share(const float* s, const float* z, const float* sums, int64_t groups) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t g = 0;
+  for (; g + 16 <= groups; g += 16) {
+    const __m512 sz = _mm512_mul_ps(_mm512_loadu_ps(s + g), _mm512_loadu_ps(z + g));
+    acc = _mm512_fmadd_ps(sz, _mm512_loadu_ps(sums + g), acc);
+  }
+  float share = _mm512_reduce_add_ps(acc);
+  for (; g < groups; ++g) share += s[g] * z[g] * sums[g];
+  return share;
+}
+
+// One STEP of codes as two vectors of 32 bfloat16 integers (looked up in `table`, the bfloat16 of 0..15), in
+// step_order: int4's high nibbles, then its low ones; int2's bits 7-6 and 5-4, then 3-2 and 1-0.
+template <int BITS>
+AVX512_BF16 inline void codes_bf16(const uint8_t* bytes, __m512i table, __m512bh& first, __m512bh& second) {
+  if constexpr (BITS == 4) {
+    const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+    first = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
+    second = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0xF)), table);
+  } else {
+    const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    const __m512i words = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(sixteen));  // the 16 bytes, twice
+    const __m512i mask = _mm512_set1_epi16(0x3);
+    // Shift by 6 in words 0-15 and by 4 in words 16-31, then by 2 and 0.
+    const __m512i high = _mm512_mask_blend_epi16(0xFFFF0000, _mm512_set1_epi16(6), _mm512_set1_epi16(4));
+    const __m512i low = _mm512_sub_epi16(high, _mm512_set1_epi16(4));
+    first = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srlv_epi16(words, high), mask), table);
+    second = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(_mm512_srlv_epi16(words, low), mask), table);
+  }
+}
+
+// The same STEP as four vectors of 16 float32 integers, in step_order.
+template <int BITS>
+AVX512 inline void codes_f32(const uint8_t* bytes, __m512* out) {
+  if constexpr (BITS == 4) {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
+    const __m512i nibble = _mm512_set1_epi32(0xF);
+    out[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4));
+    out[1] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
+    out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(a, nibble));
+    out[3] = _mm512_cvtepi32_ps(_mm512_and_si512(b, nibble));
+  } else {
+    const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
+    const __m512i mask = _mm512_set1_epi32(0x3);
+    out[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(a, 6));
+    out[1] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(a, 4), mask));
+    out[2] = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(a, 2), mask));
+    out[3] = _mm512_cvtepi32_ps(_mm512_and_si512(a, mask));
+  }
+}
+
+// What a fused row kernel reads: the codes and the float16 scales and zero points of N rows, K a multiple of the
+// block and the block of STEP; the activations `x` (MT rows, K each, in step_order) and their group sums.
+struct FusedArgs {
+  const uint8_t* packed;
+  const at::Half* scale;
+  const at::Half* zero;
+  int64_t block, K, N;
+  const float* sums;  // (M, groups), from the kernel's first activation row
+  float* y;           // (M, N), from the kernel's first activation row
+};
+
+// y[m][n] for rows n in [n_begin, n_end), bfloat16 activations multiplied by pairs with vdpbf16ps, float32 sums.
+// Its loops repeat gemv_rows_f32's on purpose: an inner step shared through a lambda or a template would be compiled
+// for a different target than its caller, and GCC would then call it per step, not inline it.
+template <int BITS, int MT>
+AVX512_BF16 void gemv_rows_bf16(const FusedArgs& a, const uint16_t* x, int64_t n_begin, int64_t n_end) {
+  const int64_t row_bytes = a.K * BITS / 8, groups = a.K / a.block;
+  alignas(64) uint16_t integers[32] = {0};
+  for (int i = 0; i < 16; ++i) integers[i] = at::BFloat16(static_cast<float>(i)).x;
+  const __m512i table = _mm512_load_si512(integers);
+  std::vector<float> s(groups), z(groups);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = a.packed + n * row_bytes;
+    halves_to_floats(a.scale + n * groups, groups, s.data());
+    halves_to_floats(a.zero + n * groups, groups, z.data());
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      __m512 part[MT];
+      for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
+      for (const int64_t end = k + a.block; k < end; k += STEP) {
+        const uint8_t* bytes = row + k * BITS / 8;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        __m512bh first, second;
+        codes_bf16<BITS>(bytes, table, first, second);
+        for (int m = 0; m < MT; ++m) {
+          part[m] = _mm512_dpbf16_ps(part[m], first, (__m512bh)_mm512_loadu_si512(x + m * a.K + k));
+          part[m] = _mm512_dpbf16_ps(part[m], second, (__m512bh)_mm512_loadu_si512(x + m * a.K + k + 32));
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(s[g]);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(scale, part[m], acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - zero_point_share(s.data(), z.data(), a.sums + m * groups, groups);
+    }
+  }
+}
+
+// The same for float32 activations.
+template <int BITS, int MT>
+AVX512 void gemv_rows_f32(const FusedArgs& a, const float* x, int64_t n_begin, int64_t n_end) {
+  const int64_t row_bytes = a.K * BITS / 8, groups = a.K / a.block;
+  std::vector<float> s(groups), z(groups);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = a.packed + n * row_bytes;
+    halves_to_floats(a.scale + n * groups, groups, s.data());
+    halves_to_floats(a.zero + n * groups, groups, z.data());
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      __m512 part[MT];
+      for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
+      for (const int64_t end = k + a.block; k < end; k += STEP) {
+        const uint8_t* bytes = row + k * BITS / 8;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        __m512 codes[4];
+        codes_f32<BITS>(bytes, codes);
+        for (int m = 0; m < MT; ++m) {
+          for (int q = 0; q < 4; ++q) part[m] = _mm512_fmadd_ps(codes[q], _mm512_loadu_ps(x + m * a.K + k + 16 * q), part[m]);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(s[g]);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(scale, part[m], acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - zero_point_share(s.data(), z.data(), a.sums + m * groups, groups);
+    }
+  }
+}
+
+// --- dequantize rows ----------------------------------------------------------------------------------------------
+
+struct Rows {
+  const uint8_t* packed;
+  const at::Half* scale;
+  const at::Half* zero;
+  int64_t bits, block, K, row_bytes, groups;
+};
+
+template <typename Out>
+void dequantize_rows_scalar(const Rows& r, int64_t n, int64_t k_begin, Out* out) {
+  const int64_t per_byte = 8 / r.bits, mask = (1 << r.bits) - 1;
+  const uint8_t* row = r.packed + n * r.row_bytes;
+  for (int64_t k = k_begin; k < r.K; ++k) {
+    const int64_t q = row[k / per_byte] >> (8 - r.bits * (k % per_byte + 1)) & mask;
+    const float s = static_cast<float>(r.scale[n * r.groups + k / r.block]);
+    const float z = static_cast<float>(r.zero[n * r.groups + k / r.block]);
+    store_scalar(out, k, (static_cast<float>(q) - z) * s);
+  }
+}
+
+// For codes16: the 32-bit word of its 2 * BITS bytes that lane e's code is in, and the shift that brings the code
+// down (words are little-endian; the first code of a byte is in its high bits).
+template <int BITS>
+struct Lanes {
+  alignas(64) int32_t word[16];
+  alignas(64) int32_t shift[16];
+};
+template <int BITS>
+constexpr Lanes<BITS> make_lanes() {
+  constexpr int per_byte = 8 / BITS;
+  Lanes<BITS> lanes{};
+  for (int e = 0; e < 16; ++e) {
+    lanes.word[e] = e / per_byte / 4;
+    lanes.shift[e] = 8 * (e / per_byte % 4) + 8 - BITS * (e % per_byte + 1);
+  }
+  return lanes;
+}
+template <int BITS>
+inline constexpr Lanes<BITS> LANES = make_lanes<BITS>();
+
+// Sixteen consecutive codes, 2 * BITS bytes from `bytes`, as float32.
+template <int BITS>
+AVX512 inline __m512 codes16(const uint8_t* bytes) {
+  __m128i raw;
+  if constexpr (BITS == 4) {
+    raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+  } else {
+    int32_t word;
+    std::memcpy(&word, bytes, 4);
+    raw = _mm_cvtsi32_si128(word);
+  }
+  const __m512i words = _mm512_permutexvar_epi32(_mm512_load_si512(LANES<BITS>.word), _mm512_castsi128_si512(raw));
+  const __m512i codes = _mm512_and_si512(_mm512_srlv_epi32(words, _mm512_load_si512(LANES<BITS>.shift)),
+                                         _mm512_set1_epi32((1 << BITS) - 1));
+  return _mm512_cvtepi32_ps(codes);
+}
+
+// Row n's columns [0, K) into out, 32 at a time, then the scalar loop for the last K % 32. The block is 16 or more,
+// so each 16 of the 32 share one group.
+template <int BITS, typename Out, typename Store>
+AVX512 void dequantize_row_avx512(const Rows& r, int64_t n, Out* out) {
+  const uint8_t* row = r.packed + n * r.row_bytes;
+  const at::Half* scale = r.scale + n * r.groups;
+  const at::Half* zero = r.zero + n * r.groups;
+  int64_t k = 0;
+  for (; k + 32 <= r.K; k += 32) {
+    const int64_t g0 = k / r.block, g1 = (k + 16) / r.block;
+    const __m512 first = _mm512_mul_ps(_mm512_sub_ps(codes16<BITS>(row + k * BITS / 8), broadcast_half(zero[g0])),
+                                       broadcast_half(scale[g0]));
+    const __m512 second = _mm512_mul_ps(
+        _mm512_sub_ps(codes16<BITS>(row + (k + 16) * BITS / 8), broadcast_half(zero[g1])), broadcast_half(scale[g1]));
+    Store::store(out + k, first, second);
+  }
+  dequantize_rows_scalar(r, n, k, out);
+}
+
+template <typename Out, typename Store>
+void dequantize_range(const Rows& r, int64_t first, int64_t last, Out* out) {
+  const bool vector = has_avx512();
+  for (int64_t n = first; n < last; ++n) {
+    Out* o = out + (n - first) * r.K;
+    if (!vector) {
+      dequantize_rows_scalar(r, n, 0, o);
+    } else if (r.bits == 4) {
+      dequantize_row_avx512<4, Out, Store>(r, n, o);
+    } else {
+      dequantize_row_avx512<2, Out, Store>(r, n, o);
+    }
+  }
+}
+
+// --- the AMX tiles for larger bfloat16 batches --------------------------------------------------------------------
+
+// Group g's values (i - z) * s for the codes i = 0..15 (float32, as the reference computes them), for the writers.
+// The writers read each row's groups a chunk at a time, which the hardware prefetcher does not follow: each call
+// asks for the same group `ahead` groups on (the rows the writer takes next) to be brought into L2.
+struct AffineTable {
+  const at::Half* scale;
+  const at::Half* zero;
+  int64_t ahead;
+  AVX512 inline __m512 operator()(int64_t g) const {
+    _mm_prefetch(reinterpret_cast<const char*>(scale + g + ahead), _MM_HINT_T1);
+    _mm_prefetch(reinterpret_cast<const char*>(zero + g + ahead), _MM_HINT_T1);
+    const __m512 codes = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_mul_ps(_mm512_sub_ps(codes, broadcast_half(zero[g])), broadcast_half(scale[g]));
+  }
+};
+
+// int2's counterpart of amx.h's write_weights_4bit: rows [n0, n0 + rows), columns [k_begin, k_end) in bfloat16 at
+// tile_offset, bit for bit the reference's. Each 128 columns are 32 bytes, byte i widened to word i; lookup j (the
+// bits 6 - 2j of every byte) writes tile columns [32j, 32j + 32) as elements 4i + j. Bytes 16-31 hold the second 64
+// columns, whose index gets bit 4 set to read the second half of the table, their group's values. The activations
+// are packed in that order (pack_activations_2bit_order). Needs K % 128 == 0, block % 64 == 0, the range on 128s.
+AMX_BF16 void write_weights_2bit(const uint8_t* packed, const AffineTable& table, int64_t block, int64_t K,
+                                 int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
+  const __m512i two_bits = _mm512_set1_epi16(0x3);
+  const __m512i second_table = _mm512_maskz_set1_epi16(0xFFFF0000, 16);
+  constexpr int bits_or_table = 0xEA;  // vpternlog: (words & two_bits) | second_table
+  const int block_shift = __builtin_ctzll(block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = packed + (n0 + r) * (K / 4) + k_begin / 4;
+    uint16_t* out = a + tile_offset(r, 0);
+    const int64_t row_start = (n0 + r) * K;
+    for (int64_t e = row_start + k_begin; e < row_start + k_end; e += 128, bytes += 32, out += 4 * TILE_ELEMENTS) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * (K / 4)), _MM_HINT_T1);
+      const __m512i values = (__m512i)_mm512_cvtne2ps_pbh(table((e + 64) >> block_shift), table(e >> block_shift));
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+      for (int j = 0; j < 4; ++j) {
+        const __m512i shifted = _mm512_srli_epi16(words, 6 - 2 * j);
+        const __m512i index = _mm512_ternarylogic_epi32(shifted, two_bits, second_table, bits_or_table);
+        _mm512_storeu_si512(out + j * TILE_ELEMENTS, _mm512_permutexvar_epi16(index, values));
+      }
+    }
+  }
+}
+
+// pack_activations for write_weights_2bit's column order: column 128G + 32j + i of the tiles is x's 128G + 4i + j.
+at::Tensor pack_activations_2bit_order(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.size(1) % 128 == 0, "the 2-bit AMX kernel needs K a multiple of 128");
+  const int64_t M = x.size(0), K = x.size(1);
+  return pack_activations(x.reshape({M, K / 128, 32, 4}).transpose(2, 3).reshape({M, K}));
+}
+
+Rows check_rows(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                int64_t block, int64_t K) {
+  TORCH_CHECK(bits == 4 || bits == 2, "the affine kernels take 4 or 2 bits, not ", bits);
+  TORCH_CHECK(block >= 16 && (block & (block - 1)) == 0, "the block must be a power of two of 16 or more, not ", block);
+  const int64_t row_bytes = (K * bits + 7) / 8, groups = (K + block - 1) / block;
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
+                  packed.size(1) == row_bytes,
+              "packed must be contiguous uint8 (N, ", row_bytes, ") for K = ", K);
+  const int64_t N = packed.size(0);
+  for (const at::Tensor* t : {&scale, &zero}) {
+    TORCH_CHECK(t->scalar_type() == at::kHalf && t->is_contiguous() && t->dim() == 2 && t->size(0) == N &&
+                    t->size(1) == groups,
+                "scale and zero must be contiguous float16 (", N, ", ", groups, ")");
+  }
+  return {packed.data_ptr<uint8_t>(), scale.data_ptr<at::Half>(), zero.data_ptr<at::Half>(), bits, block, K,
+          row_bytes, groups};
+}
+
+FusedArgs check_fused(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                      int64_t bits, int64_t block) {
+  const int64_t K = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
+  TORCH_CHECK(has_avx512(), "the fused affine kernels need AVX-512");
+  TORCH_CHECK(block % STEP == 0 && K % block == 0, "the fused affine kernels need K a multiple of the block and the "
+              "block of ", STEP, ", not K = ", K, ", block = ", block);
+  const Rows r = check_rows(packed, scale, zero, bits, block, K);
+  return {r.packed, r.scale, r.zero, block, K, packed.size(0), nullptr, nullptr};
+}
+
+}  // namespace
+
+at::Tensor gemv_affine_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                            const at::Tensor& zero, int64_t bits, int64_t block) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
+  TORCH_CHECK(has_avx512_bf16(), "gemv_affine_bf16 needs a CPU with AVX512-BF16");
+  FusedArgs a = check_fused(x, packed, scale, zero, bits, block);
+  const at::Tensor xs = step_order(x, bits), sums = group_sums(x, block);
+  at::Tensor y = at::empty({x.size(0), a.N}, x.options().dtype(at::kFloat));
+  const auto* x0 = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
+  for_row_groups(x.size(0), a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    FusedArgs part = a;
+    part.sums = sums.data_ptr<float>() + m0 * sums.size(1);
+    part.y = y.data_ptr<float>() + m0 * a.N;
+    constexpr int MT = decltype(rows)::value;
+    bits == 4 ? gemv_rows_bf16<4, MT>(part, x0 + m0 * a.K, begin, end)
+              : gemv_rows_bf16<2, MT>(part, x0 + m0 * a.K, begin, end);
+  });
+  return y;
+}
+
+at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
+                       int64_t bits, int64_t block) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
+  FusedArgs a = check_fused(x, packed, scale, zero, bits, block);
+  const at::Tensor xs = step_order(x, bits), sums = group_sums(x, block);
+  at::Tensor y = at::empty({x.size(0), a.N}, x.options());
+  const float* x0 = xs.data_ptr<float>();
+  for_row_groups(x.size(0), a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    FusedArgs part = a;
+    part.sums = sums.data_ptr<float>() + m0 * sums.size(1);
+    part.y = y.data_ptr<float>() + m0 * a.N;
+    constexpr int MT = decltype(rows)::value;
+    bits == 4 ? gemv_rows_f32<4, MT>(part, x0 + m0 * a.K, begin, end)
+              : gemv_rows_f32<2, MT>(part, x0 + m0 * a.K, begin, end);
+  });
+  return y;
+}
+
+at::Tensor linear_affine_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                               const at::Tensor& zero, int64_t bits, int64_t block) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16, "x must be a bfloat16 matrix");
+  const int64_t K = x.size(1);
+  TORCH_CHECK(block % 64 == 0 && K % block == 0 && K % 128 == 0,
+              "linear_affine_tiles needs K a multiple of the block and of 128, the block of 64, not K = ", K,
+              ", block = ", block);
+  const Rows r = check_rows(packed, scale, zero, bits, block, K);
+  const AffineTable table{r.scale, r.zero, TILE_PREFETCH_ROWS * r.groups};
+  const auto no_scale = [](int64_t) { return 1.0f; };  // the written weights are scaled already
+  if (bits == 4) {
+    return tile_linear(pack_activations_nibble_order(x), x.size(0), packed.size(0), 128,
+                       [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+                         write_weights_4bit(r.packed, table, block, K, n0, rows, k_begin, k_end, out);
+                       }, no_scale);
+  }
+  return tile_linear(pack_activations_2bit_order(x), x.size(0), packed.size(0), 128,
+                     [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+                       write_weights_2bit(r.packed, table, block, K, n0, rows, k_begin, k_end, out);
+                     }, no_scale);
+}
+
+void dequantize_affine(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
+                       int64_t block, int64_t first, int64_t last, at::Tensor& out) {
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.size(0) == last - first,
+              "out must be a contiguous (last - first, K) matrix");
+  const Rows r = check_rows(packed, scale, zero, bits, block, out.size(1));
+  TORCH_CHECK(0 <= first && first <= last && last <= packed.size(0), "row range outside the weight");
+  auto run = [&](auto* o, auto store) {
+    using Out = std::remove_pointer_t<decltype(o)>;
+    at::parallel_for(first, last, 16, [&](int64_t begin, int64_t end) {
+      dequantize_range<Out, decltype(store)>(r, begin, end, o + (begin - first) * r.K);
+    });
+  };
+  switch (out.scalar_type()) {
+    case at::kFloat: return run(out.data_ptr<float>(), StoreFloat{});
+    case at::kHalf: return run(out.data_ptr<at::Half>(), StoreHalf{});
+    case at::kBFloat16: return run(out.data_ptr<at::BFloat16>(), StoreBFloat16{});
+    default: TORCH_CHECK(false, "dequantize_affine writes float32, bfloat16 or float16, not ", out.scalar_type());
+  }
+}
+
+at::Tensor linear_affine_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                                 const at::Tensor& zero, int64_t bits, int64_t block, int64_t rows_per_chunk) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
+  return chunked_linear(x, packed.size(0), rows_per_chunk, [&](int64_t first, int64_t last, at::Tensor& out) {
+    dequantize_affine(packed, scale, zero, bits, block, first, last, out);  // runs on this thread (nested parallel_for)
+  });
+}
+
+}  // namespace quantizer_plugin
