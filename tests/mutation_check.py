@@ -232,6 +232,10 @@ def cpu_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_int8_tiles_take_the_columns_shifted():
+    wrap_native_kernel("linear_int8_amx", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
 def cpu_affine_fused_drops_the_zero_points():
     # the int4/int2 fused kernel handed zero points of 0 (as if the format were symmetric)
     import torch
@@ -358,6 +362,9 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+    "cpu-int8-tiles-shifted-columns": Mutation(
+        "the AMX-INT8 kernel's activation columns off by one", cpu_int8_tiles_take_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product",)),
     "kernel-affine-ignores-zero-points": Mutation(
         "the Triton kernel reads int4/int2 with zero points of 0", kernel_affine_ignores_the_zero_points,
         ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),

@@ -54,17 +54,26 @@ def test_the_native_kernels_build_here():
     assert kernels.uses_avx512() == (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
 
 
-def amx_here() -> bool:
-    """Whether this CPU has AMX-BF16 (its flags, read independently of the kernels' own check)."""
+def cpu_flags() -> list[str]:
+    """This CPU's flags, read independently of the kernels' own checks."""
     try:
-        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+        return next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):
-        return False
-    return "amx_bf16" in flags and "amx_tile" in flags
+        return []
+
+
+def amx_here() -> bool:
+    """Whether this CPU has AMX-BF16."""
+    return "amx_bf16" in cpu_flags() and "amx_tile" in cpu_flags()
+
+
+def amx_int8_here() -> bool:
+    return amx_here() and "amx_int8" in cpu_flags()
 
 
 def test_the_amx_kernels_are_used_where_the_cpu_has_them():
     assert native.load().uses_amx_bf16() == amx_here()
+    assert native.load().uses_amx_int8() == amx_int8_here()
 
 
 def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
@@ -127,14 +136,33 @@ def test_the_tile_kernels_multiply_exactly_the_references_weights(weights, doubl
 
 
 @pytest.mark.skipif(not amx_here(), reason="this CPU has no AMX: the tile kernels are not built for it")
-def test_the_int8_tile_kernel_multiplies_exactly_the_references_weights():
-    n, k = 83, 416  # K a multiple of 32, not of the 128-column chunk
+def test_the_int8_bf16_tile_kernel_multiplies_exactly_the_references_weights():
+    n, k, m = 83, 416, cpu_int8.AMX_INT8_MAX_M + 2  # K a multiple of 32, not of the 128-column chunk
     layer = make_layer(QuantScheme("int8"), n, k, torch.bfloat16, seed=11, bias=False)
-    x = torch.eye(k, dtype=torch.bfloat16)[k - 40 :]
+    x = torch.eye(k, dtype=torch.bfloat16)[k - m :]
     with ops.record_dispatch() as served:
         y = layer(x)
     assert served == ["cpu.int8.tiles"]
-    assert torch.equal(y, layer.dequantize_weight(torch.bfloat16)[:, k - 40 :].T)
+    assert torch.equal(y, layer.dequantize_weight(torch.bfloat16)[:, k - m :].T)
+
+
+@pytest.mark.skipif(not amx_int8_here(), reason="this CPU has no AMX-INT8: the int8 tile kernel is not built for it")
+@pytest.mark.parametrize("n, k, m", [(83, 640, 7), (150, 256, 33), (16, 64, 48), (301, 1024, 16), (5, 128, 9)])
+def test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product(n, k, m):
+    """Its only approximation is the activations' split into two int8 pieces, within max|x_row| / 64516 of x: the
+    float32 result must sit that close to the exact product with the stored weight (N past the last full block of 16
+    rows, odd M, an outlier column)."""
+    layer = make_layer(QuantScheme("int8", activations=None), n, k, torch.bfloat16, seed=n, bias=False)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(k)).to(torch.bfloat16)
+    x[:, 5] *= 30.0
+    y = native.load().linear_int8_amx(x, layer.weight, layer.weight_scale)
+    weight = oracles.weight_of(layer).double()
+    exact = x.double() @ weight.T
+    bound = x.double().abs().amax(1, keepdim=True) / 64516 * weight.abs().sum(1)[None, :]  # per output, worst case
+    assert (y.double() - exact).abs().le(bound + 1e-6 * exact.abs().max()).all()
+    with ops.record_dispatch() as served:
+        layer(x)
+    assert served == ["cpu.int8.int8_tiles"]
 
 
 @pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
@@ -224,8 +252,9 @@ def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
         x[:, 3] *= 20.0  # an outlier column: weight-only int8 keeps the activations in 16 bits anyway
         with ops.record_dispatch() as served:
             y = layer(x)
+        int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
         tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
-        large = "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
+        large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
         assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 

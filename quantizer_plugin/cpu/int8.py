@@ -3,7 +3,11 @@ LowBitConfig(weights="int8", activations=None) asks for exactly this, and LLM.in
 
 - Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.
-- Larger batches, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h) multiplies the int8
+- Up to AMX_INT8_MAX_M rows, bfloat16 or float16 compute on CPUs with AMX-INT8 (K a multiple of 64): the int8 tile
+  kernel (csrc/int8_amx.cpp) multiplies the weight as stored (no conversion, no copy) by the activations split into
+  two int8 pieces per row (x ~ s * (high + low / 254), within max|x_row| / 64516 of x: far inside the rounding of
+  16-bit activations), int32 sums, the scales applied once at the end.
+- More rows, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h) multiplies the int8
   values as bfloat16 (exact) and scales each output by its row's weight_scale / 127, as the decode kernel does.
 - Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
 Loading quantizes each weight with the native quantizer (the format's own values, one pass).
@@ -30,6 +34,15 @@ if TYPE_CHECKING:
     from ..modules import LowBitLinear
 
 GEMV_MAX_M = 6  # above this, dequantizing row chunks for a 16-bit GEMM is faster (measured at 4096 x 4096)
+# Above this the int8 tiles re-read each weight row from L2 once per 16 activation rows, and the bfloat16 tiles win
+# (measured at 4096 x 4096 and 14336 x 4096: int8 tiles 1.7-2.7x bf16 at M = 16, 1.2-1.5x at 48, 0.9-1.0x at 96).
+AMX_INT8_MAX_M = 48
+
+
+def uses_int8_tiles(kernels, m: int, layer: LowBitLinear) -> bool:
+    """Whether `m` activation rows of `layer` run on the AMX-INT8 kernel (past decode, up to AMX_INT8_MAX_M rows)."""
+    sixteen_bit = layer.compute_dtype in (torch.bfloat16, torch.float16)
+    return GEMV_MAX_M < m <= AMX_INT8_MAX_M and sixteen_bit and layer.in_features % 64 == 0 and kernels.uses_amx_int8()
 
 
 def fill(kernels, layer: LowBitLinear):
@@ -65,6 +78,9 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     if x2d.shape[0] <= GEMV_MAX_M:
         y = kernels.gemv_int8(x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
         served("cpu.int8.fused")
+    elif uses_int8_tiles(kernels, x2d.shape[0], layer):
+        y = kernels.linear_int8_amx(x2d.to(dtype), layer.weight, layer.weight_scale)
+        served("cpu.int8.int8_tiles")
     elif dtype == torch.bfloat16 and layer.in_features % 32 == 0 and kernels.uses_amx_bf16():
         y = kernels.linear_int8_tiles(x2d.to(dtype), layer.weight, layer.weight_scale)
         served("cpu.int8.tiles")

@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 
 NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("codebook4bit.cpp", "int8.cpp", "affine.cpp", "module.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name for name in ("codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "affine.cpp", "module.cpp")]
 # The weight dtypes the native quantizers read; others go to the format's own quantize.
 QUANTIZER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()

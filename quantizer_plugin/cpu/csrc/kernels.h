@@ -45,6 +45,10 @@ std::tuple<at::Tensor, at::Tensor, bool> quantize_int8(const at::Tensor& weight)
 // y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles, K a multiple of 32.
 at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 
+// y (M, N) float32 = x (M, K) @ dequant(W).T on the AMX-INT8 tiles, the weight read as stored and each activation
+// row split into two int8 pieces (int8_amx.cpp), K a multiple of 64.
+at::Tensor linear_int8_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
+
 // int4/int2 (formats/affine.py): `packed` uint8 (N, ceil(K * bits / 8)), `scale` and `zero` float16 (N, groups);
 // the fused kernels need K a multiple of the block and the block of 64, and return y (M, N) float32.
 at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,
@@ -64,5 +68,6 @@ at::Tensor linear_affine_chunked(const at::Tensor& x, const at::Tensor& packed, 
 bool has_avx512();
 bool has_avx512_bf16();
 bool has_amx_bf16();
+bool has_amx_int8();
 
 }  // namespace quantizer_plugin

@@ -19,6 +19,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_int8_tiles", &linear_int8_tiles, "x @ W.T for bfloat16 x on the AMX tiles");
   m.def("quantize_4bit", &quantize_4bit, "the reference's nf4/fp4 quantization of a flat weight (codes identical)");
   m.def("quantize_int8", &quantize_int8, "the reference's int8 row quantization of a weight (values identical)");
+  m.def("linear_int8_amx", &linear_int8_amx, "x @ W.T on the AMX-INT8 tiles (int8 weight, x split into int8 pieces)");
+  m.def("uses_amx_int8", &has_amx_int8, "whether the AMX-INT8 kernel runs here (AMX-INT8 and the tile state granted)");
   m.def("gemv_affine", &gemv_affine, "y = x @ dequant(W).T for a few float32 activation rows, int4/int2 weight");
   m.def("gemv_affine_bf16", &gemv_affine_bf16, "y = x @ dequant(W).T for a few bfloat16 activation rows, int4/int2");
   m.def("linear_affine_tiles", &linear_affine_tiles, "x @ W.T for bfloat16 x on the AMX tiles, int4/int2 weight");
