@@ -14,7 +14,10 @@ class LowBitLinear(nn.Module):
 
     The stored tensors are frozen parameters named after the format's spec (`weight`, `weight_absmax`, ...), so
     that transformers' loader, accelerate's offloading and save_pretrained handle them like any other parameter.
-    Their dtypes are part of the format: `.to(dtype)`/`.half()` on the model move them but never cast them.
+    Their dtypes are part of the format: `.to(dtype)`/`.half()` on the model move them but never cast them. Code
+    that assigns `param.data` directly can still change one: PEFT's prepare_model_for_kbit_training upcasts every
+    float16 parameter to float32, int4/int2's scales and zero points included. That cast is exact, so the layer reads
+    them back in the format's dtype (`quantized_tensors`) and saves them so (a state-dict hook).
     """
 
     def __init__(
@@ -36,10 +39,13 @@ class LowBitLinear(nn.Module):
         # GPT-2's Conv1D stores its weight as (in, out); the quantize step transposes it once, at load.
         self.source_is_conv1d = source_is_conv1d
         self._tensor_names = []
+        self._stored_dtypes = {}
         for name, spec in self.fmt.tensor_specs(out_features, in_features, scheme).items():
             tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
             self._tensor_names.append(name)
+            self._stored_dtypes[name] = spec.dtype
+        self.register_state_dict_post_hook(_stored_dtypes_in_state_dict)
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, device=device), requires_grad=False)
         else:
@@ -61,7 +67,10 @@ class LowBitLinear(nn.Module):
         return self.fmt.tensor_specs(self.out_features, self.in_features, self.scheme)
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._tensor_names}
+        """The stored tensors, each in its format's dtype (see the class docstring)."""
+        tensors = {name: getattr(self, name) for name in self._tensor_names}
+        return {name: t if t.dtype == self._stored_dtypes[name] else t.to(self._stored_dtypes[name])
+                for name, t in tensors.items()}  # fmt: skip
 
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the stored tensors, checking each against the format's spec."""
@@ -118,3 +127,10 @@ class LowBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weights={self.scheme.weights}, {self.scheme.detail()}, compute_dtype={self.compute_dtype}"
         )
+
+
+def _stored_dtypes_in_state_dict(module: LowBitLinear, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name, dtype in module._stored_dtypes.items():
+        key = prefix + name
+        if key in state_dict and state_dict[key].dtype != dtype:
+            state_dict[key] = state_dict[key].to(dtype)

@@ -83,12 +83,16 @@ def test_lora_wraps_every_quantized_layer(base_dir, fmt, batch):
     model = prepare_model_for_kbit_training(load(base_dir, fmt), use_gradient_checkpointing=False)
     before = {name: t.clone() for name, t in stored_tensors(model).items()}
     # prepare_model_for_kbit_training upcasts the 16-bit parameters (norms, embeddings, head) to float32 and freezes
-    # everything; the stored low-bit tensors keep their format's dtypes and values.
+    # everything; the layers still read their stored tensors in the format's dtypes, with their values, and save them
+    # so (int4/int2's float16 scales and zero points are among the parameters it upcasts).
     assert all(not p.requires_grad for p in model.parameters())
     assert model.model.norm.weight.dtype == torch.float32
-    assert {k: (t.dtype, t.shape) for k, t in stored_tensors(model).items()} == {
-        k: (t.dtype, t.shape) for k, t in before.items()
-    }
+    specs = {f"{name}.{t}": spec.dtype for name, m in lowbit_modules(model).items() for t, spec in m.tensor_specs().items()}
+    assert {k: t.dtype for k, t in stored_tensors(model).items()} == specs
+    state = model.state_dict()
+    assert all(state[key].dtype == dtype for key, dtype in specs.items())
+    fresh = stored_tensors(load(base_dir, fmt))
+    assert all(torch.equal(before[key], fresh[key]) for key in fresh)
     base_logits = logits(model, batch)
 
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))

@@ -48,7 +48,8 @@ def uses_tiles(kernels, layer: LowBitLinear) -> bool:
 
 
 def _weight_args(layer: LowBitLinear) -> tuple:
-    return layer.weight, layer.weight_scale, layer.weight_zero, layer.fmt.bits, layer.scheme.block_size
+    stored = layer.quantized_tensors()  # in the format's dtypes, even after PEFT upcast the float16 ones
+    return stored["weight"], stored["weight_scale"], stored["weight_zero"], layer.fmt.bits, layer.scheme.block_size
 
 
 @register_kernel("int4", "cpu")
