@@ -1,5 +1,6 @@
-// Integer affine formats (int4, int2) on the CPU: a fused multiply for few activation rows (decode), a dequantize of
-// row ranges as the reference dequantizes them, and the per-thread dequantize-then-GEMM for larger batches.
+// Integer affine formats (int4, int2) on the CPU: a fused multiply for few activation rows (decode), the weight
+// writers of amx.h's tile loop for larger bfloat16 batches, a dequantize of row ranges as the reference dequantizes
+// them, and the per-thread dequantize-then-GEMM for the other batches.
 //
 // The layout is the checkpoint's own (quantizer_plugin/formats/affine.py): each row of the weight in its own
 // ceil(K * bits / 8) bytes, 8 / bits codes per byte, the first in the high bits; a float16 scale s and zero point z
