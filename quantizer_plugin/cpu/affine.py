@@ -60,21 +60,21 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
         return reference_forward(x, layer)
     n, k, dtype = layer.out_features, layer.in_features, layer.compute_dtype
     x2d = x.reshape(-1, k)
-    fused = fused_kernel(kernels, x2d.shape[0], layer)
-    if fused == "fused_bf16":
+    kernel = fused_kernel(kernels, x2d.shape[0], layer)
+    if kernel == "fused_bf16":
         y = kernels.gemv_affine_bf16(x2d.to(torch.bfloat16).contiguous(), *_weight_args(layer))
-    elif fused == "fused":
+    elif kernel == "fused":
         y = kernels.gemv_affine(x2d.to(dtype).float().contiguous(), *_weight_args(layer))
     elif uses_tiles(kernels, layer):
+        kernel = "tiles"
         y = kernels.linear_affine_tiles(x2d.to(dtype), *_weight_args(layer))
-        fused = "tiles"
     else:
+        kernel = "dequantize_matmul"
         rows = chunks.rows_per_chunk(k, dtype)
         y = kernels.linear_affine_chunked(x2d.to(dtype).contiguous(), *_weight_args(layer), rows)
-        fused = "dequantize_matmul"
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
-    served(f"cpu.affine.{fused}")
+    served(f"cpu.affine.{kernel}")
     return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
