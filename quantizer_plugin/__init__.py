@@ -15,6 +15,7 @@ from transformers.quantizers.auto import (
 )
 
 from .config import FORMAT_VERSION, QUANT_METHOD, LowBitConfig, preset_names
+from .convert import ConversionError, convert_checkpoint
 from .modules import LowBitLinear
 from .peft_registration import install as install_peft_registration
 from .quantizer import LowBitHfQuantizer
@@ -37,9 +38,11 @@ install_peft_registration()
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointFormatError",
+    "ConversionError",
     "LowBitConfig",
     "LowBitHfQuantizer",
     "LowBitLinear",
+    "convert_checkpoint",
     "preset_names",
     "__version__",
 ]

