@@ -289,7 +289,8 @@ def _to_bnb(tensors: dict, home: dict, quantization: dict, model_config: dict, f
             _module_to_bnb_8bit(converted, home, module)
         else:
             _module_to_bnb_4bit(converted, home, module, shapes[module], config)
-    bnb = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": config.skip_modules}
+    # the layers left unquantized, by name: bitsandbytes' own default skip list may differ from ours
+    bnb = {"quant_method": "bitsandbytes", "llm_int8_skip_modules": [name for name in shapes if name not in quantized]}
     if config.weights == "int8":
         bnb.update(load_in_8bit=True, load_in_4bit=False, llm_int8_threshold=config.outlier_threshold)
     else:

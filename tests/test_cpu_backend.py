@@ -165,6 +165,17 @@ def test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_produc
     assert served == ["cpu.int8.int8_tiles"]
 
 
+@pytest.mark.skipif(not amx_int8_here(), reason="this CPU has no AMX-INT8: the int8 tile kernel is not built for it")
+def test_the_int8_tile_kernel_never_hides_a_nan_or_an_infinity():
+    layer = make_layer(QuantScheme("int8", activations=None), 40, 128, torch.bfloat16, seed=1, bias=False)
+    x = torch.randn(9, 128, dtype=torch.bfloat16)
+    x[2, 7], x[5, 0] = float("nan"), float("inf")
+    with ops.record_dispatch() as served:
+        y = layer(x)
+    assert served == ["cpu.int8.int8_tiles"]
+    assert y[[2, 5]].isnan().all() and y[[0, 1, 3, 4, 6, 7, 8]].isfinite().all()
+
+
 @pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_the_native_quantizer_gives_the_formats_own_tensors(weights, double_quant, dtype):

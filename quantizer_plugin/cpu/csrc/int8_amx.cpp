@@ -12,6 +12,7 @@
 // accumulator tiles run side by side (four blocks of 16 weight rows, or two blocks times two groups), as in amx.h.
 
 #include <cfloat>
+#include <cmath>
 #include <cpuid.h>
 
 #include "amx.h"
@@ -167,7 +168,10 @@ AMX_INT8 void int8_tile_rows(const Operands& o, int64_t n_begin, int64_t n_end) 
                 const int64_t m = (g0 + g) * HALF_GROUP + c;
                 if (m >= o.M) break;
                 const float sum = static_cast<float>(p[r * 16 + c]) + static_cast<float>(p[r * 16 + c + 8]) / 254.0f;
-                o.y[m * o.N + first_n + r] = sum * o.x_scale[m] * weight_scale;
+                // a row holding a NaN or an infinity has a non-finite scale and meaningless pieces: its outputs are
+                // NaN, as a 16-bit product's would be (never a finite number)
+                const float x_scale = o.x_scale[m];
+                o.y[m * o.N + first_n + r] = std::isfinite(x_scale) ? sum * x_scale * weight_scale : NAN;
               }
             }
           }
