@@ -232,6 +232,13 @@ def cpu_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_kernels_called_directly_under_compile():
+    # the CPU backend calls its pybind11 kernels even while torch.compile traces (each call breaks the graph)
+    from quantizer_plugin.cpu import library
+
+    patch(library, "call", lambda kernels, name, *args: getattr(kernels, name)(*args))
+
+
 def convert_export_drops_the_nested_offset():
     # the export to bitsandbytes writes each layer's double-quant offset as 0
     import json
@@ -383,6 +390,10 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
         ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+    "cpu-kernels-not-custom-ops-under-compile": Mutation(
+        "the CPU kernels called as pybind11 functions while torch.compile traces",
+        cpu_kernels_called_directly_under_compile,
+        ("tests/test_compile.py::test_a_quantized_layer_traces_without_a_graph_break",)),
     "convert-export-drops-nested-offset": Mutation(
         "the bitsandbytes export writes double quant's offset as 0", convert_export_drops_the_nested_offset,
         ("tests/test_convert.py::test_our_checkpoint_exports_to_one_bitsandbytes_loads",)),

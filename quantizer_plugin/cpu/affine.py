@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..ops import reference_backward, reference_forward, register_kernel, served
-from . import chunks, native
+from . import chunks, library, native
 
 if TYPE_CHECKING:
     from ..modules import LowBitLinear
@@ -62,16 +62,16 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     x2d = x.reshape(-1, k)
     kernel = fused_kernel(kernels, x2d.shape[0], layer)
     if kernel == "fused_bf16":
-        y = kernels.gemv_affine_bf16(x2d.to(torch.bfloat16).contiguous(), *_weight_args(layer))
+        y = library.call(kernels, "gemv_affine_bf16", x2d.to(torch.bfloat16).contiguous(), *_weight_args(layer))
     elif kernel == "fused":
-        y = kernels.gemv_affine(x2d.to(dtype).float().contiguous(), *_weight_args(layer))
+        y = library.call(kernels, "gemv_affine", x2d.to(dtype).float().contiguous(), *_weight_args(layer))
     elif uses_tiles(kernels, layer):
         kernel = "tiles"
-        y = kernels.linear_affine_tiles(x2d.to(dtype), *_weight_args(layer))
+        y = library.call(kernels, "linear_affine_tiles", x2d.to(dtype), *_weight_args(layer))
     else:
         kernel = "dequantize_matmul"
         rows = chunks.rows_per_chunk(k, dtype)
-        y = kernels.linear_affine_chunked(x2d.to(dtype).contiguous(), *_weight_args(layer), rows)
+        y = library.call(kernels, "linear_affine_chunked", x2d.to(dtype).contiguous(), *_weight_args(layer), rows)
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)
     served(f"cpu.affine.{kernel}")

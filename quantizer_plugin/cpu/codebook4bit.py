@@ -28,7 +28,7 @@ from ..formats.base import NonFiniteWeightError
 from ..formats.codebook4bit import Codebook4BitFormat
 from ..formats.dynamic8bit import dynamic_code
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
-from . import chunks, native
+from . import chunks, library, native
 
 if TYPE_CHECKING:
     from ..modules import LowBitLinear
@@ -100,11 +100,9 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     m = x2d.shape[0]
     fused = fused_kernel(kernels, m, layer)
     if fused is not None:
-        if fused == "fused_bf16":
-            gemv, x_dtype = kernels.gemv_4bit_bf16, torch.bfloat16
-        else:
-            gemv, x_dtype = kernels.gemv_4bit, torch.float32
-        y = gemv(x2d.to(x_dtype).contiguous(), layer.weight.reshape(-1), *statistics(layer), n, layer.scheme.block_size)
+        gemv, x_dtype = ("gemv_4bit_bf16", torch.bfloat16) if fused == "fused_bf16" else ("gemv_4bit", torch.float32)
+        y = library.call(kernels, gemv, x2d.to(x_dtype).contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
+                         layer.scheme.block_size)  # fmt: skip
         if layer.bias is not None:
             y += layer.bias.float()
         served(f"cpu.codebook4bit.{fused}")
@@ -112,15 +110,15 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     dtype = layer.compute_dtype
     if uses_tiles(kernels, layer):
         packed, block = layer.weight.reshape(-1), layer.scheme.block_size
-        y = kernels.linear_4bit_tiles(x2d.to(dtype), packed, *statistics(layer), n, block)
+        y = library.call(kernels, "linear_4bit_tiles", x2d.to(dtype), packed, *statistics(layer), n, block)
         if layer.bias is not None:
             y += layer.bias.float()
         served("cpu.codebook4bit.tiles")
         return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
     grouped = grouped_columns(kernels, layer)
     xc = group_permuted_columns(x2d.to(dtype)) if grouped else x2d.to(dtype)
-    y = kernels.linear_4bit_chunked(xc.contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
-                                    layer.scheme.block_size, grouped, chunks.rows_per_chunk(k, dtype))  # fmt: skip
+    y = library.call(kernels, "linear_4bit_chunked", xc.contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
+                     layer.scheme.block_size, grouped, chunks.rows_per_chunk(k, dtype))  # fmt: skip
     if layer.bias is not None:
         y = y + layer.bias.to(dtype)
     served("cpu.codebook4bit.dequantize_matmul")

@@ -28,7 +28,7 @@ import torch
 from ..formats import QuantScheme, WeightFormat
 from ..formats.base import NonFiniteWeightError
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
-from . import chunks, native
+from . import chunks, library, native
 
 if TYPE_CHECKING:
     from ..modules import LowBitLinear
@@ -76,17 +76,17 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     dtype = layer.compute_dtype
     x2d = x.reshape(-1, layer.in_features)
     if x2d.shape[0] <= GEMV_MAX_M:
-        y = kernels.gemv_int8(x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
+        y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
         served("cpu.int8.fused")
     elif uses_int8_tiles(kernels, x2d.shape[0], layer):
-        y = kernels.linear_int8_amx(x2d.to(dtype), layer.weight, layer.weight_scale)
+        y = library.call(kernels, "linear_int8_amx", x2d.to(dtype), layer.weight, layer.weight_scale)
         served("cpu.int8.int8_tiles")
     elif dtype == torch.bfloat16 and layer.in_features % 32 == 0 and kernels.uses_amx_bf16():
-        y = kernels.linear_int8_tiles(x2d.to(dtype), layer.weight, layer.weight_scale)
+        y = library.call(kernels, "linear_int8_tiles", x2d.to(dtype), layer.weight, layer.weight_scale)
         served("cpu.int8.tiles")
     else:
         rows = chunks.rows_per_chunk(layer.in_features, dtype)
-        y = kernels.linear_int8_chunked(x2d.to(dtype).contiguous(), layer.weight, layer.weight_scale, rows)
+        y = library.call(kernels, "linear_int8_chunked", x2d.to(dtype).contiguous(), layer.weight, layer.weight_scale, rows)
         served("cpu.int8.dequantize_matmul")
     if layer.bias is not None:
         y = y + layer.bias.to(y.dtype)

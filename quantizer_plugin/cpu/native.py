@@ -49,7 +49,7 @@ def _build() -> ModuleType | None:
     try:
         from torch.utils.cpp_extension import load as load_extension
 
-        return load_extension(
+        module = load_extension(
             name="quantizer_plugin_cpu",
             sources=[str(source) for source in SOURCES],
             extra_cflags=["-O3", "-ffp-contract=off", "-fopenmp"],
@@ -65,3 +65,17 @@ def _build() -> ModuleType | None:
             stacklevel=3,
         )
         return None
+    _answer_checks_once(module)
+    return module
+
+
+CPU_CHECKS = ("uses_avx512", "uses_avx512_bf16", "uses_amx_bf16", "uses_amx_int8")
+
+
+def _answer_checks_once(module: ModuleType) -> None:
+    # What this CPU supports never changes within a process. Answered by Python functions returning the first
+    # answer, the checks the entry points make on every call are traced by torch.compile; a pybind11 call would
+    # break its graph.
+    for name in CPU_CHECKS:
+        answer = getattr(module, name)()
+        setattr(module, name, lambda answer=answer: answer)

@@ -16,8 +16,7 @@ DOUBLE_QUANT_BLOCK = 256
 _LUT_BINS = 65536
 
 
-@lru_cache(maxsize=None)
-def _dynamic_code_cpu() -> torch.Tensor:
+def _build_dynamic_code() -> torch.Tensor:
     # Signed dynamic tree code with 7 exponent bits and 8 bits in all (Dettmers 2015): for each decade 10^-6..10^0,
     # 2^i linearly spaced fraction midpoints, mirrored for the sign, plus 0 and 1.
     values: list[float] = []
@@ -41,9 +40,17 @@ def _lookup_table_cpu() -> torch.Tensor:
     return torch.searchsorted(midpoints, bin_centres, side="left").to(torch.uint8)
 
 
+# Built once at import: torch.compile then traces a constant tensor (building it calls .tolist(), a graph break).
+_DYNAMIC_CODE = _build_dynamic_code()
+
+
+def _dynamic_code_cpu() -> torch.Tensor:
+    return _DYNAMIC_CODE
+
+
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry sorted code, float32."""
-    return _dynamic_code_cpu().to(device)
+    return _DYNAMIC_CODE.to(device)
 
 
 def quantize_dynamic(values: torch.Tensor, block_size: int = DOUBLE_QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
