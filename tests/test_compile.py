@@ -1,8 +1,9 @@
 """torch.compile on the CPU backend: the native kernels are custom ops (quantizer_plugin/cpu/library.py), so a quantized
 layer or model traces whole, with no graph break, and compiled results equal eager ones.
 
-This is the CPU part of the torch.compile issue; the Triton ops, LLM.int8's reference (its outlier columns have a
-data-dependent shape), static-cache generation and compiled LoRA training are not covered yet.
+The plain-torch reference traces whole too (LLM.int8's outlier columns are a mask, not a data-dependent set of
+indices). This is the CPU part of the torch.compile issue; the Triton ops, static-cache generation and compiled LoRA
+training are not covered yet.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def test_a_quantized_layer_traces_without_a_graph_break(name, dtype):
         torch._dynamo.reset()
         explanation = torch._dynamo.explain(layer)(torch.randn(m, 256, dtype=dtype))
         assert explanation.graph_break_count == 0, (m, [str(b.reason)[:300] for b in explanation.break_reasons])
+
+
+@pytest.mark.parametrize("name", SCHEMES)
+def test_the_reference_traces_without_a_graph_break_and_compiles_to_the_same_result(name, monkeypatch):
+    monkeypatch.setenv(ops.KERNELS_ENV, "torch")
+    layer = make_layer(name, torch.bfloat16)
+    x = torch.randn(5, 256, dtype=torch.bfloat16)
+    x[:, 3] *= 40.0  # an outlier column for LLM.int8
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, [str(b.reason)[:300] for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    with torch.no_grad(), ops.record_dispatch() as served:
+        eager = layer(x)
+    assert served == ["torch.reference_forward"]
+    with torch.no_grad():
+        assert torch.equal(torch.compile(layer, fullgraph=True, backend="aot_eager")(x), eager)
 
 
 @pytest.mark.parametrize("name", ["nf4", "int8", "int4"])

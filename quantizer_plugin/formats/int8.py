@@ -29,15 +29,16 @@ def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Indices of the input features where any activation has |x| >= threshold (empty when threshold is 0)."""
+    """Which input features have an activation with |x| >= threshold, as a boolean mask over the columns (none when
+    threshold is 0). A mask, not indices: its shape does not depend on the data, so torch.compile traces it."""
     if threshold <= 0:
-        return torch.empty(0, dtype=torch.long, device=x2d.device)
-    return torch.nonzero((x2d.abs() >= threshold).any(dim=0)).flatten()
+        return torch.zeros(x2d.shape[-1], dtype=torch.bool, device=x2d.device)
+    return (x2d.abs() >= threshold).any(dim=0)
 
 
 def quantize_activations(x2d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LLM.int8's activation side as bitsandbytes computes it (int8_vectorwise_quant): (int8 codes, float32 row
-    absmax, outlier column indices).
+    absmax, outlier column mask).
 
     An entry with |x| >= threshold is an outlier, and a column holding one is multiplied in floating point. Each
     row's absmax is taken over its entries that are not outliers (the other entries of an outlier column count, as
@@ -48,9 +49,7 @@ def quantize_activations(x2d: torch.Tensor, threshold: float) -> tuple[torch.Ten
     if threshold > 0:
         x = x.masked_fill(x.abs() >= threshold, 0.0)
     codes, absmax = quantize_rows(x)
-    if outliers.numel():
-        codes = codes.index_fill(1, outliers, 0)
-    return codes, absmax, outliers
+    return codes.masked_fill(outliers[None, :], 0), absmax, outliers
 
 
 class Int8RowwiseFormat(WeightFormat):
@@ -98,10 +97,10 @@ class Int8RowwiseFormat(WeightFormat):
         accumulated = x_int8.double() @ w_int8.double().T
         y = (accumulated * (x_absmax.double()[:, None] * w_absmax.double()[None, :] / (INT8_MAX * INT8_MAX))).float()
 
-        if outliers.numel():
-            w_outlier_cols = w_int8.index_select(1, outliers).float() * (w_absmax / INT8_MAX)[:, None]
-            x_outlier_cols = x2d.index_select(1, outliers)
-            y = y + (x_outlier_cols.to(compute_dtype) @ w_outlier_cols.to(compute_dtype).T).float()
+        # The outlier columns in 16-bit: every column, the others zeroed (no data-dependent shape; zeros add nothing).
+        w_outlier_cols = (w_int8.float() * (w_absmax / INT8_MAX)[:, None]).masked_fill(~outliers[None, :], 0.0)
+        x_outlier_cols = x2d.masked_fill(~outliers[None, :], 0.0)
+        y = y + (x_outlier_cols.to(compute_dtype) @ w_outlier_cols.to(compute_dtype).T).float()
         if bias is not None:
             y = y + bias.float()
         return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], out_features)
