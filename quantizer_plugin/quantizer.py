@@ -27,6 +27,7 @@ class LowBitHfQuantizer(HfQuantizer):
         # Our own copy: loading records the resolved skip list in it, which must not leak into the user's object.
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.modules_to_not_convert: list[str] = []
+        self._layer_devices: set[str] = set()  # where the quantized layers' tensors ended up (is_compileable)
 
     def update_device_map(self, device_map):
         # As with bitsandbytes: without a device_map, load straight onto the accelerator when there is one.
@@ -77,6 +78,9 @@ class LowBitHfQuantizer(HfQuantizer):
         else:
             # transformers' disk-offload index points a weight quantized while loading at its 16-bit source tensor.
             repack_offloaded_weights(model, self.get_quantize_ops())
+        self._layer_devices = {
+            t.device.type for m in model.modules() if isinstance(m, LowBitLinear) for t in m.quantized_tensors().values()
+        }
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
         attach_model_card(model, self.quantization_config)
         attach_parameter_count(model)  # num_parameters() counts weights, not packed bytes (parameter_count.py)
@@ -99,6 +103,12 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def is_serializable(self):
         return True
+
+    @property
+    def is_compileable(self) -> bool:
+        # generate() compiles the forward (static cache) only where this is true. The CPU backend's kernels are custom
+        # ops that torch.compile keeps whole (cpu/library.py); the Triton launchers are not yet, nor is offloading.
+        return self._layer_devices == {"cpu"}
 
     @property
     def is_trainable(self) -> bool:

@@ -112,3 +112,21 @@ def test_a_quantized_llama_compiles_whole_and_matches_eager(llama_dir, token_ids
         torch._dynamo.reset()
         compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
         assert torch.equal(compiled(token_ids).logits, model(token_ids).logits)
+
+
+def test_static_cache_generation_compiles_once_and_matches_eager(llama_dir, token_ids):
+    from transformers.generation.configuration_utils import CompileConfig
+
+    model = load_quantized(llama_dir, weights="nf4")
+    assert model.hf_quantizer.is_compileable  # its layers are on the CPU, whose kernels compile whole
+    prompt = token_ids[:1]
+    settings = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    eager = model.generate(prompt, **settings, disable_compile=True)
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles generate's forward on CUDA-like devices only
+    torch._dynamo.utils.counters.clear()
+    compiled = model.generate(prompt, **settings, compile_config=compile_config)
+    again = model.generate(prompt, **settings, compile_config=compile_config)
+    assert torch.equal(compiled, eager) and torch.equal(again, eager)
+    # one graph for all the decode steps of both calls: no recompilation per step
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
