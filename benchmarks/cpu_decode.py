@@ -5,7 +5,9 @@
 
 The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved in bf16 (0.4B parameters). Every
 provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and lowbit-int8 with
-LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig. All are loaded side by side in one process, and the
+LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig; bf16-compiled and lowbit-nf4-compiled as bf16 and
+lowbit-nf4, generating with a static cache and the forward compiled by generate (inductor, fullgraph; compiled
+during the warm-up, at the timed length). All are loaded side by side in one process, and the
 rounds are interleaved (each round runs every provider once). A sample is one `generate` of NEW_TOKENS greedy tokens,
 timed by a streamer as generate hands it each token: the time from the first new token to the last, over
 NEW_TOKENS - 1 (decode steps only, no prefill; one run, so no difference of two noisy timings). Reported: the median
@@ -29,7 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from harness import Row, cpu_environment, write_rows  # noqa: E402
 
-PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8"]
+PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8", "bf16-compiled", "lowbit-nf4-compiled"]
+COMPILED = "-compiled"  # a provider's suffix: static cache, the forward compiled by generate (inductor, fullgraph)
 MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
 SMOKE_MODEL = dict(MODEL, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -51,6 +54,7 @@ def load(provider: str, path: Path):
 
     import quantizer_plugin
 
+    provider = provider.removesuffix(COMPILED)
     kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
     if provider == "lowbit-nf4":
         kwargs["quantization_config"] = quantizer_plugin.LowBitConfig(weights="nf4")
@@ -80,12 +84,23 @@ class TokenClock:
         pass
 
 
-def decode_ms_per_token(model, prompt: torch.Tensor, tokens: int) -> float:
+def generate_settings(provider: str) -> dict:
+    """generate's extra arguments: for a compiled provider, a static cache and a forward compiled once by generate."""
+    if not provider.endswith(COMPILED):
+        return {}
+    from transformers.generation.configuration_utils import CompileConfig
+
+    compile_config = CompileConfig(fullgraph=True)
+    compile_config._compile_all_devices = True  # transformers compiles generate's forward on a CPU only when asked
+    return {"cache_implementation": "static", "compile_config": compile_config}
+
+
+def decode_ms_per_token(model, prompt: torch.Tensor, tokens: int, **settings) -> float:
     """ms per decode step: from the first new token (the prefill's) to the last, over tokens - 1 steps."""
     clock = TokenClock()
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=0,
-                       streamer=clock)  # fmt: skip
+                       streamer=clock, **settings)  # fmt: skip
     if len(clock.times) != tokens + 1:
         raise RuntimeError(f"generate pushed {len(clock.times) - 1} tokens, expected {tokens}")
     return (clock.times[-1] - clock.times[1]) / (tokens - 1) * 1e3
@@ -115,14 +130,16 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             models[provider] = load(provider, path)
             load_s[provider] = time.perf_counter() - start
-            decode_ms_per_token(models[provider], prompt, 2)  # warm-up: native build, oneDNN primitives
+            # warm-up (native build, oneDNN primitives, compilation: at the static cache's length, new_tokens)
+            decode_ms_per_token(models[provider], prompt, new_tokens if provider.endswith(COMPILED) else 2,
+                                **generate_settings(provider))  # fmt: skip
         except Exception as error:
             skipped[provider] = f"{type(error).__name__}: {str(error).splitlines()[0][:160]}"
         gc.collect()
     per_token: dict[str, list[float]] = {provider: [] for provider in models}
     for _ in range(rounds):
         for provider, model in models.items():
-            per_token[provider].append(decode_ms_per_token(model, prompt, new_tokens))
+            per_token[provider].append(decode_ms_per_token(model, prompt, new_tokens, **generate_settings(provider)))
     rows = []
     for provider, samples in per_token.items():
         median, p20, p80 = torch.tensor(samples).quantile(torch.tensor([0.5, 0.2, 0.8])).tolist()
@@ -156,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         if provider in index and peer in index:
             value = index[peer].median_ms / index[provider].median_ms
             lines.append(f"- {provider} vs {peer}: {value:.2f}x (target > 1x): {'PASS' if value > 1 else 'FAIL'}")
+    compared = [("lowbit-nf4-compiled", "lowbit-nf4"), ("lowbit-nf4-compiled", "bf16-compiled"), ("bf16-compiled", "bf16")]
+    lines += ["", "Compiled (no target; tokens/s ratios):"]
+    lines += [f"- {a} vs {b}: {index[b].median_ms / index[a].median_ms:.2f}x" for a, b in compared if a in index and b in index]
     (out / "cpu_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

@@ -144,7 +144,8 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
 
 def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
     _, cpu_decode = cpu_benchmarks
-    assert cpu_decode.main(["--smoke", "--out", str(tmp_path), "--providers", "bf16,lowbit-nf4"]) == 0
+    providers = ["bf16", "lowbit-nf4", "lowbit-nf4-compiled"]
+    assert cpu_decode.main(["--smoke", "--out", str(tmp_path), "--providers", ",".join(providers)]) == 0
     rows = [json.loads(line) for line in (tmp_path / "cpu_decode.jsonl").read_text().splitlines()]
-    assert [row["provider"] for row in rows] == ["bf16", "lowbit-nf4"] and all(row["median_ms"] > 0 for row in rows)
+    assert [row["provider"] for row in rows] == providers and all(row["median_ms"] > 0 for row in rows)
     assert "lowbit-nf4:" in (tmp_path / "cpu_decode.md").read_text()

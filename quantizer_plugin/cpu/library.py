@@ -2,7 +2,7 @@
 
 torch.compile cannot trace into a pybind11 function: each native call would break the graph. Under compile the CPU
 backend's entry points call the kernels through the ops registered here (`torch.ops.quantizer_plugin.<name>`), each
-with a fake implementation that gives the output's shape and dtype without running anything. Eager calls go to the
+with a fake implementation that gives the output's shape, dtype and strides without running anything. Eager calls go to the
 native module directly (`call` below), which skips the dispatcher's few microseconds per call.
 
 Every forward kernel returns y (M, N): float32 and contiguous for the fused, tile and AMX-INT8 kernels; for the
@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from . import native
+
 
 # What the fake implementations need: the number of output columns, from the arguments (x first).
 def _weight_rows(args) -> int:
