@@ -71,7 +71,7 @@ AMX_BF16 inline void configure_tiles() {
 
 // GCC's tile intrinsics take tile numbers as literals; these pick them from template arguments.
 template <int T>
-AMX_BF16 inline void load_tile(const uint16_t* source) {
+AMX_BF16 inline void load_tile(const void* source) {  // a 16 x 64-byte tile (bf16 or int8)
   if constexpr (T == 4) _tile_loadd(4, source, 64);
   if constexpr (T == 5) _tile_loadd(5, source, 64);
   if constexpr (T == 6) _tile_loadd(6, source, 64);
@@ -85,7 +85,7 @@ AMX_BF16 inline void zero_accumulator() {
   if constexpr (C == 3) _tile_zero(3);
 }
 template <int C>
-AMX_BF16 inline void store_accumulator(float* out) {
+AMX_BF16 inline void store_accumulator(void* out) {  // 16 x 16 float32 (bf16 products) or int32 (int8)
   if constexpr (C == 0) _tile_stored(0, out, 64);
   if constexpr (C == 1) _tile_stored(1, out, 64);
   if constexpr (C == 2) _tile_stored(2, out, 64);
@@ -133,8 +133,9 @@ AMX_BF16 void multiply_chunk(const uint16_t* a, int64_t block_stride, int64_t k_
   }
 }
 
-// product (count, 16, 16) = accumulators [0, count).
-AMX_BF16 inline void store_accumulators(int64_t count, float* product) {
+// product (count, 16, 16) = accumulators [0, count): float32 for bf16 products, int32 for int8 ones.
+template <typename Sum>
+AMX_BF16 inline void store_accumulators(int64_t count, Sum* product) {
   store_accumulator<0>(product);
   if (count > 1) store_accumulator<1>(product + 256);
   if (count > 2) store_accumulator<2>(product + 512);

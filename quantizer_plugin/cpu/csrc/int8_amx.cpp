@@ -38,16 +38,12 @@ constexpr int64_t K_STEP = 64;        // bytes of K per tile row
 constexpr int64_t HALF_GROUP = 8;     // activation rows per group of 16 tile rows (their high, then low pieces)
 constexpr int64_t WEIGHT_AHEAD = 512;  // bytes of each weight row prefetched ahead of the tile loads
 
-// GCC's tile intrinsics take tile numbers as literals; these pick them from template arguments.
+// GCC's tile intrinsics take tile numbers as literals; these pick them from template arguments (amx.h's load_tile,
+// zero_accumulator and store_accumulators serve the int8 tiles as they are).
 template <int T>
 AMX_INT8 inline void load_weight_tile(const int8_t* rows, int64_t stride) {
   if constexpr (T == 4) _tile_loadd(4, rows, stride);
   if constexpr (T == 7) _tile_loadd(7, rows, stride);
-}
-template <int T>
-AMX_INT8 inline void load_activations(const int8_t* tile) {
-  if constexpr (T == 5) _tile_loadd(5, tile, 64);
-  if constexpr (T == 6) _tile_loadd(6, tile, 64);
 }
 #define QP_INT8_DOT(c, a, b) \
   if constexpr (C == c && A == a && B == b) _tile_dpbssd(c, a, b);
@@ -59,20 +55,6 @@ AMX_INT8 inline void dot_int8() {
   QP_INT8_DOT(3, 4, 5) QP_INT8_DOT(3, 7, 5) QP_INT8_DOT(3, 4, 6) QP_INT8_DOT(3, 7, 6)
 }
 #undef QP_INT8_DOT
-template <int C>
-AMX_INT8 inline void zero_int8_accumulator() {
-  if constexpr (C == 0) _tile_zero(0);
-  if constexpr (C == 1) _tile_zero(1);
-  if constexpr (C == 2) _tile_zero(2);
-  if constexpr (C == 3) _tile_zero(3);
-}
-template <int C>
-AMX_INT8 inline void store_int8_accumulator(int32_t* out) {
-  if constexpr (C == 0) _tile_stored(0, out, 64);
-  if constexpr (C == 1) _tile_stored(1, out, 64);
-  if constexpr (C == 2) _tile_stored(2, out, 64);
-  if constexpr (C == 3) _tile_stored(3, out, 64);
-}
 
 // Block I (16 weight rows from `rows`, stride K) times the GROUPS activation tiles, into accumulators I * GROUPS + g.
 template <int I, int GROUPS>
@@ -92,23 +74,20 @@ template <int NB, int GROUPS>
 AMX_INT8 void multiply_rows(const int8_t* const* blocks, int64_t K, const int8_t* xp, int64_t groups, int64_t group0,
                             int32_t* products) {
   static_assert(NB * GROUPS <= 4 && GROUPS <= 2, "four accumulator tiles, two activation tiles");
-  zero_int8_accumulator<0>();
-  if constexpr (NB * GROUPS > 1) zero_int8_accumulator<1>();
-  if constexpr (NB * GROUPS > 2) zero_int8_accumulator<2>();
-  if constexpr (NB * GROUPS > 3) zero_int8_accumulator<3>();
+  zero_accumulator<0>();
+  if constexpr (NB * GROUPS > 1) zero_accumulator<1>();
+  if constexpr (NB * GROUPS > 2) zero_accumulator<2>();
+  if constexpr (NB * GROUPS > 3) zero_accumulator<3>();
   for (int64_t k0 = 0; k0 < K; k0 += K_STEP) {
     const int8_t* x = xp + (k0 / K_STEP * groups + group0) * TILE_ROWS * K_STEP;
-    load_activations<5>(x);
-    if constexpr (GROUPS > 1) load_activations<6>(x + TILE_ROWS * K_STEP);
+    load_tile<5>(x);
+    if constexpr (GROUPS > 1) load_tile<6>(x + TILE_ROWS * K_STEP);
     multiply_block<0, GROUPS>(blocks[0] + k0, K);
     if constexpr (NB > 1) multiply_block<1, GROUPS>(blocks[1] + k0, K);
     if constexpr (NB > 2) multiply_block<2, GROUPS>(blocks[2] + k0, K);
     if constexpr (NB > 3) multiply_block<3, GROUPS>(blocks[3] + k0, K);
   }
-  store_int8_accumulator<0>(products);
-  if constexpr (NB * GROUPS > 1) store_int8_accumulator<1>(products + 256);
-  if constexpr (NB * GROUPS > 2) store_int8_accumulator<2>(products + 512);
-  if constexpr (NB * GROUPS > 3) store_int8_accumulator<3>(products + 768);
+  store_accumulators(NB * GROUPS, products);
 }
 
 AMX_INT8 void multiply_rows(int64_t blocks, int64_t pair, const int8_t* const* rows, int64_t K, const int8_t* xp,
