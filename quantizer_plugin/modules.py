@@ -59,6 +59,7 @@ class LowBitLinear(nn.Module):
             device=linear.weight.device,
         )  # fmt: skip
         layer.load_quantized(ops.quantize(layer.fmt, linear.weight.detach(), scheme))
+        ops.prepare(layer.fmt.name, linear.weight.device)
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer

@@ -48,6 +48,7 @@ Quantizer = Callable[["WeightFormat", torch.Tensor, "QuantScheme"], dict]
 _FORWARD: dict[tuple[str, str], ForwardKernel] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
 _QUANTIZE: dict[tuple[str, str], Quantizer] = {}
+_PREPARATIONS: dict[str, Callable[[], object]] = {}  # backend -> its first-use work (see prepare)
 _loaded_packages: set[str] = set()
 _RECORDS: list[list[str]] = []  # one list per active record_dispatch() block
 
@@ -84,6 +85,24 @@ def register_kernel(format_name: str, backend: str, *, backward: bool = False, q
         return fn
 
     return register
+
+
+def register_preparation(backend: str, preparation: Callable[[], object]) -> None:
+    """Register the first-use work of a backend's kernels (e.g. building native code), run by `prepare`."""
+    _PREPARATIONS[backend] = preparation
+
+
+def prepare(format_name: str, device: torch.device | str) -> None:
+    """Do now the first-use work of the backend that `format_name`'s layers on `device` take: import its kernels and
+    run its registered preparation. Called where layers are created or loaded, so that torch.compile's trace of the
+    first forward does not meet that work: an import or a build cannot be traced, and each would break the graph
+    (fullgraph=True would fail)."""
+    device = torch.device(device)
+    if device.type not in DEFAULT_BACKENDS:  # meta (offloaded to disk) and other devices run no kernel of ours
+        return
+    preparation = _PREPARATIONS.get(select_backend(format_name, device))
+    if preparation is not None:
+        preparation()
 
 
 def _load_kernels(backend: str) -> None:

@@ -8,6 +8,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
+from . import ops
 from .config import LowBitConfig
 from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
@@ -78,9 +79,11 @@ class LowBitHfQuantizer(HfQuantizer):
         else:
             # transformers' disk-offload index points a weight quantized while loading at its 16-bit source tensor.
             repack_offloaded_weights(model, self.get_quantize_ops())
-        self._layer_devices = {
-            t.device.type for m in model.modules() if isinstance(m, LowBitLinear) for t in m.quantized_tensors().values()
-        }
+        placements = {(m.fmt.name, t.device) for m in model.modules() if isinstance(m, LowBitLinear)
+                      for t in m.quantized_tensors().values()}  # fmt: skip
+        self._layer_devices = {device.type for _, device in placements}
+        for format_name, device in placements:
+            ops.prepare(format_name, device)  # kernels ready before a first forward, which torch.compile may trace
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
         attach_model_card(model, self.quantization_config)
         attach_parameter_count(model)  # num_parameters() counts weights, not packed bytes (parameter_count.py)

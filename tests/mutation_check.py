@@ -239,6 +239,21 @@ def cpu_kernels_called_directly_under_compile():
     patch(library, "call", lambda kernels, name, *args: getattr(kernels, name)(*args))
 
 
+def cpu_input_gradients_not_ops_under_compile():
+    # the CPU backend's input gradients run their Python chunk loop (a native call per chunk) while torch.compile traces
+    from quantizer_plugin.cpu import affine, codebook4bit, int8
+
+    for module in (affine, codebook4bit, int8):
+        patch(module, "grad_input", module.grad_input.__wrapped__)
+
+
+def kernels_not_prepared_when_layers_load():
+    # loading a model leaves the CPU backend's first-use work (the native build) to the first forward
+    from quantizer_plugin import ops
+
+    patch(ops, "prepare", lambda format_name, device: None)
+
+
 def convert_export_drops_the_nested_offset():
     # the export to bitsandbytes writes each layer's double-quant offset as 0
     import json
@@ -394,6 +409,12 @@ MUTATIONS: dict[str, Mutation] = {
         "the CPU kernels called as pybind11 functions while torch.compile traces",
         cpu_kernels_called_directly_under_compile,
         ("tests/test_compile.py::test_a_quantized_layer_traces_without_a_graph_break",)),
+    "cpu-input-gradients-not-ops-under-compile": Mutation(
+        "the CPU input gradients traced as Python loops of pybind11 calls", cpu_input_gradients_not_ops_under_compile,
+        ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients",)),
+    "kernels-not-prepared-on-load": Mutation(
+        "the native build left to the first forward after loading", kernels_not_prepared_when_layers_load,
+        ("tests/test_compile.py::test_a_prequantized_checkpoint_compiles_whole_on_its_first_forward",)),
     "convert-export-drops-nested-offset": Mutation(
         "the bitsandbytes export writes double quant's offset as 0", convert_export_drops_the_nested_offset,
         ("tests/test_convert.py::test_our_checkpoint_exports_to_one_bitsandbytes_loads",)),

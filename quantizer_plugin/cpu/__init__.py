@@ -6,7 +6,11 @@
   where the CPU has it) on the thread that dequantized it (chunks.py).
 
 ops.py imports this package on the first call with a CPU tensor; importing it registers the kernels and builds
-nothing (the native build happens on first use).
+nothing. The native build happens when quantized layers are made or loaded on the CPU (ops.prepare), or else on
+first use.
 """
 
-from . import affine, codebook4bit, int8  # noqa: F401  (registration side effect)
+from ..ops import register_preparation
+from . import affine, codebook4bit, int8, native  # noqa: F401  (registration side effect)
+
+register_preparation("cpu", native.load)

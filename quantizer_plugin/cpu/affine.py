@@ -78,18 +78,25 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+@library.grad_input_op("grad_input_affine", library.AFFINE_WEIGHT)
+def grad_input(g2d, packed, scale, zero, bits: int, block: int, k: int) -> torch.Tensor:
+    """g2d (M, N) @ dequant(W) in float32, W's rows dequantized by the native kernel in chunks."""
+    kernels = native.load()
+
+    def rows(first: int, last: int, out: torch.Tensor) -> None:
+        kernels.dequantize_affine(packed, scale, zero, bits, block, first, last, out.view(last - first, k))
+
+    grad_x = chunks.grad_input(g2d, g2d.shape[1], k, rows)
+    served("cpu.affine.grad_input")
+    return grad_x
+
+
 @register_kernel("int4", "cpu", backward=True)
 @register_kernel("int2", "cpu", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     kernels = native.load()
     if kernels is None or not kernels.uses_avx512():
         return reference_backward(grad_y, layer)
-    args = _weight_args(layer)
-
-    def fill(first: int, last: int, out: torch.Tensor) -> None:
-        kernels.dequantize_affine(*args, first, last, out.view(last - first, layer.in_features))
-
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = chunks.grad_input(g2d, layer.out_features, layer.in_features, fill)
-    served("cpu.affine.grad_input")
+    grad_x = grad_input(g2d, *_weight_args(layer), layer.in_features)
     return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

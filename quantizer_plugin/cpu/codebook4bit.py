@@ -79,16 +79,6 @@ def ungroup_columns(t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (-1, 2, 16)).transpose(-1, -2).flatten(-3)
 
 
-def fill(kernels, layer: LowBitLinear, grouped: bool):
-    """The chunk filler for chunks.py: rows of the weight, dequantized by the native kernel."""
-    packed, args, k = layer.weight.reshape(-1), statistics(layer), layer.in_features
-
-    def rows(first: int, last: int, out: torch.Tensor) -> None:
-        kernels.dequantize_4bit(packed, *args, layer.scheme.block_size, first * k, last * k, out, grouped)
-
-    return rows
-
-
 @register_kernel("nf4", "cpu")
 @register_kernel("fp4", "cpu")
 def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
@@ -141,16 +131,28 @@ def quantize(fmt: Codebook4BitFormat, weight: torch.Tensor, scheme: QuantScheme)
     return fmt.stored_tensors(codes, absmax, weight, scheme)
 
 
+@library.grad_input_op("grad_input_4bit", f"{library.CODEBOOK_WEIGHT}, int block, bool grouped")
+def grad_input(g2d, packed, absmax, codes, scales, offset, code8, lut, block: int, grouped: bool, k: int) -> torch.Tensor:
+    """g2d (M, N) @ dequant(W) in float32, W's rows dequantized by the native kernel in chunks (grouped: in the
+    group-permuted column order, undone at the end)."""
+    kernels = native.load()
+    statistics = (absmax, codes, scales, offset, code8, lut)
+
+    def rows(first: int, last: int, out: torch.Tensor) -> None:
+        kernels.dequantize_4bit(packed, *statistics, block, first * k, last * k, out, grouped)
+
+    grad_x = chunks.grad_input(g2d, g2d.shape[1], k, rows)
+    served("cpu.codebook4bit.grad_input")
+    return ungroup_columns(grad_x).contiguous() if grouped else grad_x
+
+
 @register_kernel("nf4", "cpu", backward=True)
 @register_kernel("fp4", "cpu", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     kernels = native.load()
     if kernels is None:
         return reference_backward(grad_y, layer)
-    grouped = grouped_columns(kernels, layer)
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = chunks.grad_input(g2d, layer.out_features, layer.in_features, fill(kernels, layer, grouped))
-    if grouped:
-        grad_x = ungroup_columns(grad_x)
-    served("cpu.codebook4bit.grad_input")
+    grad_x = grad_input(g2d, layer.weight.reshape(-1), *statistics(layer), layer.scheme.block_size,
+                        grouped_columns(kernels, layer), layer.in_features)  # fmt: skip
     return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

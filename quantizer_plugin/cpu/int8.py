@@ -45,16 +45,6 @@ def uses_int8_tiles(kernels, m: int, layer: LowBitLinear) -> bool:
     return GEMV_MAX_M < m <= AMX_INT8_MAX_M and sixteen_bit and layer.in_features % 64 == 0 and kernels.uses_amx_int8()
 
 
-def fill(kernels, layer: LowBitLinear):
-    """The chunk filler for chunks.py: rows of the weight, dequantized by the native kernel."""
-    weight, scale = layer.weight, layer.weight_scale
-
-    def rows(first: int, last: int, out: torch.Tensor) -> None:
-        kernels.dequantize_int8(weight, scale, first, last, out)
-
-    return rows
-
-
 @register_kernel("int8", "cpu", quantize=True)
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize by the native kernel (the same values, one pass)."""
@@ -93,12 +83,23 @@ def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
 
 
+@library.grad_input_op("grad_input_int8", library.INT8_WEIGHT)
+def grad_input(g2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, k: int) -> torch.Tensor:
+    """g2d (M, N) @ dequant(W) in float32, W's rows dequantized by the native kernel in chunks."""
+    kernels = native.load()
+
+    def rows(first: int, last: int, out: torch.Tensor) -> None:
+        kernels.dequantize_int8(weight, scale, first, last, out)
+
+    grad_x = chunks.grad_input(g2d, g2d.shape[1], k, rows)
+    served("cpu.int8.grad_input")
+    return grad_x
+
+
 @register_kernel("int8", "cpu", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    kernels = native.load()
-    if kernels is None:
+    if native.load() is None:
         return reference_backward(grad_y, layer)
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = chunks.grad_input(g2d, layer.out_features, layer.in_features, fill(kernels, layer))
-    served("cpu.int8.grad_input")
+    grad_x = grad_input(g2d, layer.weight, layer.weight_scale, layer.in_features)
     return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

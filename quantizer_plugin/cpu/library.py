@@ -1,9 +1,14 @@
-"""The native forward kernels as torch custom ops, so that torch.compile keeps each call as one node of its graph.
+"""The native forward kernels and the input gradients as torch custom ops, so that torch.compile keeps each call as one
+node of its graph.
 
 torch.compile cannot trace into a pybind11 function: each native call would break the graph. Under compile the CPU
 backend's entry points call the kernels through the ops registered here (`torch.ops.quantizer_plugin.<name>`), each
 with a fake implementation that gives the output's shape, dtype and strides without running anything. Eager calls go to the
 native module directly (`call` below), which skips the dispatcher's few microseconds per call.
+
+The input gradients (LoRA's backward) are Python loops over weight chunks, each dequantized by a native call
+(chunks.py). `grad_input_op` makes each such function an op of its own, so that a compiled training step's backward
+graph holds one node per layer rather than breaking at every chunk.
 
 Every forward kernel returns y (M, N): float32 and contiguous for the fused, tile and AMX-INT8 kernels; for the
 chunked ones in x's dtype, as the transpose of the (N, M) buffer their threads write by rows of the weight. N is the
@@ -11,6 +16,8 @@ weight's first dimension, or the `N` argument of the 4-bit codebook kernels (the
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -26,10 +33,13 @@ def _n_argument(args) -> int:  # the 4-bit codebook kernels' weight is flat: N i
     return args[8]
 
 
-_CODEBOOK = ("Tensor x, Tensor packed, Tensor absmax, Tensor codes, Tensor scales, Tensor offset, Tensor code8, "
-             "Tensor lut, int N, int block")  # fmt: skip
-_AFFINE = "Tensor x, Tensor packed, Tensor scale, Tensor zero, int bits, int block"
-_INT8 = "Tensor x, Tensor weight, Tensor scale"
+# The weight's arguments of each family, after the activations
+CODEBOOK_WEIGHT = "Tensor packed, Tensor absmax, Tensor codes, Tensor scales, Tensor offset, Tensor code8, Tensor lut"
+AFFINE_WEIGHT = "Tensor packed, Tensor scale, Tensor zero, int bits, int block"
+INT8_WEIGHT = "Tensor weight, Tensor scale"
+_CODEBOOK = f"Tensor x, {CODEBOOK_WEIGHT}, int N, int block"
+_AFFINE = f"Tensor x, {AFFINE_WEIGHT}"
+_INT8 = f"Tensor x, {INT8_WEIGHT}"
 FLOAT32, CHUNKED = "float32", "chunked"
 # name -> (arguments, output columns, output layout)
 FORWARD_OPS = {
@@ -75,3 +85,32 @@ def call(kernels, name: str, *args) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return getattr(torch.ops.quantizer_plugin, name)(*args)
     return getattr(kernels, name)(*args)
+
+
+GRAD_INPUT_OPS: dict[str, object] = {}  # name -> the entry point grad_input_op returned
+
+
+def grad_input_op(name: str, weight_arguments: str):
+    """Decorator making `fn(g, *weight arguments, K) -> grad_x` ((M, K) float32, a new tensor) the op
+    quantizer_plugin::<name>. The function it returns calls the op while torch.compile traces, `fn` otherwise."""
+
+    def register(fn):
+        _library.define(f"{name}(Tensor g, {weight_arguments}, int K) -> Tensor")
+        torch.library.impl(f"quantizer_plugin::{name}", "CPU", lib=_library)(fn)
+
+        def fake(g, *args):
+            return g.new_empty((g.shape[0], args[-1]), dtype=torch.float32)
+
+        torch.library.register_fake(f"quantizer_plugin::{name}", lib=_library)(fake)
+
+        @functools.wraps(fn)
+        def entry(*args):
+            if torch.compiler.is_compiling():
+                return getattr(torch.ops.quantizer_plugin, name)(*args)
+            return fn(*args)
+
+        GRAD_INPUT_OPS[name] = entry
+        return entry
+
+    return register
+
