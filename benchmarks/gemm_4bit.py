@@ -76,7 +76,7 @@ class Operands:
         return sum(t.nbytes for t in self.layer.quantized_tensors().values())
 
     def call(self, provider: str, x: torch.Tensor):
-        from quantizer_plugin.kernels.dequant_matmul import linear_forward
+        from quantizer_plugin.kernels.layers import linear_forward
 
         if provider == "bf16":
             return lambda: torch.nn.functional.linear(x, self.weight)

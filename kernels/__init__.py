@@ -15,5 +15,4 @@ if __name__ == "quantizer_plugin.kernels":
     # Whether these kernels were defined for Triton's interpreter (TRITON_INTERPRET=1 at import) rather than a GPU.
     INTERPRETED = interpreting()
 
-    from . import dequant_matmul  # noqa: F401  (NF4/FP4, int4/int2, weight-only int8: dequantize in registers, GEMM)
-    from . import int8  # noqa: F401  (LLM.int8: outlier-decomposed int8 GEMM, forward and input gradient)
+    from . import layers  # noqa: F401  (registers the layer entry points of every kernel family)

@@ -35,7 +35,7 @@ from quantizer_plugin.formats import QuantScheme, WeightFormat
 from quantizer_plugin.formats.affine import IntAffineFormat
 from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
 from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
-from quantizer_plugin.ops import reference_backward, reference_forward, register_kernel, served
+from quantizer_plugin.ops import served
 
 from .interpreter import cast_rounded, dot_16bit
 from . import split_k
@@ -370,38 +370,3 @@ def dequant_matmul_grad_input(
         _GRAD_INPUT[grid](*args, **meta)
     served(f"triton.{FAMILY[meta['KIND']]}.grad_input")
     return grad_x
-
-
-# --- the layer-level entry points registered with the dispatch seam ---------------------------------------------
-
-
-def _fits(layer) -> bool:
-    return layer.out_features * layer.in_features <= MAX_ELEMENTS
-
-
-@register_kernel("nf4", "triton")
-@register_kernel("fp4", "triton")
-@register_kernel("int4", "triton")
-@register_kernel("int2", "triton")
-def linear_forward(x: torch.Tensor, layer) -> torch.Tensor:
-    if not _fits(layer):
-        return reference_forward(x, layer)
-    x2d = x.reshape(-1, layer.in_features).to(layer.compute_dtype).contiguous()
-    y = dequant_matmul(
-        x2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.out_features, layer.bias, check_weight=False
-    )
-    return y.to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
-
-
-@register_kernel("nf4", "triton", backward=True)
-@register_kernel("fp4", "triton", backward=True)
-@register_kernel("int4", "triton", backward=True)
-@register_kernel("int2", "triton", backward=True)
-def linear_grad_input(grad_y: torch.Tensor, layer) -> torch.Tensor:
-    if not _fits(layer):
-        return reference_backward(grad_y, layer)
-    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype).contiguous()
-    grad_x = dequant_matmul_grad_input(
-        g2d, layer.quantized_tensors(), layer.fmt, layer.scheme, layer.in_features, check_weight=False
-    )
-    return grad_x.to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)

@@ -109,9 +109,10 @@ class LowBitHfQuantizer(HfQuantizer):
 
     @property
     def is_compileable(self) -> bool:
-        # generate() compiles the forward (static cache) only where this is true. The CPU backend's kernels are custom
-        # ops that torch.compile keeps whole (cpu/library.py); the Triton launchers are not yet, nor is offloading.
-        return self._layer_devices == {"cpu"}
+        # generate() compiles the forward (static cache) only where this is true. The kernels of the CPU backend and
+        # the Triton launchers are custom ops that torch.compile keeps whole (cpu/library.py, kernels/library.py).
+        # Offloaded layers (their tensors on the meta device, brought in by accelerate's hooks) are not compiled.
+        return bool(self._layer_devices) and self._layer_devices <= {"cpu", "cuda"}
 
     @property
     def is_trainable(self) -> bool:

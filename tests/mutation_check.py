@@ -247,6 +247,14 @@ def cpu_input_gradients_not_ops_under_compile():
         patch(module, "grad_input", module.grad_input.__wrapped__)
 
 
+def triton_launchers_not_ops_under_compile():
+    # the Triton entry points call the launchers' Python while torch.compile traces, not the custom ops wrapping them
+    from quantizer_plugin.kernels import library
+
+    for name in ("dequant_matmul_op", "dequant_matmul_grad_input_op", "int8_linear_op", "int8_grad_input_op"):
+        patch(library, name, getattr(library, name)._init_fn)  # the function the op was defined from
+
+
 def kernels_not_prepared_when_layers_load():
     # loading a model leaves the CPU backend's first-use work (the native build) to the first forward
     from quantizer_plugin import ops
@@ -412,6 +420,10 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-input-gradients-not-ops-under-compile": Mutation(
         "the CPU input gradients traced as Python loops of pybind11 calls", cpu_input_gradients_not_ops_under_compile,
         ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients",)),
+    "triton-launchers-not-ops-under-compile": Mutation(
+        "the Triton launchers traced as Python under torch.compile", triton_launchers_not_ops_under_compile,
+        ("tests/test_compile_triton.py::test_a_layer_on_the_triton_kernels_traces_whole_and_compiles_to_eager",
+         "tests/test_compile_triton.py::test_a_compiled_lora_training_step_on_the_triton_kernels_gives_eager_gradients")),
     "kernels-not-prepared-on-load": Mutation(
         "the native build left to the first forward after loading", kernels_not_prepared_when_layers_load,
         ("tests/test_compile.py::test_a_prequantized_checkpoint_compiles_whole_on_its_first_forward",)),

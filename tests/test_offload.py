@@ -101,6 +101,7 @@ def test_quantize_while_loading_offloads_packed_layers_to_disk(model_dir, prompt
     offload = tmp_path / "offload"
     model = load(model_dir, FORMATS[fmt], device_map=CPU_DISK, offload_folder=offload)
     assert model.hf_device_map == CPU_DISK
+    assert reference.hf_quantizer.is_compileable and not model.hf_quantizer.is_compileable  # offloaded: not compiled
 
     disk_layers = offloaded_layers(CPU_DISK)
     prefixes = tuple(f"{layer}." for layer in disk_layers)
