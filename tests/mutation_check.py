@@ -56,9 +56,9 @@ def dequantize_4bit_returns_zeros():
 
 
 def kernel_4bit_falls_back_to_the_reference():
-    import quantizer_plugin.kernels.dequant_matmul as kernels
+    import quantizer_plugin.kernels.layers as layers
 
-    patch(kernels, "_fits", lambda layer: False)
+    patch(layers, "_fits", lambda layer: False)
 
 
 def kernel_affine_ignores_the_zero_points():

@@ -113,4 +113,3 @@ def grad_input_op(name: str, weight_arguments: str):
         return entry
 
     return register
-
