@@ -112,13 +112,15 @@ def _dequant_matmul_builds() -> list[Build]:
     affine = dict(weight, scale_ptr="*fp16", zero_ptr="*fp16")
     int8 = dict(weight, packed_ptr="*i8")
     kinds = dequant_matmul.CODEBOOK, dequant_matmul.AFFINE, dequant_matmul.INT8
-    # (name, weight pointers, KIND, BITS, dtype, block size, aligned rows, double quant): the default NF4 layout
-    # first, then a block inside one K tile in fp16, rows that straddle blocks and bytes, and a block longer than
-    # any K tile; then int4, int2 and weight-only int8.
-    layouts = [
-        ("4bit", weight, kinds[0], 4, "bf16", 64, True, True), ("4bit", weight, kinds[0], 4, "fp16", 16, True, False),
-        ("4bit", weight, kinds[0], 4, "bf16", 64, False, True), ("4bit", weight, kinds[0], 4, "bf16", 4096, True, True),
-        ("int4", affine, kinds[1], 4, "bf16", 64, False, False), ("int2", affine, kinds[1], 2, "fp16", 64, False, False),
+    # (name, weight pointers, KIND, BITS, dtype, block size, aligned rows, double quant): the default NF4 and int4
+    # layouts at every tile candidate; then, at the first candidate, NF4 with a block inside one K tile in fp16, rows
+    # that straddle blocks and bytes, and a block longer than any K tile; int4 and int2 with short last groups
+    # (per-element loads), int2 with whole groups, and weight-only int8.
+    every_candidate = [("4bit", weight, kinds[0], 4, "bf16", 64, True, True), ("int4", affine, kinds[1], 4, "bf16", 64, True, False)]
+    layouts = every_candidate + [
+        ("4bit", weight, kinds[0], 4, "fp16", 16, True, False), ("4bit", weight, kinds[0], 4, "bf16", 64, False, True),
+        ("4bit", weight, kinds[0], 4, "bf16", 4096, True, True), ("int4", affine, kinds[1], 4, "bf16", 64, False, False),
+        ("int2", affine, kinds[1], 2, "fp16", 64, True, False), ("int2", affine, kinds[1], 2, "fp16", 64, False, False),
         ("int8 weight-only", int8, kinds[2], 8, "bf16", 64, False, False),
     ]  # fmt: skip
     builds = []
@@ -133,7 +135,7 @@ def _dequant_matmul_builds() -> list[Build]:
             (f"{family} forward, prefill", dequant_matmul._FORWARD_PREFILL, forward, dict(common, HAS_BIAS=True)),
             (f"{family} grad_input", dequant_matmul._GRAD_INPUT, backward, common),
         ]:
-            configs = kernel.configs if index == 0 else kernel.configs[:1]
+            configs = kernel.configs if index < len(every_candidate) else kernel.configs[:1]
             builds += [Build(f"{name} ({dt})", kernel, arguments, constexprs, config) for config in configs]
     return builds
 

@@ -14,7 +14,9 @@ dequantizer (below), BITS the integer width, DOUBLE_QUANT and ALIGNED the codebo
     loaded as whole bytes split into two nibbles, and its absmax as one value per (row, block), broadcast;
   - otherwise (blocks and bytes may straddle rows): every element finds its byte and its block by its flat index.
 - Affine (int4/int2: each row in its own ceil(K * bits / 8) bytes, codes from the high bits; a float16 scale and zero
-  point per group of a row): (q - z) * s, as the reference computes it.
+  point per group of a row): (q - z) * s, as the reference computes it. The same two layouts of the tile load: ALIGNED
+  (in_features a multiple of the group) loads whole bytes, split into 2 or 4 codes, and one scale and zero point per
+  (row, group), broadcast; otherwise every element finds its byte and its group.
 - Int8 (int8 values (N, K), float32 row absmax): q * (absmax / 127), as the reference computes it.
 Each tile is then rounded to the activations' dtype, as the reference rounds the whole weight.
 
@@ -115,19 +117,50 @@ def _codebook_tile(
 
 
 @triton.jit
-def _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                 BITS: tl.constexpr):  # fmt: skip
+def _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP: tl.constexpr, BITS: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
     """int4/int2: float32 tile (q - z) * s of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W."""
-    cols = k0 + tl.arange(0, BLOCK_K)
-    ok = (rows < N)[:, None] & (cols < K)[None, :]
-    row_bytes = (K * BITS + 7) // 8
-    packed = tl.load(packed_ptr + rows[:, None] * row_bytes + (cols // (8 // BITS))[None, :], mask=ok, other=0)
-    shift = 8 - BITS * (cols % (8 // BITS) + 1)  # the first code of a byte is in its high bits
-    codes = (packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
-    at = rows[:, None] * tl.cdiv(K, GROUP) + (cols // GROUP)[None, :]
-    scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    zero = tl.load(zero_ptr + at, mask=ok, other=0.0).to(tl.float32)
-    return (codes.to(tl.float32) - zero) * scale
+    row_ok = rows < N
+    groups_per_row = tl.cdiv(K, GROUP)
+    if ALIGNED:
+        # K % GROUP == 0, so every row is whole bytes (K / PER_BYTE of them) and whole groups: the tile is loaded as
+        # whole bytes, each split into its codes, and its scale and zero point as one value per (row, group).
+        PER_BYTE: tl.constexpr = 8 // BITS
+        byte = k0 // PER_BYTE + tl.arange(0, BLOCK_K // PER_BYTE)
+        packed = tl.load(packed_ptr + rows[:, None] * (K // PER_BYTE) + byte[None, :],
+                         mask=row_ok[:, None] & (byte < K // PER_BYTE)[None, :], other=0)  # fmt: skip
+        if BITS == 4:
+            codes = tl.join(packed >> 4, packed & 0xF)  # the first code of a byte is in its high bits
+        else:
+            # join stacks along a new last axis: joining (c0, c2) with (c1, c3) puts c0, c1, c2, c3 in order
+            codes = tl.join(tl.join(packed >> 6, (packed >> 2) & 0x3), tl.join((packed >> 4) & 0x3, packed & 0x3))
+        codes = tl.reshape(codes, (ROWS, BLOCK_K)).to(tl.float32)
+        if BLOCK_K >= GROUP:
+            index = tl.arange(0, BLOCK_K // GROUP)  # BLOCK_K / GROUP whole groups per tile row
+            at = rows[:, None] * groups_per_row + (k0 // GROUP + index)[None, :]
+            ok = row_ok[:, None] & ((k0 + index * GROUP) < K)[None, :]
+            scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + at, mask=ok, other=0.0).to(tl.float32)
+            grouped = (tl.reshape(codes, (ROWS, BLOCK_K // GROUP, GROUP)) - zero[:, :, None]) * scale[:, :, None]
+            return tl.reshape(grouped, (ROWS, BLOCK_K))
+        else:
+            # a tile row lies inside one group (both are powers of two and k0 is a multiple of BLOCK_K)
+            at = rows * groups_per_row + k0 // GROUP
+            scale = tl.load(scale_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
+            zero = tl.load(zero_ptr + at, mask=row_ok, other=0.0).to(tl.float32)
+            return (codes - zero[:, None]) * scale[:, None]
+    else:
+        # groups and bytes may end inside a tile (a short last group per row): every element finds its byte and group
+        cols = k0 + tl.arange(0, BLOCK_K)
+        ok = row_ok[:, None] & (cols < K)[None, :]
+        row_bytes = (K * BITS + 7) // 8
+        packed = tl.load(packed_ptr + rows[:, None] * row_bytes + (cols // (8 // BITS))[None, :], mask=ok, other=0)
+        shift = 8 - BITS * (cols % (8 // BITS) + 1)  # the first code of a byte is in its high bits
+        codes = (packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
+        at = rows[:, None] * groups_per_row + (cols // GROUP)[None, :]
+        scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        zero = tl.load(zero_ptr + at, mask=ok, other=0.0).to(tl.float32)
+        return (codes.to(tl.float32) - zero) * scale
 
 
 @triton.jit
@@ -151,7 +184,7 @@ def _dequantize_tile(
     read the absmax pointers and the codebook; the affine ones scale_ptr and zero_ptr; int8 its row absmax at
     scale_ptr. Pointers a KIND does not read are placeholders."""
     if KIND == 1:
-        return _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, BLOCK_K, QUANT_BLOCK, BITS)
+        return _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, ROWS, BLOCK_K, QUANT_BLOCK, BITS, ALIGNED)
     elif KIND == 2:
         return _int8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K)
     else:
@@ -289,10 +322,10 @@ def _check_weight(tensors, fmt, scheme, n, k, device, full: bool) -> None:
 
 def _meta(k: int, fmt: WeightFormat, scheme: QuantScheme, dtype: torch.dtype) -> dict:
     kind = kind_of(fmt)
-    codebook = kind == CODEBOOK  # the other kinds read neither flag: fixed, so that they compile once
+    codebook = kind == CODEBOOK  # the kinds that do not read a flag get it fixed, so that they compile once
     return dict(
         QUANT_BLOCK=scheme.block_size, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=codebook and scheme.double_quant,
-        ALIGNED=codebook and k % scheme.block_size == 0, KIND=kind, BITS=fmt.bits,
+        ALIGNED=kind != INT8 and k % scheme.block_size == 0, KIND=kind, BITS=fmt.bits,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRETED=interpreting(),
     )  # fmt: skip
 

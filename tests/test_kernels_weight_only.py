@@ -83,8 +83,9 @@ def test_backward_through_the_frozen_weight_matches_the_oracle(device, name):
     assert (x.grad.double() - exact).abs().max().item() <= TOLERANCES[torch.bfloat16] * exact.abs().max().item()
 
 
-# (group, K, BLOCK_K): several groups per K tile, a K tile inside one group, short last groups, odd K.
-LAYOUTS = [(16, 96, 64), (128, 256, 32), (64, 100, 32), (32, 75, 16)]
+# (group, K, BLOCK_K): whole groups (whole-byte loads): several per K tile, a K tile inside one group, K not a
+# multiple of the tile; short last groups and odd K (per-element loads).
+LAYOUTS = [(16, 96, 64), (128, 256, 32), (16, 80, 64), (64, 100, 32), (32, 75, 16)]
 
 
 @pytest.mark.parametrize("group, k, block_k", LAYOUTS, ids=[f"group{g}-K{k}-tileK{t}" for g, k, t in LAYOUTS])
