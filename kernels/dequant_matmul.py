@@ -5,7 +5,7 @@ activations=None).
 The weight stays in its format's stored layout (quantizer_plugin.formats), so checkpoints and kernels share one
 format. Each kernel dequantizes a [rows, BLOCK_K] tile of W in registers and feeds it to tl.dot; the 16-bit weight is
 never written to memory. One generic kernel serves every format, specialised by tl.constexpr: KIND picks the tile
-dequantizer (below), BITS the integer width, DOUBLE_QUANT and ALIGNED the codebook variants.
+dequantizer (below), BITS the integer width, DOUBLE_QUANT the codebook variant, ALIGNED the layout of the tile load.
 - Codebook (NF4/FP4: flat row-major codes, two per byte, the first element in the high nibble; one absmax per
   `block_size` consecutive elements, optionally double-quantized): code -> codebook value (a 16-entry table passed
   by pointer) -> times the block's absmax, itself decoded from its 8-bit code, block scale and offset with double

@@ -14,7 +14,6 @@ import itertools
 
 import pytest
 import torch
-
 import torch._inductor.config
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM

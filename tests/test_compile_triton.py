@@ -90,12 +90,12 @@ def test_every_triton_op_passes_opcheck(device, monkeypatch):
 
     for name in OPS:
         monkeypatch.setattr(library, name, recording(name))
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    for name in SCHEMES:
-        layer = make_layer(name, device)
-        for m in M_VALUES:
-            layer(inputs(m, 96, device).requires_grad_(True)).sum().backward()
-    monkeypatch.undo()
+    with monkeypatch.context() as tracing:
+        tracing.setattr(torch.compiler, "is_compiling", lambda: True)
+        for name in SCHEMES:
+            layer = make_layer(name, device)
+            for m in M_VALUES:
+                layer(inputs(m, 96, device).requires_grad_(True)).sum().backward()
     assert set(calls) == set(OPS.values())
     for name, args in calls.items():
         torch.library.opcheck(getattr(torch.ops.quantizer_plugin, name).default, args)
@@ -156,5 +156,8 @@ def test_the_entry_points_call_the_launchers_directly_in_eager(device, monkeypat
     for name in ("dequant_matmul_op", "int8_linear_op"):
         monkeypatch.setattr(library, name, lambda *args: pytest.fail("an eager call went through the custom op"))
     for name in ("nf4", "int8"):
-        make_layer(name, device)(inputs(2, 96, device))
-    assert layers.linear_forward is ops._FORWARD[("nf4", "triton")]
+        layer = make_layer(name, device)
+        with ops.record_dispatch() as served:
+            layer(inputs(2, 96, device))
+        assert len(served) == 1 and served[0].startswith("triton."), served
+    assert ops._FORWARD[("nf4", "triton")] is layers.linear_forward  # the entry point whose eager path ran
