@@ -279,7 +279,6 @@ def _to_bnb(tensors: dict, home: dict, quantization: dict, model_config: dict, f
         what = "weight-only int8" if config.weights == "int8" else config.weights
         raise ConversionError(f"{folder / 'config.json'}: format {what!r} has no bitsandbytes equivalent "
                               "(bitsandbytes stores nf4, fp4 and LLM.int8)")  # fmt: skip
-    scheme = config.scheme
     marker = ".weight_absmax" if config.weights != "int8" else ".weight_scale"
     quantized = sorted({key.split(marker)[0] for key in tensors if marker in key})
     shapes = _linear_shapes(model_config, folder)
