@@ -157,6 +157,21 @@ def print_table(rows: Sequence[Row], baseline: str, peers: Sequence[str], ours: 
 # --- CPU timing: interleaved rounds --------------------------------------------------------------------------------
 
 
+def native_paths() -> str:
+    """Which instruction sets our CPU kernels use here (after QUANTIZER_PLUGIN_MAX_ISA): the same figures mean
+    different paths on a CPU with AMX, one with AVX-512 only, and one without."""
+    import os
+
+    from quantizer_plugin.cpu import native
+
+    kernels = native.load()
+    if kernels is None:
+        return "none (the plain-torch reference)"
+    used = [name.removeprefix("uses_") for name in native.CPU_CHECKS if getattr(kernels, name)()]
+    cap = os.environ.get(native.MAX_ISA_ENV)
+    return (", ".join(used) or "plain C++ only") + (f" ({native.MAX_ISA_ENV}={cap})" if cap else "")
+
+
 def cpu_environment() -> dict:
     """CPU model, threads, versions and date, stored with every CPU result file."""
     from importlib import metadata
@@ -167,7 +182,7 @@ def cpu_environment() -> dict:
             model = line.split(":", 1)[1].strip()
             break
     info = {"date": datetime.date.today().isoformat(), "device": model, "threads": torch.get_num_threads(),
-            "cpu capability": torch.backends.cpu.get_cpu_capability()}  # fmt: skip
+            "cpu capability": torch.backends.cpu.get_cpu_capability(), "our kernels use": native_paths()}  # fmt: skip
     for package in ("torch", "transformers", "bitsandbytes", "optimum-quanto", "torchao"):
         try:
             info[package] = metadata.version(package)

@@ -16,7 +16,7 @@ from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .parameter_count import attach_parameter_count, detach_parameter_count
 from .peft_registration import register_if_peft_imported
-from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules, resolve_to_module_names
+from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules
 from .serialization import check_prequantized_checkpoint, upgrade_layout
 
 
@@ -50,9 +50,10 @@ class LowBitHfQuantizer(HfQuantizer):
         if config.skip_modules and not self.pre_quantized:
             # A saved config's list may name modules of another head class, so only a user's own list is checked.
             check_skip_patterns(model, config.skip_modules)
-        self.modules_to_not_convert = resolve_to_module_names(
-            model,
-            self.get_modules_to_not_convert(model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None)),
+        # transformers' default list, as bitsandbytes uses it: the output embedding, tied weights, the last
+        # parameter's name without ".weight" (a bias names no module, so skips nothing) and _keep_in_fp32_modules.
+        self.modules_to_not_convert = sorted(
+            self.get_modules_to_not_convert(model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None))
         )
         replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
         if not replaced:

@@ -21,18 +21,6 @@ def is_skipped(name: str, modules_to_not_convert: list[str] | None) -> bool:
     return any(not should_convert_module(prefix, modules_to_not_convert) for prefix in prefixes)
 
 
-def resolve_to_module_names(model: nn.Module, names: list[str]) -> list[str]:
-    """Each name that names a parameter or buffer rather than a module, replaced by its module's name.
-
-    transformers' default skip list ends with the model's last *parameter* with ".weight" stripped, which for a
-    model whose last parameter is a bias (BERT's `pooler.dense.bias`) names no module and so skips nothing.
-    """
-    modules = {name for name, _ in model.named_modules()}
-    tensors = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
-    resolved = [name.rpartition(".")[0] if name not in modules and name in tensors else name for name in names]
-    return sorted(set(resolved))
-
-
 def check_skip_patterns(model: nn.Module, patterns: list[str]) -> None:
     """Raise naming every skip pattern that matches no module of `model` (it would silently skip nothing)."""
     names = [name for name, _ in model.named_modules() if name]

@@ -35,6 +35,9 @@ class Mutation:
     description: str
     apply: Callable[[], None]
     tests: tuple[str, ...]
+    # The CPU feature (cpu_caps) the mutated kernel needs; on a machine without it the kernel never runs, so the
+    # breakage cannot be caught there (the kernel's tests skip).
+    needs: str | None = None
 
 
 def patch(owner, name: str, value) -> None:
@@ -406,7 +409,7 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),
     "cpu-tiles-shifted-columns": Mutation(
         "the AMX tile kernel's activation columns off by one", cpu_tiles_take_the_columns_shifted,
-        ("tests/test_cpu_backend.py::test_the_tile_kernels_multiply_exactly_the_references_weights",)),
+        ("tests/test_cpu_backend.py::test_the_tile_kernels_multiply_exactly_the_references_weights",), needs="amx"),
     "cpu-quantizer-shifted-absmax": Mutation(
         "the native 4-bit quantizer's absmax one block off", cpu_quantizer_shifts_the_absmax,
         ("tests/test_cpu_backend.py::test_the_native_quantizer_gives_the_formats_own_tensors",)),
@@ -432,16 +435,16 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_convert.py::test_our_checkpoint_exports_to_one_bitsandbytes_loads",)),
     "cpu-int8-tiles-shifted-columns": Mutation(
         "the AMX-INT8 kernel's activation columns off by one", cpu_int8_tiles_take_the_columns_shifted,
-        ("tests/test_cpu_backend.py::test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product",)),
+        ("tests/test_cpu_backend.py::test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product",), needs="amx_int8"),
     "kernel-affine-ignores-zero-points": Mutation(
         "the Triton kernel reads int4/int2 with zero points of 0", kernel_affine_ignores_the_zero_points,
         ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),
     "cpu-affine-fused-drops-zero-points": Mutation(
         "the int4/int2 fused kernel ignores the zero points", cpu_affine_fused_drops_the_zero_points,
-        ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",)),
+        ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",), needs="avx512"),
     "cpu-affine-tiles-shifted-columns": Mutation(
         "the int4/int2 AMX tile kernel's activation columns off by one", cpu_affine_tiles_take_the_columns_shifted,
-        ("tests/test_cpu_affine.py::test_the_affine_tile_kernel_multiplies_exactly_the_references_weights",)),
+        ("tests/test_cpu_affine.py::test_the_affine_tile_kernel_multiplies_exactly_the_references_weights",), needs="amx"),
     "affine-fit-is-round-to-nearest": Mutation(
         "int4/int2 fitted by plain round-to-nearest on min/max", affine_fit_is_round_to_nearest,
         ("tests/test_integer_formats.py::test_fit_beats_round_to_nearest_in_every_group_and_hqq_overall",)),

@@ -15,6 +15,8 @@ from quantizer_plugin.cpu import int8 as cpu_int8
 from quantizer_plugin.formats import QuantScheme, get_format
 
 import oracles
+import cpu_caps
+from cpu_caps import amx_here, amx_int8_here, avx512_bf16_here, avx512_here
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -51,24 +53,8 @@ def assert_close_to_scale(y: torch.Tensor, expected: torch.Tensor, dtype: torch.
 def test_the_native_kernels_build_here():
     kernels = native.load()
     assert kernels is not None, "the native CPU kernels did not build on this machine"
-    assert kernels.uses_avx512() == (torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX"))
-
-
-def cpu_flags() -> list[str]:
-    """This CPU's flags, read independently of the kernels' own checks."""
-    try:
-        return next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
-    except (OSError, StopIteration):
-        return []
-
-
-def amx_here() -> bool:
-    """Whether this CPU has AMX-BF16."""
-    return "amx_bf16" in cpu_flags() and "amx_tile" in cpu_flags()
-
-
-def amx_int8_here() -> bool:
-    return amx_here() and "amx_int8" in cpu_flags()
+    assert kernels.uses_avx512() == avx512_here()
+    assert kernels.uses_avx512_bf16() == avx512_bf16_here()
 
 
 def test_the_amx_kernels_are_used_where_the_cpu_has_them():
@@ -79,7 +65,7 @@ def test_the_amx_kernels_are_used_where_the_cpu_has_them():
 def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
     _, k, block = n_k_block
     if m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0:
-        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and native.load().uses_avx512_bf16()
+        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and avx512_bf16_here()
         return "fused_bf16" if bf16_dot else "fused"
     if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"
@@ -112,7 +98,7 @@ def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_
             out = torch.empty(end - begin, dtype=dtype)
             kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, begin, end, out, False)
             assert torch.equal(out, reference[begin:end]), (n, k, begin, end)
-        if k % 32 == 0:  # whole rows in the grouped order: each 32 as their evens, then their odds
+        if k % 32 == 0 and avx512_here():  # whole rows in the grouped order: each 32 as their evens, then their odds
             out = torch.empty(2 * k, dtype=dtype)
             kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, k, 3 * k, out, True)
             grouped = reference[k : 3 * k].view(2, k // 32, 16, 2).transpose(-1, -2).reshape(-1)
@@ -210,7 +196,7 @@ def test_the_native_int8_quantizer_gives_the_formats_own_tensors(dtype):
         weight[0, 0] = 127.5 * weight[0].abs().max() / 127  # ties to round half to even
         with ops.record_dispatch() as served:
             ours = ops.quantize(fmt, weight, QuantScheme("int8"))
-        assert served == ["cpu.int8.quantize"]
+        assert served == ["cpu.int8.quantize" if avx512_here() else "torch.quantize"]
         reference = fmt.quantize(weight, QuantScheme("int8"))
         assert ours.keys() == reference.keys()
         for name in reference:
@@ -266,7 +252,7 @@ def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
         tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
-        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M else large]
+        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M and avx512_here() else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
 
@@ -286,7 +272,7 @@ def test_int8_input_gradient_runs_the_native_chunks():
     grad_y = torch.randn(3, 37, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
         layer(x).backward(grad_y)
-    assert served == ["cpu.int8.fused", "cpu.int8.grad_input"]
+    assert served == ["cpu.int8.fused" if avx512_here() else "cpu.int8.dequantize_matmul", "cpu.int8.grad_input"]
     assert_close_to_scale(x.grad, grad_y.double() @ oracles.weight_of(layer).double(), torch.bfloat16)
 
 
@@ -339,3 +325,41 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     assert served == ["torch.reference_forward"] * 2
     assert torch.equal(first, second)
     assert_close_to_scale(first, expected_output(x, layer), torch.float32)
+
+
+def run_with_max_isa(value: str, script: str):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **{native.MAX_ISA_ENV: value})
+    return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("cap", ["scalar", "avx512", "avx512_bf16"])
+def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap):
+    script = (
+        "import torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.cpu import native; "
+        "from quantizer_plugin.formats import QuantScheme; k = native.load(); "
+        "print(k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); torch.manual_seed(0); "
+        "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
+        "for m in (1, 40):\n"
+        "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
+        "    print(served[0])"
+    )
+    result = run_with_max_isa(cap, script)
+    assert result.returncode == 0, result.stderr[-3000:]
+    features, decode, batch = result.stdout.split("\n")[:3]
+    level = cpu_caps.LEVELS.index(cap)
+    uses = [flag == "True" for flag in features.split()]
+    assert uses[0] == (level >= 1 and "avx512f" in cpu_caps.cpu_flags())
+    assert not uses[2] and not uses[3]  # every cap here hides AMX
+    assert uses[1] == (level >= 2 and "avx512_bf16" in cpu_caps.cpu_flags())
+    assert decode == ("cpu.codebook4bit.fused_bf16" if uses[1] else "cpu.codebook4bit.fused")
+    assert batch == "cpu.codebook4bit.dequantize_matmul"
+
+
+def test_a_misspelt_max_isa_is_an_error_naming_the_variable():
+    result = run_with_max_isa("amx512", "from quantizer_plugin.cpu import native; native.load()")
+    assert result.returncode != 0
+    assert "QUANTIZER_PLUGIN_MAX_ISA='amx512': expected one of amx, avx512_bf16, avx512, scalar" in result.stderr

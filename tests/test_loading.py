@@ -144,20 +144,6 @@ def test_a_skip_name_that_matches_no_module_is_refused_naming_it(llama_dir, skip
     assert f"skip_modules: {skip[-1:]} match no module of LlamaForCausalLM" in str(error.value)
 
 
-def test_the_default_skip_list_names_the_last_module_when_the_last_parameter_is_a_bias(tmp_path):
-    from transformers import BertConfig, BertModel
-
-    # transformers' default list strips ".weight" from the last parameter's name; BERT's is pooler.dense.bias
-    model = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=48))  # fmt: skip
-    assert list(model.named_parameters())[-1][0] == "pooler.dense.bias"
-    model.save_pretrained(tmp_path)
-    quantized = AutoModel.from_pretrained(tmp_path, quantization_config=LowBitConfig(weights="nf4"))
-    assert type(quantized.pooler.dense) is nn.Linear
-    assert isinstance(quantized.encoder.layer[0].output.dense, LowBitLinear)
-    assert quantized.config.quantization_config.skip_modules == ["pooler.dense"]
-
-
 def test_dequantize_returns_an_ordinary_model_in_compute_dtype(llama_dir, token_ids):
     model = load_quantized(llama_dir, weights="nf4", compute_dtype="float32")
     with torch.no_grad():

@@ -12,7 +12,8 @@
 - Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
   and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
   chunks.
-Without AVX-512 (or without the native build) the plain-torch reference runs.
+Without AVX-512 every batch size takes the native chunks (plain C++ dequantize, torch's GEMM); without the native
+build the plain-torch reference runs.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ FUSED_STEP = 64  # columns a fused kernel step reads: the group must be a multip
 def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
     """Which fused decode kernel serves `m` activation rows of `layer`: "fused_bf16", "fused" or None (chunks)."""
     block, k = layer.scheme.block_size, layer.in_features
-    if m > GEMV_MAX_M or k % block or block % FUSED_STEP:
+    if m > GEMV_MAX_M or k % block or block % FUSED_STEP or not kernels.uses_avx512():
         return None
     return "fused_bf16" if layer.compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
 
@@ -56,7 +57,7 @@ def _weight_args(layer: LowBitLinear) -> tuple:
 @register_kernel("int2", "cpu")
 def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     kernels = native.load()
-    if kernels is None or not kernels.uses_avx512():
+    if kernels is None:
         return reference_forward(x, layer)
     n, k, dtype = layer.out_features, layer.in_features, layer.compute_dtype
     x2d = x.reshape(-1, k)
@@ -94,8 +95,7 @@ def grad_input(g2d, packed, scale, zero, bits: int, block: int, k: int) -> torch
 @register_kernel("int4", "cpu", backward=True)
 @register_kernel("int2", "cpu", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    kernels = native.load()
-    if kernels is None or not kernels.uses_avx512():
+    if native.load() is None:
         return reference_backward(grad_y, layer)
     g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
     grad_x = grad_input(g2d, *_weight_args(layer), layer.in_features)

@@ -61,11 +61,11 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> di
 @register_kernel("int8", "cpu")
 def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     kernels = native.load()
-    if kernels is None or not kernels.uses_avx512():
+    if kernels is None:
         return reference_forward(x, layer)
     dtype = layer.compute_dtype
     x2d = x.reshape(-1, layer.in_features)
-    if x2d.shape[0] <= GEMV_MAX_M:
+    if x2d.shape[0] <= GEMV_MAX_M and kernels.uses_avx512():
         y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
         served("cpu.int8.fused")
     elif uses_int8_tiles(kernels, x2d.shape[0], layer):

@@ -8,7 +8,8 @@ product a single rounding, as in the reference.
 
 If the build or the load fails (no compiler, no ninja, an unsupported platform), `load()` returns None after one
 warning that says why, and the CPU backend runs the plain-torch reference instead. QUANTIZER_PLUGIN_NATIVE=0 turns
-the native kernels off on purpose (the tests use it to check that fallback).
+the native kernels off on purpose (the tests use it to check that fallback), and QUANTIZER_PLUGIN_MAX_ISA caps the
+instruction sets they use (MAX_ISA_VALUES), so that every path a CPU chooses at run time can be run on one machine.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from types import ModuleType
 import torch
 
 NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
-SOURCES = [Path(__file__).with_name("csrc") / name for name in ("codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "affine.cpp", "module.cpp")]
+SOURCES = [Path(__file__).with_name("csrc") / name
+           for name in ("cpu_features.cpp", "codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "affine.cpp", "module.cpp")]
+# Caps the instruction sets the kernels use (csrc/cpu_features.cpp), read once per process: a machine with AMX runs
+# the paths of a CPU without it. From the most to the least: everything the CPU has, then without AMX, without the
+# BF16 instructions too, and plain C++ only.
+MAX_ISA_ENV = "QUANTIZER_PLUGIN_MAX_ISA"
+MAX_ISA_VALUES = ("amx", "avx512_bf16", "avx512", "scalar")
 # The weight dtypes the native quantizers read; others go to the format's own quantize.
 QUANTIZER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
@@ -45,7 +52,14 @@ def load() -> ModuleType | None:
         return _loaded["module"]
 
 
+def check_max_isa() -> None:
+    value = os.environ.get(MAX_ISA_ENV, "")
+    if value and value not in MAX_ISA_VALUES:
+        raise ValueError(f"{MAX_ISA_ENV}={value!r}: expected one of {', '.join(MAX_ISA_VALUES)}")
+
+
 def _build() -> ModuleType | None:
+    check_max_isa()  # before the build, so that a typo is an error rather than a silent cap
     try:
         from torch.utils.cpp_extension import load as load_extension
 

@@ -7,9 +7,6 @@
 // Each product of a code by its absmax is rounded once to float32 and never contracted into an FMA with anything
 // else (the build passes -ffp-contract=off), so the dequantized weights equal the reference's bit for bit.
 
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -20,28 +17,6 @@
 #include "simd.h"
 
 namespace quantizer_plugin {
-
-bool has_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
-}
-
-bool has_avx512_bf16() {
-  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
-
-bool has_amx_bf16() {
-  static const bool yes = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    if (!has_avx512_bf16() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
-    const bool amx = (edx >> 22 & 1) && (edx >> 24 & 1);  // AMX-BF16, AMX-TILE
-    constexpr long request_permission = 0x1023, tile_data = 18;  // ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
-    return amx && syscall(SYS_arch_prctl, request_permission, tile_data) == 0;
-  }();
-  return yes;
-}
 
 namespace {
 

@@ -13,7 +13,6 @@
 
 #include <cfloat>
 #include <cmath>
-#include <cpuid.h>
 
 #include "amx.h"
 #include "kernels.h"
@@ -22,15 +21,6 @@
 namespace quantizer_plugin {
 
 #define AMX_INT8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,amx-tile,amx-bf16,amx-int8")))
-
-bool has_amx_int8() {
-  static const bool yes = [] {
-    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-    // has_amx_bf16() also asks Linux for the tile state, which both tile paths need.
-    return has_amx_bf16() && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (edx >> 25 & 1);  // AMX-INT8
-  }();
-  return yes;
-}
 
 namespace {
 

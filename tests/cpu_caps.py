@@ -1,0 +1,46 @@
+"""What the CPU kernels may use here, read independently of the kernels' own checks: this CPU's flags in
+/proc/cpuinfo, capped by QUANTIZER_PLUGIN_MAX_ISA (the switch that runs a CPU without AMX or AVX-512's paths on a
+machine that has them; quantizer_plugin/cpu/native.py)."""
+
+from __future__ import annotations
+
+import os
+
+LEVELS = ("scalar", "avx512", "avx512_bf16", "amx")  # least to most
+
+
+def cpu_flags() -> list[str]:
+    try:
+        return next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return []
+
+
+def allowed(level: str) -> bool:
+    cap = os.environ.get("QUANTIZER_PLUGIN_MAX_ISA") or "amx"
+    return LEVELS.index(level) <= LEVELS.index(cap)
+
+
+def avx512_here() -> bool:
+    return allowed("avx512") and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags())
+
+
+def avx512_bf16_here() -> bool:
+    return allowed("avx512_bf16") and avx512_here() and "avx512_bf16" in cpu_flags()
+
+
+def amx_here() -> bool:
+    """Whether the AMX-BF16 tile kernels run here."""
+    return allowed("amx") and avx512_bf16_here() and {"amx_bf16", "amx_tile"} <= set(cpu_flags())
+
+
+def amx_int8_here() -> bool:
+    return amx_here() and "amx_int8" in cpu_flags()
+
+
+def describe() -> str:
+    """The CPU's model and the paths its kernels may take, for test and benchmark reports."""
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    paths = [name for name, here in (("avx512", avx512_here()), ("avx512_bf16", avx512_bf16_here()),
+                                     ("amx_bf16", amx_here()), ("amx_int8", amx_int8_here())) if here]  # fmt: skip
+    return f"{model}; kernels may use: {', '.join(paths) or 'plain C++ only'}"
