@@ -15,6 +15,7 @@ from transformers.quantizers.auto import (
 )
 
 from .config import FORMAT_VERSION, QUANT_METHOD, LowBitConfig, preset_names
+from .checkpoint_paths import CheckpointPathError
 from .convert import ConversionError, convert_checkpoint
 from .modules import LowBitLinear
 from .peft_registration import install as install_peft_registration
@@ -38,6 +39,7 @@ install_peft_registration()
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointFormatError",
+    "CheckpointPathError",
     "ConversionError",
     "LowBitConfig",
     "LowBitHfQuantizer",

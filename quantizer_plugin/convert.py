@@ -30,6 +30,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .checkpoint_paths import CheckpointPathError, check_tree, inside, plain_file_name, relative_path
 from .config import LowBitConfig
 from .formats import QuantScheme, get_format
 from .formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
@@ -44,6 +45,20 @@ BNB_4BIT_SUFFIXES = (".weight.absmax", ".weight.quant_map", ".weight.nested_absm
 
 class ConversionError(ValueError):
     """A checkpoint that cannot be converted; the message names the file and the tensor at fault."""
+
+
+def _copied_entries(folder: Path, shards: list[str]) -> list[Path]:
+    """The folder's other files and folders, which the output keeps; each checked to stay inside the folder."""
+    entries = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name in (*shards, INDEX, "config.json") or entry.name.startswith("."):
+            continue
+        try:
+            check_tree(folder, entry, f"{folder}: entry {entry.name!r}")
+        except CheckpointPathError as error:
+            raise ConversionError(str(error)) from None
+        entries.append(entry)
+    return entries
 
 
 def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str = "lowbit",
@@ -67,6 +82,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str =
     if method != expected:
         raise ConversionError(f"{config_path}: quant_method is {method!r}; converting to {to!r} reads {expected!r} checkpoints")
     shards = _shards(folder)
+    copied = _copied_entries(folder, shards)  # every name checked before anything is read or written
     report(f"reading {len(shards)} safetensors file(s) from {folder}")
     tensors, home = _read(folder, shards)
     convert = _from_bnb if to == "lowbit" else _to_bnb
@@ -74,9 +90,7 @@ def convert_checkpoint(src: str | os.PathLike, out: str | os.PathLike, to: str =
     with staged_folder(out) as staging:
         report(f"writing {out}")
         _write(staging, converted, home, shards)
-        for entry in folder.iterdir():
-            if entry.name in (*shards, INDEX, "config.json") or entry.name.startswith("."):
-                continue
+        for entry in copied:
             (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, staging / entry.name)
         model_config["quantization_config"] = new_quantization
         (staging / "config.json").write_text(json.dumps(model_config, indent=2, sort_keys=True) + "\n")
@@ -92,18 +106,46 @@ def _local_folder(src) -> Path:
         return path
     if path.exists() or str(src).count("/") != 1:
         raise ConversionError(f"{src}: neither a model folder nor a Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
 
+    for name in HfApi().list_repo_files(str(src)):  # checked before any file is downloaded
+        try:
+            relative_path(name, f"Hub repository {src}: file list")
+        except CheckpointPathError as error:
+            raise ConversionError(str(error)) from None
     return Path(snapshot_download(str(src)))
 
 
 def _shards(folder: Path) -> list[str]:
+    """The checkpoint's safetensors files, each a plain file name whose file lies inside `folder`."""
     if (folder / INDEX).is_file():
-        weight_map = json.loads((folder / INDEX).read_text()).get("weight_map", {})
+        weight_map = _weight_map(folder / INDEX)
+        for key, shard in weight_map.items():
+            _checked_shard(folder, shard, f"{folder / INDEX}: weight_map[{key!r}]")
         return sorted(set(weight_map.values()))
     if (folder / SINGLE).is_file():
-        return [SINGLE]
+        return [_checked_shard(folder, SINGLE, str(folder / SINGLE))]
     raise ConversionError(f"{folder}: no safetensors checkpoint ({SINGLE} or {INDEX}); .bin checkpoints are not read")
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (ValueError, AttributeError, UnicodeDecodeError) as error:
+        raise ConversionError(f"{index}: not a JSON object with a weight_map ({error})") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: weight_map must be a non-empty object of tensor name -> shard file")
+    return weight_map
+
+
+def _checked_shard(folder: Path, shard, source: str) -> str:
+    try:
+        inside(folder, folder / plain_file_name(shard, source), source)
+    except CheckpointPathError as error:
+        raise ConversionError(str(error)) from None
+    if not (folder / shard).is_file():
+        raise ConversionError(f"{source}: shard {shard!r} is not a file in {folder}")
+    return shard
 
 
 def _read(folder: Path, shards: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -113,11 +155,29 @@ def _read(folder: Path, shards: list[str]) -> tuple[dict[str, torch.Tensor], dic
         try:
             with safe_open(str(folder / shard), "pt") as f:
                 for key in f.keys():
+                    if key in home:
+                        raise ConversionError(f"{folder / shard}: tensor {key!r} is also in {home[key]}")
                     tensors[key] = f.get_tensor(key)
                     home[key] = shard
+        except ConversionError:
+            raise
         except Exception as error:  # a truncated or corrupt file
             raise ConversionError(f"{folder / shard}: cannot be read as safetensors ({error})") from error
+    if (folder / INDEX).is_file():
+        _check_index(folder / INDEX, home)
     return tensors, home
+
+
+def _check_index(index: Path, home: dict[str, str]) -> None:
+    """The index names each tensor's shard as the shards themselves hold them."""
+    weight_map = _weight_map(index)
+    for key, shard in weight_map.items():
+        if home.get(key) != shard:
+            where = f"it is in {home[key]}" if key in home else "no shard holds it"
+            raise ConversionError(f"{index}: weight_map puts tensor {key!r} in {shard}, but {where}")
+    unlisted = sorted(set(home) - set(weight_map))
+    if unlisted:
+        raise ConversionError(f"{index}: weight_map does not list tensor {unlisted[0]!r} of {home[unlisted[0]]}")
 
 
 def _write(staging: Path, tensors: dict[str, torch.Tensor], home: dict[str, str], shards: list[str]) -> None:

@@ -23,8 +23,14 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint_paths import plain_file_name
 from .modules import LowBitLinear
 from .serialization import SAFETENSORS_DTYPES, CheckpointFormatError
+
+
+def offload_file_name(key: str) -> str:
+    """The staging file of one offloaded tensor, named after it (transformers' layout), never a path elsewhere."""
+    return plain_file_name(f"{key}.safetensors.partial", f"offload folder: tensor {key!r}")
 
 
 def check_device_map(model: nn.Module, device_map) -> None:
@@ -80,7 +86,7 @@ def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
                 continue
             packed = _repacked_tensors(name, module, loader, quantize_op, model)
             for key, tensor in packed.items():
-                temporary = Path(loader.save_folder) / f"{key}.safetensors.partial"
+                temporary = Path(loader.save_folder) / offload_file_name(key)
                 staged[key] = (temporary, str(tensor.dtype).removeprefix("torch."))
                 save_file({key: tensor.contiguous()}, str(temporary))
             if packed:
@@ -165,7 +171,7 @@ def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[st
             if isinstance(store, OffloadedWeightsLoader) and key in store.index:
                 if store.save_folder is None:
                     raise ValueError(f"quantized module '{name}' is offloaded to disk without an offload folder")
-                temporary = Path(store.save_folder) / f"{key}.safetensors.partial"
+                temporary = Path(store.save_folder) / offload_file_name(key)
                 staged.append((store, key, temporary, str(dtype).removeprefix("torch.")))
                 save_file({key: weight.contiguous().cpu()}, str(temporary))
             else:

@@ -9,6 +9,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import ops
+from .checkpoint_paths import check_checkpoint_files
 from .config import LowBitConfig
 from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
@@ -47,6 +48,8 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         config = self.quantization_config
+        # Before any weight is read: a shard name in the index may not lead outside the model's folder.
+        check_checkpoint_files(checkpoint_files, getattr(model.config, "_name_or_path", None))
         if config.skip_modules and not self.pre_quantized:
             # A saved config's list may name modules of another head class, so only a user's own list is checked.
             check_skip_patterns(model, config.skip_modules)

@@ -42,10 +42,13 @@ def read_tensor_headers(checkpoint_files: list[str]) -> dict[str, tuple[tuple[in
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             raise CheckpointFormatError(f"{path}: pre-quantized lowbit checkpoints are read from safetensors files only")
-        with safe_open(path, framework="pt") as handle:
-            for key in handle.keys():
-                tensor_slice = handle.get_slice(key)
-                headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+        try:
+            with safe_open(path, framework="pt") as handle:
+                for key in handle.keys():
+                    tensor_slice = handle.get_slice(key)
+                    headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
+        except Exception as error:  # safetensors' own checks: a header that is not JSON, offsets past the file, ...
+            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({error})") from error
     return headers
 
 

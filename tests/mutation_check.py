@@ -204,6 +204,13 @@ def cli_sizes_assume_float32():
     patch(cli, "source_linear_bytes", float32_bytes)
 
 
+def shard_names_trusted():
+    import quantizer_plugin.convert as convert
+
+    patch(convert, "plain_file_name", lambda name, source: name)
+    patch(convert, "inside", lambda folder, path, source: path)
+
+
 def cpu_native_kernels_unavailable():
     import quantizer_plugin.cpu.native as native
 
@@ -401,6 +408,10 @@ MUTATIONS: dict[str, Mutation] = {
     "cli-sizes-assume-float32": Mutation(
         "the CLI reports source sizes in float32", cli_sizes_assume_float32,
         ("tests/test_cli.py::test_size_report_uses_the_source_checkpoints_dtype",)),
+    "convert-trusts-shard-names": Mutation(
+        "the converter opens and writes the shard names an index gives, unchecked", shard_names_trusted,
+        ("tests/test_untrusted_checkpoints.py::test_a_shard_name_leading_outside_the_folder_is_refused_before_anything_is_written",
+         "tests/test_untrusted_checkpoints.py::test_a_shard_that_is_a_symbolic_link_out_of_the_folder_is_refused")),
     "cpu-native-unavailable": Mutation(
         "the CPU backend's native kernels silently missing (the reference runs)", cpu_native_kernels_unavailable,
         ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),
