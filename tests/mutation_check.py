@@ -487,9 +487,12 @@ def mutation(name: str) -> Mutation:
 # --- the runner -----------------------------------------------------------------------------------------------------
 
 
-def run(name: str) -> tuple[str, float]:
-    """'caught', 'SURVIVED' or 'error (exit N)', and the seconds it took."""
+def run(name: str, threads: int | None = None) -> tuple[str, float]:
+    """'caught', 'SURVIVED' or 'error (exit N)', and the seconds it took; `threads` caps torch's threads in the
+    run (for runs side by side)."""
     env = dict(os.environ, **{ENV: name})
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), *filter(None, [os.environ.get("PYTHONPATH")])])
     env.pop("QUANTIZER_PLUGIN_KERNELS", None)
     command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "mutation_check",

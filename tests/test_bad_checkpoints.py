@@ -115,3 +115,12 @@ def test_a_pickled_checkpoint_is_refused_naming_the_file(saved_nf4, tmp_path):
     with pytest.raises(CheckpointFormatError, match="pytorch_model.bin: pre-quantized lowbit checkpoints are read from "
                                                     "safetensors files only"):  # fmt: skip
         AutoModelForCausalLM.from_pretrained(pickled)
+
+
+def test_a_truncated_prequantized_file_is_an_error_naming_it(saved_nf4, tmp_path):
+    broken = tmp_path / "truncated"
+    shutil.copytree(saved_nf4, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(CheckpointFormatError, match=f"{broken / 'model.safetensors'}: not a readable safetensors file"):
+        AutoModelForCausalLM.from_pretrained(broken)

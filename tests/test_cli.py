@@ -31,7 +31,7 @@ def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
         (["--weights", "int4", "--block-size", "32"], dict(weights="int4", block_size=32, activations=None)),
         (["--weights", "int2"], dict(weights="int2", block_size=64, double_quant=None)),
         (["--weights", "int8", "--activations", "none"], dict(weights="int8", activations=None, outlier_threshold=None)),
-        (["--preset", "int8", "--activations", "none"], dict(weights="int8", activations=None, compute_dtype="float16")),
+        (["--preset", "int8", "--activations", "none"], dict(weights="int8", activations=None, compute_dtype="bfloat16")),
         (["--preset", "int8-weight-only"], dict(weights="int8", activations=None)),
     ],
 )
@@ -71,7 +71,7 @@ def test_refuses_to_overwrite_and_bad_settings_write_nothing(llama_dir, tmp_path
 
 def test_a_skip_name_that_matches_nothing_is_an_error_and_writes_nothing(llama_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["quantize", str(llama_dir), str(out), "--skip", "lm_head", "mlp.gate", "--no-fidelity"]) == 2
+    assert main(["quantize", str(llama_dir), str(out), "--skip", "lm_head,mlp.gate", "--no-fidelity"]) == 2
     assert "skip_modules: ['mlp.gate'] match no module" in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
 
@@ -149,3 +149,68 @@ def test_fidelity_figure_is_the_independently_computed_one_and_drops_for_a_damag
     damaged = printed_cosine(capsys.readouterr().out)
     assert damaged == pytest.approx(independent_mean_cosine(llama_dir, tmp_path / "damaged"), abs=2e-4)
     assert 1 - damaged > max(10 * (1 - good), 0.01), (good, damaged)
+
+
+def test_help_version_and_every_command_are_listed(capsys):
+    with pytest.raises(SystemExit) as exit_code:
+        main(["--help"])
+    assert exit_code.value.code == 0
+    text = capsys.readouterr().out
+    assert all(command in text for command in ("quantize", "convert", "build-kernels"))
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    from quantizer_plugin import __version__
+
+    assert capsys.readouterr().out.strip() == f"quantizer-plugin {__version__}"
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = capsys.readouterr().out
+    assert "the format of the quantized weights" in text and "int8-weight-only" in text  # --weights and the presets
+
+
+def test_skip_is_repeatable_or_comma_separated_and_leaves_the_positionals_alone(llama_dir, tmp_path):
+    out = tmp_path / "out"
+    args = ["quantize", "--skip", "lm_head,layers.0.mlp", "--skip", "layers.1.self_attn.q_proj", str(llama_dir),
+            str(out), "--no-fidelity"]  # fmt: skip
+    assert main(args) == 0
+    skipped = json.loads((out / "config.json").read_text())["quantization_config"]["skip_modules"]
+    assert skipped == ["lm_head", "layers.0.mlp", "layers.1.self_attn.q_proj"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    assert isinstance(model.model.layers[1].mlp.up_proj, LowBitLinear)
+
+
+def test_a_preset_and_a_different_weights_flag_are_an_error_naming_both(llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(llama_dir), str(tmp_path / "out"), "--preset", "int4", "--weights", "nf4"]) == 2
+    assert "--preset int4 quantizes to int4, --weights asks for nf4" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    assert main(["quantize", str(llama_dir), str(tmp_path / "out"), "--preset", "int4", "--weights", "int4",
+                 "--no-fidelity"]) == 0  # fmt: skip
+
+
+def test_no_double_quant_is_accepted_for_a_format_without_it(llama_dir, tmp_path):
+    assert main(["quantize", str(llama_dir), str(tmp_path / "out"), "--weights", "int4", "--no-double-quant",
+                 "--no-fidelity"]) == 0  # fmt: skip
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["weights"] == "int4"
+
+
+def test_a_truncated_source_is_a_one_line_error_naming_the_file(llama_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(llama_dir, src)
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(["quantize", str(src), str(tmp_path / "out"), "--no-fidelity"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {src / 'model.safetensors'}: not a readable safetensors file") and "\n" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_kernels_builds_or_finds_them_and_says_where(capsys):
+    from quantizer_plugin.cpu import native
+
+    assert main(["build-kernels"]) == 0
+    printed = capsys.readouterr().out
+    assert str(native.build_directory()) in printed and (native.build_directory() / f"{native.NAME}.so").is_file()
+    assert "instruction sets used on this CPU" in printed

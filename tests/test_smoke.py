@@ -35,7 +35,7 @@ def test_load_save_reload_lora_and_compile(llama_dir, token_ids, tmp_path, name)
     with torch.no_grad():
         assert torch.equal(again(token_ids).logits, logits)
 
-    compiled = torch.compile(again, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(again, fullgraph=True, backend="eager")  # dynamo: the version-sensitive part
     with torch.no_grad():
         assert torch.equal(compiled(token_ids).logits, logits)
 
