@@ -11,12 +11,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-# Under pytest-xdist (the README's test command runs two workers) each worker takes its share of the cores: two
-# workers of two threads each on two cores made a training fixture 6x slower (OpenMP threads waiting on each other).
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
-
 import pytest
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 

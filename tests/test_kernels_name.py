@@ -48,8 +48,7 @@ def test_without_the_hub_library_the_folder_is_an_empty_name_from_the_root():
 
 
 def test_the_readme_test_command_collects_and_runs_from_the_root():
-    result = run_from_root("-m", "pytest", "-q", "-n", "auto", "--dist", "worksteal", "-p", "no:cacheprovider",
-                           "tests/test_config.py", timeout=600)
+    result = run_from_root("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_config.py", timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert " passed" in result.stdout
 
