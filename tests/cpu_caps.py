@@ -37,10 +37,3 @@ def amx_here() -> bool:
 def amx_int8_here() -> bool:
     return amx_here() and "amx_int8" in cpu_flags()
 
-
-def describe() -> str:
-    """The CPU's model and the paths its kernels may take, for test and benchmark reports."""
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
-    paths = [name for name, here in (("avx512", avx512_here()), ("avx512_bf16", avx512_bf16_here()),
-                                     ("amx_bf16", amx_here()), ("amx_int8", amx_int8_here())) if here]  # fmt: skip
-    return f"{model}; kernels may use: {', '.join(paths) or 'plain C++ only'}"

@@ -19,7 +19,7 @@ from transformers import LlamaForCausalLM
 from quantizer_plugin import ConversionError, convert_checkpoint
 
 from conftest import tiny_llama_config
-from test_convert import bnb_checkpoint
+from test_convert import bnb_checkpoint, plain_llama
 
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}  # fmt: skip
@@ -166,9 +166,7 @@ def index_cases(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Path:
-    source = tmp_path_factory.mktemp("plain") / "llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=320)).save_pretrained(source)
+    source = plain_llama(tmp_path_factory.mktemp("plain") / "llama")
     folder, _ = bnb_checkpoint(source, tmp_path_factory.mktemp("bnb") / "model", "int8", shard="100KB")
     return folder
 

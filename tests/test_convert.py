@@ -32,12 +32,16 @@ BNB_CONFIGS = {
 }  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def source(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("plain") / "llama"
+def plain_llama(path: Path) -> Path:
+    """The small random Llama the conversion tests quantize with bitsandbytes, saved at `path`."""
     torch.manual_seed(0)
     LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=320)).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    return plain_llama(tmp_path_factory.mktemp("plain") / "llama")
 
 
 def bnb_checkpoint(source: Path, folder: Path, kind: str, shard: str | None = None) -> tuple[Path, dict]:

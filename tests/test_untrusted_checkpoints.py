@@ -16,7 +16,7 @@ from quantizer_plugin import CheckpointPathError, ConversionError, LowBitConfig,
 from quantizer_plugin.cli import main as cli_main
 
 from conftest import tiny_llama_config
-from test_convert import bnb_checkpoint
+from test_convert import bnb_checkpoint, plain_llama
 from test_push_to_hub import hub  # noqa: F401  (the stand-in Hub fixture)
 
 INDEX = "model.safetensors.index.json"
@@ -25,9 +25,7 @@ INDEX = "model.safetensors.index.json"
 @pytest.fixture(scope="module")
 def sharded_bnb(tmp_path_factory) -> Path:
     """A sharded bitsandbytes NF4 checkpoint (bitsandbytes itself wrote it)."""
-    source = tmp_path_factory.mktemp("plain") / "llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(tiny_llama_config(hidden_size=128, intermediate_size=320)).save_pretrained(source)
+    source = plain_llama(tmp_path_factory.mktemp("plain") / "llama")
     folder, _ = bnb_checkpoint(source, tmp_path_factory.mktemp("bnb") / "model", "nf4-dq", shard="100KB")
     assert (folder / INDEX).is_file()
     return folder
