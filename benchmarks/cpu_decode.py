@@ -6,8 +6,8 @@
 The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved in bf16 (0.4B parameters). Every
 provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and lowbit-int8 with
 LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig; bf16-compiled and lowbit-nf4-compiled as bf16 and
-lowbit-nf4, generating with a static cache and the forward compiled by generate (inductor, fullgraph; compiled
-during the warm-up, at the timed length). All are loaded side by side in one process, and the
+lowbit-nf4 with the README's public way to compile on a CPU, `model.forward = torch.compile(model.forward,
+fullgraph=True)` (inductor), generating with a static cache (compiled during the warm-up, at the timed length). All are loaded side by side in one process, and the
 rounds are interleaved (each round runs every provider once). A sample is one `generate` of NEW_TOKENS greedy tokens,
 timed by a streamer as generate hands it each token: the time from the first new token to the last, over
 NEW_TOKENS - 1 (decode steps only, no prefill; one run, so no difference of two noisy timings). Reported: the median
@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from harness import Row, cpu_environment, write_rows  # noqa: E402
 
 PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8", "bf16-compiled", "lowbit-nf4-compiled"]
-COMPILED = "-compiled"  # a provider's suffix: static cache, the forward compiled by generate (inductor, fullgraph)
+COMPILED = "-compiled"  # a provider's suffix: the forward compiled (inductor, fullgraph), generate with a static cache
 MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
 SMOKE_MODEL = dict(MODEL, hidden_size=128, intermediate_size=352, num_hidden_layers=2, num_attention_heads=4,
@@ -54,6 +54,7 @@ def load(provider: str, path: Path):
 
     import quantizer_plugin
 
+    compiled = provider.endswith(COMPILED)
     provider = provider.removesuffix(COMPILED)
     kwargs = {"dtype": torch.bfloat16, "device_map": "cpu"}
     if provider == "lowbit-nf4":
@@ -67,7 +68,10 @@ def load(provider: str, path: Path):
         )  # fmt: skip
     elif provider == "bnb-int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
+    if compiled:  # the README's torch.compile snippet
+        model.forward = torch.compile(model.forward, fullgraph=True)
+    return model
 
 
 class TokenClock:
@@ -85,14 +89,8 @@ class TokenClock:
 
 
 def generate_settings(provider: str) -> dict:
-    """generate's extra arguments: for a compiled provider, a static cache and a forward compiled once by generate."""
-    if not provider.endswith(COMPILED):
-        return {}
-    from transformers.generation.configuration_utils import CompileConfig
-
-    compile_config = CompileConfig(fullgraph=True)
-    compile_config._compile_all_devices = True  # transformers compiles generate's forward on a CPU only when asked
-    return {"cache_implementation": "static", "compile_config": compile_config}
+    """generate's extra arguments: for a compiled provider a static cache, so that decode compiles once."""
+    return {"cache_implementation": "static"} if provider.endswith(COMPILED) else {}
 
 
 def decode_ms_per_token(model, prompt: torch.Tensor, tokens: int, **settings) -> float:

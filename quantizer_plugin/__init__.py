@@ -19,6 +19,7 @@ from .checkpoint_paths import CheckpointPathError
 from .convert import ConversionError, convert_checkpoint
 from .modules import LowBitLinear
 from .peft_registration import install as install_peft_registration
+from .prequantized_config import install as install_prequantized_config_check
 from .quantizer import LowBitHfQuantizer
 from .serialization import CheckpointFormatError
 
@@ -32,6 +33,8 @@ if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LowBitHfQuantizer:
     AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
     register_quantizer(QUANT_METHOD)(LowBitHfQuantizer)
 
+# A LowBitConfig passed for a checkpoint we quantized: an error where it disagrees (prequantized_config.py).
+install_prequantized_config_check()
 
 # PEFT's LoRA learns about our layers whenever peft is imported, before or after this package (peft_registration.py).
 install_peft_registration()

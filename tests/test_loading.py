@@ -144,20 +144,32 @@ def test_a_skip_name_that_matches_no_module_is_refused_naming_it(llama_dir, skip
     assert f"skip_modules: {skip[-1:]} match no module of LlamaForCausalLM" in str(error.value)
 
 
-def test_dequantize_returns_an_ordinary_model_in_compute_dtype(llama_dir, token_ids):
+@pytest.mark.parametrize("asked", [None, torch.float32])
+def test_dequantize_returns_an_ordinary_model_in_the_source_dtype_unless_asked(llama_dir, token_ids, asked):
+    # The source checkpoint is bfloat16 and the layers compute in float32: an ordinary model comes back in the
+    # source's dtype (as transformers' dequantize does for every quantizer), or in the dtype asked for.
     model = load_quantized(llama_dir, weights="nf4", compute_dtype="float32")
     with torch.no_grad():
         quantized_logits = model(token_ids).logits
     expected = {name: oracles.weight_of(layer) for name, layer in lowbit_modules(model).items()}
-    plain = model.dequantize()
+    plain = model.dequantize() if asked is None else model.dequantize(dtype=asked)
+    dtype = asked or torch.bfloat16
     assert not lowbit_modules(plain)
+    assert {p.dtype for p in plain.parameters()} == {dtype}
     o_proj = plain.model.layers[0].self_attn.o_proj
-    assert type(o_proj) is nn.Linear and o_proj.weight.dtype == torch.float32
+    assert type(o_proj) is nn.Linear
     for name, weight in expected.items():
-        assert torch.equal(plain.get_submodule(name).weight, weight), name
+        assert torch.equal(plain.get_submodule(name).weight, weight.to(dtype)), name
     assert getattr(plain.config, "quantization_config", None) is None
     with torch.no_grad():
-        assert cosine(plain(token_ids).logits, quantized_logits) > 0.9999
+        assert cosine(plain(token_ids).logits, quantized_logits) > (0.9999 if asked else 0.999)
+
+
+def test_a_preset_quantized_model_dequantizes_to_its_source_dtype(llama_dir):
+    # The int8 preset once computed in float16, and a bf16 model came back float16 from dequantize().
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=LowBitConfig.from_preset("int8"))
+    assert model.hf_quantizer.quantization_config.compute_dtype == torch.bfloat16
+    assert {p.dtype for p in model.dequantize().parameters()} == {torch.bfloat16}
 
 
 def test_model_dtype_cast_moves_but_never_casts_stored_tensors(llama_dir):

@@ -1,18 +1,17 @@
 """The kept mutation check (tests/mutation_check.py): every breakage is caught, and an unbroken run survives.
 
-Each breakage runs its tests in a fresh process, and most of such a run is importing torch and transformers, which
-uses one core: the runs go two at a time, each with one torch thread, and each test below reads its own outcome."""
+Each breakage runs its tests in a fresh process forked from one that has imported torch and transformers; such a
+run is mostly single-threaded Python, so the runs go two at a time, each with one torch thread, and each test below
+reads its own outcome."""
 
 from __future__ import annotations
-
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 import cpu_caps
 import mutation_check
 
-SIDE_BY_SIDE = 2  # measured on 2 cores: 218 s for what took 400 s one by one
+SIDE_BY_SIDE = 2  # on 2 cores: 218 s for what took 400 s one by one (subprocesses, before the fork server)
 
 
 def runnable_here(name: str) -> bool:
@@ -23,9 +22,7 @@ def runnable_here(name: str) -> bool:
 @pytest.fixture(scope="module")
 def outcomes() -> dict[str, str]:
     names = [name for name in [*mutation_check.MUTATIONS, "control"] if runnable_here(name)]
-    with ThreadPoolExecutor(SIDE_BY_SIDE) as pool:
-        results = pool.map(lambda name: mutation_check.run(name, threads=1)[0], names)
-        return dict(zip(names, results))
+    return {name: outcome for name, (outcome, _) in mutation_check.run_all(names, SIDE_BY_SIDE).items()}
 
 
 @pytest.mark.parametrize("name", mutation_check.MUTATIONS)

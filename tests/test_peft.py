@@ -263,6 +263,22 @@ def test_adapters_save_and_reload_onto_a_fresh_quantized_base(base_dir, fmt, bat
     assert torch.equal(logits(reloaded, batch), adapted)
 
 
+def test_adapters_trained_on_a_prepared_base_reload_exactly_onto_a_base_prepared_the_same_way(base_dir, batch, tmp_path):
+    """prepare_model_for_kbit_training's float32 norms and embeddings are part of the trained model: the fresh base
+    needs them too (README, Fine-tuning with LoRA). Without them the outputs differ, by about 0.01 here."""
+    torch.manual_seed(1)
+    model = prepare_model_for_kbit_training(load(base_dir, "nf4"), use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    adapted = logits(peft_model, batch)
+    peft_model.save_pretrained(tmp_path / "adapter")
+
+    prepared = prepare_model_for_kbit_training(load(base_dir, "nf4"), use_gradient_checkpointing=False)
+    assert torch.equal(logits(PeftModel.from_pretrained(prepared, tmp_path / "adapter"), batch), adapted)
+    unprepared = logits(PeftModel.from_pretrained(load(base_dir, "nf4"), tmp_path / "adapter"), batch)
+    assert not torch.equal(unprepared, adapted)
+    torch.testing.assert_close(unprepared.float(), adapted.float(), atol=0.1, rtol=0)
+
+
 # (format, compute dtype, atol on logits of magnitude ~4, which the adapters move by ~4). The merged layer computes
 # x @ round(dequant(W) + delta).T in the compute dtype; the adapted one x @ dequant(W).T in it plus the float32 adapter
 # path. Largest differences measured (2 seeds): bf16 0.074 (nf4, fp4), 0.094 (int8); float32 < 1e-5 (4-bit). LLM.int8

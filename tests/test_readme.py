@@ -44,3 +44,62 @@ def test_python_usage_then_qlora_snippets_run_in_one_process(llama_dir, tmp_path
     # The snippets use transformers' current API. PEFT 0.21's get_peft_model itself still reads the deprecated
     # `model.is_gradient_checkpointing` (peft/peft_model.py), on any model; that one warning is not ours to fix.
     assert [w for w in report["future_warnings"] if "`is_gradient_checkpointing` is deprecated" not in w] == []
+
+
+def run_snippet(snippet: str, **names) -> dict:
+    """A README snippet run in this process, as pasted after `import torch` and the README's imports, with `names`
+    (the user's own variables) defined; returns its variables."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantizer_plugin import LowBitConfig
+
+    namespace = {"torch": torch, "AutoModelForCausalLM": AutoModelForCausalLM, "LowBitConfig": LowBitConfig, **names}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_the_cpu_and_disk_offload_snippet_runs_without_a_gpu(llama_dir, tmp_path, monkeypatch):
+    """The first offload snippet as written (nothing to offload for this small model), then with its CPU budget cut
+    so that layers go to disk; the second snippet names a GPU and is for GPU machines only."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from quantizer_plugin import LowBitConfig
+
+    snippet = python_block("Offloading and the Hub")
+    assert '"cpu": "2GiB"' in snippet and "0:" not in snippet
+    monkeypatch.chdir(tmp_path)  # offload_folder="offload" is relative
+    cfg = LowBitConfig(weights="nf4")
+    as_written = run_snippet(snippet, path=str(llama_dir), cfg=cfg)["model"]
+    assert set(getattr(as_written, "hf_device_map", {"": "cpu"}).values()) == {"cpu"}
+    model = run_snippet(snippet.replace('"2GiB"', '"100KB"'), path=str(llama_dir), cfg=cfg)["model"]
+    assert "disk" in set(model.hf_device_map.values()) and any((tmp_path / "offload").iterdir())
+    ids = torch.tensor([[1, 5, 9, 200]])
+    with torch.no_grad():
+        plain = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=cfg)(ids).logits
+        assert torch.equal(model(ids).logits, plain)
+
+
+def test_the_torch_compile_snippet_generates_eagers_tokens(llama_dir):
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM
+
+    from quantizer_plugin import LowBitConfig
+
+    input_ids = torch.tensor([[3, 17, 101, 7, 250]])
+    greedy = dict(do_sample=False, pad_token_id=0)
+    eager = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=LowBitConfig(weights="nf4"))
+    expected = eager.generate(input_ids, max_new_tokens=32, **greedy)
+    snippet = python_block("torch.compile")
+    assert 'cache_implementation="static")' in snippet
+    torch._dynamo.reset()
+    counters.clear()
+    names = run_snippet(snippet.replace('cache_implementation="static")', 'cache_implementation="static", **greedy)'),
+                        path=str(llama_dir), input_ids=input_ids, greedy=greedy)  # fmt: skip
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 1 and torch.equal(names["tokens"], expected)
+    again = names["model"].generate(input_ids, max_new_tokens=32, cache_implementation="static", **greedy)
+    assert torch.equal(again, expected)
+    assert counters["stats"]["unique_graphs"] == graphs  # the second generate reuses what the first compiled
