@@ -1,6 +1,7 @@
-"""Every kernel benchmark the kernel issues ask for, in one unattended command, collected into benchmarks/RESULTS.md.
+"""Every kernel benchmark the kernel issues ask for, in one unattended command, collected into benchmarks/RESULTS-gpu.md
+(the CPU tables are in benchmarks/RESULTS.md).
 
-    python benchmarks/results.py                      # on a GPU: writes benchmarks/RESULTS.md
+    python benchmarks/results.py                      # on a GPU: writes benchmarks/RESULTS-gpu.md
     python benchmarks/results.py --smoke --out DIR    # tiny shapes, any machine: checks the whole run works
 
 Runs, in order, each writing its own rows and report into a folder of benchmarks/out/ (or DIR):
@@ -8,8 +9,8 @@ Runs, in order, each writing its own rows and report into a folder of benchmarks
   alone, as a decode loop captured with CUDA graphs runs it); the 4-bit targets are checked on these rows;
 - gemm_4bit.py: the same, launched eagerly from Python (what a plain eager forward pays per call);
 - gemm_int8.py --cuda-graph, in fp16 and in bf16: LLM.int8 at 0, 0.1 and 1% outlier columns.
-RESULTS.md is those reports one after another, each under its command line. A run that fails stops the script and
-writes no RESULTS.md, so a half-measured file is never mistaken for a result.
+RESULTS-gpu.md is those reports one after another, each under its command line. A run that fails stops the script and
+writes no RESULTS-gpu.md, so a half-measured file is never mistaken for a result.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny shapes through every run (any machine)")
     parser.add_argument("--out", type=Path, default=None, help="folder for the reports (default benchmarks/out)")
-    parser.add_argument("--results", type=Path, default=None, help="where to write RESULTS.md (default benchmarks/)")
+    parser.add_argument("--results", type=Path, default=None, help="where to write the results (default benchmarks/RESULTS-gpu.md)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         parser.error("timings need a GPU; on this machine only --smoke runs (through Triton's interpreter)")
     out = args.out or HERE / "out"
-    results = args.results or (out / "RESULTS.md" if args.smoke else HERE / "RESULTS.md")
+    results = args.results or (out / "RESULTS-gpu.md" if args.smoke else HERE / "RESULTS-gpu.md")
 
     sections = []
     for folder, title, module, run_args in RUNS:

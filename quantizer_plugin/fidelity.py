@@ -3,8 +3,9 @@
 Two probes, each measuring one model at a time (so that the CLI never holds both models) and then comparing:
 - causal LMs: on an embedded text, Python's own documentation topics (pydoc_data ships with every Python), the
   perplexity of both models and the KL divergence from the source model's next-token distribution to the quantized
-  one's, averaged over every prediction: the measures of the README's accuracy tables. Without a tokenizer in the
-  model folder there is no text to read: the divergence is then measured on fixed random token ids, and the line says so.
+  one's, averaged over every prediction: the measures of the accuracy tables in benchmarks/RESULTS.md. Without a
+  tokenizer in the model folder there is no text to read: the divergence is then measured on fixed random token
+  ids, and the line says so.
 - other models (encoders such as the embedded all-MiniLM-L6-v2): the cosine of mean-pooled sentence embeddings.
 """
 

@@ -3,7 +3,7 @@ hidden 128, 4 layers, MLP 384: 0.9M parameters) on the English text of Python's 
 (pydoc_data, part of the standard library), in about half a minute on two CPU cores, deterministically (fixed seeds,
 fixed batches).
 
-    python tests/tiny_lm.py [--seed N]   # trains it and prints the README's table (ours, HQQ, round-to-nearest)
+    python tests/tiny_lm.py [--seed N]   # trains it and prints the accuracy table of benchmarks/RESULTS.md
 
 Both measures use the whole held-out text (the last tenth of the corpus, never trained on: 364 windows of 128
 bytes, 46k predictions):
@@ -110,7 +110,7 @@ def main() -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from test_integer_formats import hqq_weight, round_to_nearest
 
-    parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of the README.")
+    parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of benchmarks/RESULTS.md.")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the tests use 0)")
     seed = parser.parse_args().seed
     with tempfile.TemporaryDirectory() as folder:
