@@ -297,6 +297,22 @@ def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
     assert ours_error <= peer_error, (ours_error, peer_error)
 
 
+def test_a_cached_build_is_imported_without_the_builder(monkeypatch):
+    """Another venv with the same torch and Python (CI's lower bounds) reuses the library instead of rebuilding it."""
+    import torch.utils.cpp_extension
+
+    native.load()  # built (or found) once
+    assert (native.build_directory() / f"{native.NAME}.so").exists()
+
+    def no_builder(**kwargs):
+        raise AssertionError("torch's builder was called for a library that is built already")
+
+    monkeypatch.setattr(native, "_loaded", {})
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_builder)
+    kernels = native.load()
+    assert kernels is not None and kernels.uses_avx512() in (True, False)
+
+
 def test_without_native_kernels_the_backend_runs_the_reference(monkeypatch):
     layer = make_layer(QuantScheme("nf4", 64, True), 37, 128, torch.bfloat16, seed=6)
     x = torch.randn(1, 128, dtype=torch.bfloat16)
@@ -307,13 +323,14 @@ def test_without_native_kernels_the_backend_runs_the_reference(monkeypatch):
     assert_close_to_scale(y, expected_output(x, layer), torch.bfloat16)
 
 
-def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
 
     def no_compiler(**kwargs):
         raise OSError("g++: command not found")
 
     layer = make_layer(QuantScheme("fp4", 64, False), 37, 128, torch.float32, seed=7)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # a machine with no kernels built yet
     monkeypatch.setattr(native, "_loaded", {})
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_compiler)
     x = torch.randn(2, 128)
@@ -327,27 +344,44 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch):
     assert_close_to_scale(first, expected_output(x, layer), torch.float32)
 
 
-def run_with_max_isa(value: str, script: str):
+def run_with_max_isa(value: str, script: str, threads: int | None = None):
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, **{native.MAX_ISA_ENV: value})
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("cap", ["scalar", "avx512", "avx512_bf16"])
-def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap):
-    script = (
-        "import torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.cpu import native; "
-        "from quantizer_plugin.formats import QuantScheme; k = native.load(); "
-        "print(k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); torch.manual_seed(0); "
-        "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
-        "for m in (1, 40):\n"
-        "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
-        "    print(served[0])"
-    )
-    result = run_with_max_isa(cap, script)
+CAPS = ["scalar", "avx512", "avx512_bf16"]
+CAPPED_SCRIPT = (
+    "import torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.cpu import native; "
+    "from quantizer_plugin.formats import QuantScheme; k = native.load(); "
+    "print(k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); torch.manual_seed(0); "
+    "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
+    "for m in (1, 40):\n"
+    "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
+    "    print(served[0])"
+)
+MISSPELT = "amx512"
+
+
+@pytest.fixture(scope="module")
+def capped_runs():
+    """Each cap (and a misspelt one) in its own fresh process, since the cap is read when the kernels load; such a
+    run is mostly single-threaded imports, so they go two at a time, each with one torch thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    scripts = dict.fromkeys(CAPS, CAPPED_SCRIPT) | {MISSPELT: "from quantizer_plugin.cpu import native; native.load()"}
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(scripts, pool.map(lambda cap: run_with_max_isa(cap, scripts[cap], threads=1), scripts)))
+
+
+@pytest.mark.parametrize("cap", CAPS)
+def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap, capped_runs):
+    result = capped_runs[cap]
     assert result.returncode == 0, result.stderr[-3000:]
     features, decode, batch = result.stdout.split("\n")[:3]
     level = cpu_caps.LEVELS.index(cap)
@@ -359,7 +393,7 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert batch == "cpu.codebook4bit.dequantize_matmul"
 
 
-def test_a_misspelt_max_isa_is_an_error_naming_the_variable():
-    result = run_with_max_isa("amx512", "from quantizer_plugin.cpu import native; native.load()")
+def test_a_misspelt_max_isa_is_an_error_naming_the_variable(capped_runs):
+    result = capped_runs[MISSPELT]
     assert result.returncode != 0
     assert "QUANTIZER_PLUGIN_MAX_ISA='amx512': expected one of amx, avx512_bf16, avx512, scalar" in result.stderr

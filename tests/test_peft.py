@@ -6,9 +6,11 @@ dispatch for LowBitLinear must happen on its own.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -380,11 +382,14 @@ def test_non_linear_target_is_refused_by_name_and_nothing_is_wrapped(base_dir, b
     assert torch.equal(logits(model, batch), base_logits)
 
 
-def run_python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    script = tmp_path / "script.py"
+def run_python(code: str, folder: Path, threads: int | None = None) -> subprocess.CompletedProcess:
+    folder.mkdir(parents=True, exist_ok=True)
+    script = folder / "script.py"
     script.write_text(textwrap.dedent(code))
-    # Run from tmp_path: the repository root holds a top-level `kernels/` folder that must not shadow anything.
-    return subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads)) if threads else None
+    # Run from `folder`: the repository root holds a top-level `kernels/` folder that must not shadow anything.
+    return subprocess.run([sys.executable, str(script)], cwd=folder, capture_output=True, text=True, timeout=300,
+                          env=env)  # fmt: skip
 
 
 # Each order in a fresh process. transformers' from_pretrained probes for peft (is_peft_available, i.e.
@@ -404,15 +409,14 @@ IMPORT_ORDERS = {
 }
 
 
-@pytest.mark.parametrize("order", IMPORT_ORDERS)
-def test_lora_works_whatever_the_import_order(base_dir, tmp_path, order):
+def import_order_script(base_dir: Path, order: str) -> str:
     config = "quantization_config=quantizer_plugin.LowBitConfig()"
     load = f"model = AutoModelForCausalLM.from_pretrained({str(base_dir)!r}, {config})"
     statements = {
         "LOAD": load,
         "LOAD_DEVICE_MAP": load.replace("LowBitConfig())", "LowBitConfig(weights='int8'), device_map='auto')"),
     }
-    script = [
+    return "\n".join([
         "import torch",
         "from transformers import AutoModelForCausalLM",
         *(statements.get(step, step) for step in IMPORT_ORDERS[order]),
@@ -420,15 +424,11 @@ def test_lora_works_whatever_the_import_order(base_dir, tmp_path, order):
         "peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=['q_proj', 'v_proj']))",
         "attention = peft_model.base_model.model.model.layers[0].self_attn",
         "print(type(attention.q_proj).__name__, type(attention.v_proj).__name__)",
-    ]
-    result = run_python("\n".join(script), tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().splitlines()[-1] == "LowBitLoraLinear LowBitLoraLinear"
+    ])  # fmt: skip
 
 
-def test_plugin_works_without_peft(base_dir, tmp_path):
-    result = run_python(
-        f"""
+def without_peft_script(base_dir: Path) -> str:
+    return f"""
         import sys
         sys.modules["peft"] = None  # as if peft were not installed: `import peft` raises ImportError
         import torch, quantizer_plugin
@@ -439,8 +439,29 @@ def test_plugin_works_without_peft(base_dir, tmp_path):
         assert torch.isfinite(out).all()
         assert "quantizer_plugin.lora" not in sys.modules
         print("ok")
-        """,
-        tmp_path,
-    )
+        """
+
+
+@pytest.fixture(scope="module")
+def fresh_process_runs(base_dir, tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+    """Every import order, and the plugin without peft, each in its own fresh process. Such a run is mostly
+    single-threaded imports, so they go two at a time, each with one torch thread; each test reads its own."""
+    scripts = {order: import_order_script(base_dir, order) for order in IMPORT_ORDERS}
+    scripts["without_peft"] = without_peft_script(base_dir)
+    folder = tmp_path_factory.mktemp("fresh-processes")
+    with ThreadPoolExecutor(2) as pool:
+        results = pool.map(lambda name: run_python(scripts[name], folder / name, threads=1), scripts)
+        return dict(zip(scripts, results))
+
+
+@pytest.mark.parametrize("order", IMPORT_ORDERS)
+def test_lora_works_whatever_the_import_order(fresh_process_runs, order):
+    result = fresh_process_runs[order]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "LowBitLoraLinear LowBitLoraLinear"
+
+
+def test_plugin_works_without_peft(fresh_process_runs):
+    result = fresh_process_runs["without_peft"]
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "ok"

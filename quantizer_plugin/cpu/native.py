@@ -15,6 +15,7 @@ instruction sets they use (MAX_ISA_VALUES), so that every path a CPU chooses at 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import sys
 import threading
@@ -88,14 +89,19 @@ def _build() -> ModuleType | None:
 
         directory = build_directory()
         directory.mkdir(parents=True, exist_ok=True)
-        fresh = not (directory / f"{NAME}.so").exists()
-        if fresh:  # the one slow step of a first use: say so before it starts
+        library = directory / f"{NAME}.so"
+        # torch's builder holds `lock` in the folder while it builds there
+        if library.exists() and not (directory / "lock").exists():
+            # The folder's name is a hash of everything the library depends on, so a library found there is the one
+            # these sources make: import it without torch's builder, whose ninja file names this torch's install
+            # path and would rebuild everything for another venv with the same torch (CI's lower-bounds venv).
+            module = _import_library(library)
+        else:  # the one slow step of a first use: say so before it starts
             print(f"quantizer_plugin: building the native CPU kernels once ({BUILD_ESTIMATE}; cached in {directory}; "
                   "`quantizer-plugin build-kernels` does it ahead of time)", file=sys.stderr, flush=True)  # fmt: skip
-        started = time.perf_counter()
-        module = load_extension(name=NAME, sources=[str(source) for source in SOURCES], extra_cflags=list(CFLAGS),
-                                extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=False)  # fmt: skip
-        if fresh:
+            started = time.perf_counter()
+            module = load_extension(name=NAME, sources=[str(source) for source in SOURCES], extra_cflags=list(CFLAGS),
+                                    extra_ldflags=list(LDFLAGS), build_directory=str(directory), verbose=False)  # fmt: skip
             print(f"quantizer_plugin: built in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     except Exception as error:  # a missing compiler surfaces as OSError, RuntimeError or CalledProcessError
         warnings.warn(
@@ -107,6 +113,14 @@ def _build() -> ModuleType | None:
         )
         return None
     _answer_checks_once(module)
+    return module
+
+
+def _import_library(path: Path) -> ModuleType:
+    """The built extension imported from its file, as torch's builder imports it after a build."""
+    spec = importlib.util.spec_from_file_location(NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
