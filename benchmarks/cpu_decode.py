@@ -7,8 +7,8 @@ The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved 
 provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and lowbit-int8 with
 LowBitConfig; bnb-nf4 and bnb-int8 with BitsAndBytesConfig; bf16-compiled and lowbit-nf4-compiled as bf16 and
 lowbit-nf4 with the README's public way to compile on a CPU, `model.forward = torch.compile(model.forward,
-fullgraph=True)` (inductor), generating with a static cache (compiled during the warm-up, at the timed length). All are loaded side by side in one process, and the
-rounds are interleaved (each round runs every provider once). A sample is one `generate` of NEW_TOKENS greedy tokens,
+fullgraph=True)` (inductor), generating with a static cache (compiled during the warm-up, at the timed length).
+All are loaded side by side in one process, and the rounds are interleaved (each round runs every provider once). A sample is one `generate` of NEW_TOKENS greedy tokens,
 timed by a streamer as generate hands it each token: the time from the first new token to the last, over
 NEW_TOKENS - 1 (decode steps only, no prefill; one run, so no difference of two noisy timings). Reported: the median
 ms per token with p20-p80, tokens per second, and each provider's speedup over bf16.

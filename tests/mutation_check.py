@@ -7,8 +7,8 @@ Each breakage is a monkeypatch, never an edit of a file: this module is also a p
 breakage the check runs `pytest -x -p mutation_check TESTS` with QUANTIZER_PLUGIN_MUTATION=NAME, so the plugin
 applies the patch when pytest configures itself, before any test runs. Each run is a fresh process forked from one
 that has imported torch and transformers (and nothing of ours), which saves their import (about 8 s on a 2-core
-EPYC) in every run; where fork is unsafe (the parent has started threads) or missing, a plain subprocess per run. A breakage is *caught* when pytest
-reports failing tests (exit code 1); it *survives* when they all pass. Anything else (a collection error, say) is
+EPYC) in every run; where fork is unsafe (the parent has started threads) or missing, a plain subprocess per run.
+A breakage is *caught* when pytest reports failing tests (exit code 1); it *survives* when they all pass. Anything else (a collection error, say) is
 reported as an error: it proves nothing. The check exits 1 unless every breakage is caught.
 
 To add a breakage for new code (a CPU backend, a format): one `Mutation` below, naming the patch and the tests
