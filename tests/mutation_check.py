@@ -578,15 +578,17 @@ def serve(names: list[str], side_by_side: int) -> int:
     for module in PRELOAD:
         importlib.import_module(module)
     threads = 1 if side_by_side > 1 else None
-    forking = _forking_is_safe()
+    if not _forking_is_safe():  # a subprocess per run, still side by side
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(side_by_side) as pool:
+            for name, (outcome, seconds) in zip(names, pool.map(lambda name: run(name, threads), names)):
+                print(json.dumps({"name": name, "outcome": outcome, "seconds": seconds}), flush=True)
+        return 0
     waiting, running = list(names), {}
     while waiting or running:
         while waiting and len(running) < side_by_side:
             name = waiting.pop(0)
-            if not forking:
-                outcome, seconds = run(name, threads)
-                print(json.dumps({"name": name, "outcome": outcome, "seconds": seconds}), flush=True)
-                continue
             pid = os.fork()
             if pid == 0:
                 _child(name, threads)
