@@ -111,7 +111,11 @@ def kl_divergence(reference: torch.Tensor, quantized: torch.Tensor) -> float:
 
 def model_inputs(model_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
     """The fidelity SENTENCES tokenized by the folder's tokenizer, or fixed random token ids when it has none."""
-    tokenizer = load_tokenizer(model_dir)
+    return sentence_inputs(load_tokenizer(model_dir), device)
+
+
+def sentence_inputs(tokenizer, device: torch.device) -> dict[str, torch.Tensor]:
+    """The fidelity SENTENCES tokenized by `tokenizer`, or fixed random token ids when it is None."""
     if tokenizer is None:
         ids = random_ids(len(SENTENCES), 24)
         return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device)}
@@ -125,8 +129,9 @@ class EmbeddingProbe:
     """Cosine of mean-pooled, L2-normalised last hidden states (all-MiniLM-L6-v2's own pooling)."""
 
     def __init__(self, model_dir: Path, config, device: torch.device):
-        self.on_text = load_tokenizer(model_dir) is not None
-        self.inputs = model_inputs(model_dir, device)
+        tokenizer = load_tokenizer(model_dir)
+        self.on_text = tokenizer is not None
+        self.inputs = sentence_inputs(tokenizer, device)
         where = f"{len(SENTENCES)} sentences" if self.on_text else "random token ids (no tokenizer in the model folder)"
         self.description = f"sentence embeddings against full precision on {where}"
 
