@@ -97,7 +97,10 @@ class LowBitHfQuantizer(HfQuantizer):
         # Default to the dtype the model was loaded in (config.dtype: the source checkpoint's, or the dtype asked of
         # from_pretrained), as transformers does for every quantizer: the rest of the model is already in it, and a
         # bf16 checkpoint quantized and dequantized comes back bf16 whatever the compute dtype.
-        return super().dequantize(model, dtype=dtype or model.config.dtype or self.quantization_config.compute_dtype)
+        dtype = dtype or model.config.dtype or self.quantization_config.compute_dtype
+        if isinstance(dtype, str):  # a reloaded checkpoint's config can hold its dtype's name ("bfloat16")
+            dtype = getattr(torch, dtype)
+        return super().dequantize(model, dtype=dtype)
 
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
