@@ -82,7 +82,8 @@ class Operands:
             return lambda: torch.nn.functional.linear(x, self.weight)
         if provider == "lowbit":
             # the layer's own entry point, so the timing includes what a model's forward pays per call
-            return lambda: linear_forward(x, self.layer)
+            layer = self.layer
+            return lambda: linear_forward(x, layer.weight_record(), layer.bias, layer.compute_dtype)
         import bitsandbytes
 
         return lambda: bitsandbytes.matmul_4bit(x, self.bnb_weight.t(), quant_state=self.bnb_state)

@@ -27,16 +27,12 @@ on (M bucket, N, K, format).
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import triton
 import triton.language as tl
 
-from quantizer_plugin.formats import QuantScheme, WeightFormat
-from quantizer_plugin.formats.affine import IntAffineFormat
-from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
-from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code
+from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK
+from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, RowScaledWeight, check_record
 from quantizer_plugin.ops import served
 
 from .interpreter import cast_rounded, dot_16bit
@@ -266,39 +262,44 @@ _FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode", spl
 _FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill", splits_k=True), _KEY)
 _GRAD_INPUT = autotuned(_grad_input_kernel, matmul_configs("4bit", "grad_input"), _KEY)
 
-
-@lru_cache(maxsize=None)
-def _tables(fmt: Codebook4BitFormat, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Kept on the device once, so that a forward does no host-to-device copy.
-    return fmt.code(device).contiguous(), dynamic_code(device).contiguous()
+# The weight's pointer parameters of the kernels, in order.
+_POINTERS = ("packed_ptr", "absmax_ptr", "absmax_code_ptr", "absmax_scale_ptr", "absmax_offset_ptr",
+             "dynamic_code_ptr", "codebook_ptr", "scale_ptr", "zero_ptr")  # fmt: skip
 
 
-def kind_of(fmt: WeightFormat) -> int:
-    if isinstance(fmt, Codebook4BitFormat):
-        return CODEBOOK
-    if isinstance(fmt, IntAffineFormat):
-        return AFFINE
-    if fmt.name == "int8":
-        return INT8
-    raise ValueError(f"format {fmt.name!r} has no weight-only Triton kernel")
+def _codebook_pointers(weight: CodebookWeight) -> dict:
+    return dict(packed_ptr=weight.packed, absmax_ptr=weight.absmax, absmax_code_ptr=weight.absmax_code,
+                absmax_scale_ptr=weight.absmax_scale, absmax_offset_ptr=weight.absmax_offset,
+                dynamic_code_ptr=weight.dynamic_code, codebook_ptr=weight.code)  # fmt: skip
 
 
-def _weight_args(tensors: dict[str, torch.Tensor], fmt: WeightFormat, scheme: QuantScheme, device) -> tuple:
-    """The weight's pointer arguments, in kernel order; pointers its KIND does not read get a placeholder tensor."""
-    packed = tensors["weight"]
-    kind = kind_of(fmt)
-    if kind == AFFINE:
-        scale, zero = tensors["weight_scale"], tensors["weight_zero"]
-        return packed, scale, packed, scale, scale, scale, scale, scale, zero
-    if kind == INT8:
-        scale = tensors["weight_scale"]
-        return packed, scale, packed, scale, scale, scale, scale, scale, scale
-    codebook, code8 = _tables(fmt, device)
-    if scheme.double_quant:
-        code, scale, offset = tensors["weight_absmax_code"], tensors["weight_absmax_scale"], tensors["weight_absmax_offset"]
-        return packed, scale, code, scale, offset, code8, codebook, scale, scale
-    absmax = tensors["weight_absmax"]
-    return packed, absmax, packed, absmax, absmax, code8, codebook, absmax, absmax
+def _affine_pointers(weight: AffineWeight) -> dict:
+    return dict(packed_ptr=weight.packed, scale_ptr=weight.scale, zero_ptr=weight.zero)
+
+
+def _row_scaled_pointers(weight: RowScaledWeight) -> dict:
+    return dict(packed_ptr=weight.values, scale_ptr=weight.scale)
+
+
+# family -> (KIND, the kernel pointers its record's fields fill)
+_FAMILIES = {
+    CodebookWeight.family: (CODEBOOK, _codebook_pointers),
+    AffineWeight.family: (AFFINE, _affine_pointers),
+    RowScaledWeight.family: (INT8, _row_scaled_pointers),
+}
+
+
+def _kind(weight) -> int:
+    if weight.family not in _FAMILIES:
+        raise ValueError(f"weight family {weight.family!r} has no weight-only Triton kernel")
+    return _FAMILIES[weight.family][0]
+
+
+def _weight_pointers(weight) -> tuple:
+    """The weight's pointer arguments, in kernel order; a pointer its KIND does not read (None in the record, or no
+    field at all) gets the packed weight as a placeholder that is never read."""
+    named = _FAMILIES[weight.family][1](weight)
+    return tuple(named[name] if named.get(name) is not None else named["packed_ptr"] for name in _POINTERS)
 
 
 def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, device: torch.device) -> None:
@@ -309,38 +310,36 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, de
         )
 
 
-def _check_weight(tensors, fmt, scheme, n, k, device, full: bool) -> None:
+def _check_weight(weight, device: torch.device, full: bool) -> None:
+    pointers = [t for t in _FAMILIES[weight.family][1](weight).values() if t is not None]
     if not full:
         # A LowBitLinear's tensors were checked against the spec when loaded; a decode step is only a few
         # microseconds of GPU time, so per call only what could have changed since (the device) is checked.
-        if tensors["weight"].device != device:
-            raise ValueError(f"the stored weight is on {tensors['weight'].device}, the input on {device}")
+        if pointers[0].device != device:
+            raise ValueError(f"the stored weight is on {pointers[0].device}, the input on {device}")
         return
-    for name, spec in fmt.tensor_specs(n, k, scheme).items():
-        _check(f"stored tensor {name!r}", tensors[name], spec.shape, spec.dtype, device)
+    check_record(weight, device)
 
 
-def _meta(k: int, fmt: WeightFormat, scheme: QuantScheme, dtype: torch.dtype) -> dict:
-    kind = kind_of(fmt)
-    codebook = kind == CODEBOOK  # the kinds that do not read a flag get it fixed, so that they compile once
+def _meta(weight, dtype: torch.dtype) -> dict:
+    kind = _kind(weight)
+    block = getattr(weight, "block_size", 1)  # row-scaled weights have no block: fixed, so that they compile once
     return dict(
-        QUANT_BLOCK=scheme.block_size, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=codebook and scheme.double_quant,
-        ALIGNED=kind != INT8 and k % scheme.block_size == 0, KIND=kind, BITS=fmt.bits,
+        QUANT_BLOCK=block, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=kind == CODEBOOK and weight.double_quant,
+        ALIGNED=kind != INT8 and weight.in_features % block == 0, KIND=kind, BITS=weight.bits,
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRETED=interpreting(),
     )  # fmt: skip
 
 
 def dequant_matmul(
     x: torch.Tensor,
-    tensors: dict[str, torch.Tensor],
-    fmt: WeightFormat,
-    scheme: QuantScheme,
-    out_features: int,
+    weight,
     bias: torch.Tensor | None = None,
     config: dict | None = None,
     check_weight: bool = True,
 ) -> torch.Tensor:
-    """y = x @ dequant(W).T (+ bias) for a 2-D x (M, K) in fp16/bf16/fp32; y in x's dtype.
+    """y = x @ dequant(W).T (+ bias) for a 2-D x (M, K) in fp16/bf16/fp32 and W's record (formats/records.py); y in
+    x's dtype.
 
     `config` (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages) bypasses autotuning; tests use it to
     reach every tile layout. `check_weight=False` checks only the weight's device (for LowBitLinear, whose tensors
@@ -349,19 +348,21 @@ def dequant_matmul(
     if x.dim() != 2 or x.dtype not in (torch.float16, torch.bfloat16, torch.float32) or x.stride(1) != 1:
         raise ValueError(f"x must be a 2-D fp16/bf16/fp32 tensor with unit stride along K, got {tuple(x.shape)} {x.dtype}")
     m, k = x.shape
-    n = out_features
-    _check_weight(tensors, fmt, scheme, n, k, x.device, check_weight)
+    n = weight.out_features
+    if k != weight.in_features:
+        raise ValueError(f"x has {k} features, the weight {weight.in_features}")
+    _check_weight(weight, x.device, check_weight)
     if bias is not None:
         _check("bias", bias, (n,), bias.dtype, x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    meta = _meta(k, fmt, scheme, x.dtype)
+    meta = _meta(weight, x.dtype)
     kernel = _FORWARD_DECODE if m <= DECODE_MAX_M else _FORWARD_PREFILL
     if config is not None:
         kernel, config = _matmul_kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1))
     split_buffers = split_k.buffers([config] if config else [c.kwargs for c in kernel.configs], m, n, x.device)
-    args = (x, *_weight_args(tensors, fmt, scheme, x.device), bias if bias is not None else y, y, *split_buffers)
+    args = (x, *_weight_pointers(weight), bias if bias is not None else y, y, *split_buffers)
     args += (m, n, k, m_bucket(m), x.stride(0), y.stride(0))
 
     def grid(meta):
@@ -374,24 +375,23 @@ def dequant_matmul(
 
 def dequant_matmul_grad_input(
     grad_y: torch.Tensor,
-    tensors: dict[str, torch.Tensor],
-    fmt: WeightFormat,
-    scheme: QuantScheme,
-    in_features: int,
+    weight,
     config: dict | None = None,
     check_weight: bool = True,
 ) -> torch.Tensor:
-    """grad_x = grad_y @ dequant(W) for a 2-D grad_y (M, N); grad_x in grad_y's dtype."""
+    """grad_x = grad_y @ dequant(W) for a 2-D grad_y (M, N) and W's record; grad_x in grad_y's dtype."""
     if grad_y.dim() != 2 or grad_y.dtype not in (torch.float16, torch.bfloat16, torch.float32) or grad_y.stride(1) != 1:
         raise ValueError(f"grad_y must be a 2-D fp16/bf16/fp32 tensor with unit stride, got {tuple(grad_y.shape)} {grad_y.dtype}")
     m, n = grad_y.shape
-    k = in_features
-    _check_weight(tensors, fmt, scheme, n, k, grad_y.device, check_weight)
+    k = weight.in_features
+    if n != weight.out_features:
+        raise ValueError(f"grad_y has {n} features, the weight {weight.out_features} outputs")
+    _check_weight(weight, grad_y.device, check_weight)
     grad_x = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
-    meta = _meta(k, fmt, scheme, grad_y.dtype)
-    args = (grad_y, *_weight_args(tensors, fmt, scheme, grad_y.device), grad_x)
+    meta = _meta(weight, grad_y.dtype)
+    args = (grad_y, *_weight_pointers(weight), grad_x)
     args += (m, n, k, m_bucket(m), grad_y.stride(0), grad_x.stride(0))
 
     def grid(meta):

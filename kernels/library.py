@@ -2,8 +2,8 @@
 
 Dynamo cannot trace a launcher (its autotuner, grid lambdas and scratch buffers are Python it does not model), and
 inductor would not know the output's shape without running it. Each op below wraps one launcher with arguments a
-schema can hold (the layer's stored tensors as a list in the format's spec order; the format and its settings by
-name and value) and has a fake implementation that gives the output's shape and dtype without running anything.
+schema can hold (the weight's record taken apart by formats.records.op_arguments: its family's name, its tensors and
+its integer settings) and has a fake implementation that gives the output's shape and dtype without running anything.
 The layer entry points (layers.py) call the ops while torch.compile traces and the launchers directly otherwise,
 which skips the dispatcher's microseconds on every eager decode step.
 
@@ -17,48 +17,38 @@ from typing import Optional
 
 import torch
 
-from quantizer_plugin.formats import QuantScheme, WeightFormat, get_format
+from quantizer_plugin.formats.records import from_op_arguments
 
 from .dequant_matmul import dequant_matmul, dequant_matmul_grad_input
 from .int8_backward import int8_grad_input
 from .int8_matmul import int8_linear
 
 
-def _stored(weights: str, block_size: int, double_quant: bool, stored: list[torch.Tensor], n: int, k: int):
-    """The format, the scheme the kernels read (16-bit activations) and the stored tensors by name."""
-    fmt: WeightFormat = get_format(weights)
-    scheme = QuantScheme(weights, block_size=block_size, double_quant=double_quant, activations=None)
-    return fmt, scheme, dict(zip(fmt.tensor_specs(n, k, scheme), stored))
-
-
 @torch.library.custom_op("quantizer_plugin::triton_dequant_matmul", mutates_args=())
 def dequant_matmul_op(
-    x: torch.Tensor, stored: list[torch.Tensor], weights: str, block_size: int, double_quant: bool, out_features: int,
+    x: torch.Tensor, family: str, tensors: list[Optional[torch.Tensor]], settings: list[int],
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:  # fmt: skip
     """dequant_matmul.dequant_matmul: y (M, out_features) in x's dtype, x (M, K) in the compute dtype."""
-    fmt, scheme, tensors = _stored(weights, block_size, double_quant, stored, out_features, x.shape[1])
-    return dequant_matmul(x, tensors, fmt, scheme, out_features, bias, check_weight=False)
+    return dequant_matmul(x, from_op_arguments(family, tensors, settings), bias, check_weight=False)
 
 
 @dequant_matmul_op.register_fake
-def _(x, stored, weights, block_size, double_quant, out_features, bias):
-    return x.new_empty((x.shape[0], out_features))
+def _(x, family, tensors, settings, bias):
+    return x.new_empty((x.shape[0], from_op_arguments(family, tensors, settings).out_features))
 
 
 @torch.library.custom_op("quantizer_plugin::triton_dequant_matmul_grad_input", mutates_args=())
 def dequant_matmul_grad_input_op(
-    grad_y: torch.Tensor, stored: list[torch.Tensor], weights: str, block_size: int, double_quant: bool,
-    in_features: int,
-) -> torch.Tensor:  # fmt: skip
+    grad_y: torch.Tensor, family: str, tensors: list[Optional[torch.Tensor]], settings: list[int]
+) -> torch.Tensor:
     """dequant_matmul.dequant_matmul_grad_input: grad_x (M, in_features) in grad_y's dtype."""
-    fmt, scheme, tensors = _stored(weights, block_size, double_quant, stored, grad_y.shape[1], in_features)
-    return dequant_matmul_grad_input(grad_y, tensors, fmt, scheme, in_features, check_weight=False)
+    return dequant_matmul_grad_input(grad_y, from_op_arguments(family, tensors, settings), check_weight=False)
 
 
 @dequant_matmul_grad_input_op.register_fake
-def _(grad_y, stored, weights, block_size, double_quant, in_features):
-    return grad_y.new_empty((grad_y.shape[0], in_features))
+def _(grad_y, family, tensors, settings):
+    return grad_y.new_empty((grad_y.shape[0], from_op_arguments(family, tensors, settings).in_features))
 
 
 @torch.library.custom_op("quantizer_plugin::triton_int8_linear", mutates_args=())

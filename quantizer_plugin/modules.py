@@ -35,6 +35,7 @@ class LowBitLinear(nn.Module):
         self.out_features = out_features
         self.scheme = scheme
         self.fmt = get_format(scheme.weights)
+        self.activations = self.fmt.activations(scheme)  # None (16-bit), or the activations mode's typed settings
         self.compute_dtype = compute_dtype
         # GPT-2's Conv1D stores its weight as (in, out); the quantize step transposes it once, at load.
         self.source_is_conv1d = source_is_conv1d
@@ -73,6 +74,15 @@ class LowBitLinear(nn.Module):
         return {name: t if t.dtype == self._stored_dtypes[name] else t.to(self._stored_dtypes[name])
                 for name, t in tensors.items()}  # fmt: skip
 
+    def weight_record(self):
+        """The stored tensors as the format family's typed record (formats/records.py), what the kernels are handed.
+
+        Built from the parameters at each call rather than kept: accelerate's offload hooks, FSDP2 and PEFT's
+        upcast replace the parameters (or their data) between calls, and a kept record would go on reading the old
+        tensors. Building it is a few attribute reads; under torch.compile it is traced away.
+        """
+        return self.fmt.record(self.quantized_tensors(), self.out_features, self.in_features, self.scheme)
+
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
         """Set the stored tensors, checking each against the format's spec."""
         specs = self.tensor_specs()
@@ -88,9 +98,7 @@ class LowBitLinear(nn.Module):
 
     def dequantize_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The (out_features, in_features) weight in `dtype` (default: the compute dtype)."""
-        return self.fmt.dequantize(
-            self.quantized_tensors(), self.out_features, self.in_features, self.scheme, dtype or self.compute_dtype
-        )
+        return self.weight_record().dequantize(dtype or self.compute_dtype)
 
     def to_linear(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """An ordinary nn.Linear holding the dequantized weight."""

@@ -1,11 +1,14 @@
 """The one dispatch seam between a quantized layer and the code that multiplies by its weight.
 
-Every format has a plain-PyTorch reference ("torch" backend) that runs on any device; faster backends register
-per format: "cpu" (quantizer_plugin.cpu: native and torch CPU kernels) and "triton" (the Triton kernels in
-quantizer_plugin.kernels). The backend is chosen by device (CPU tensors take "cpu", CUDA tensors "triton", where
-the format has a kernel there; the reference otherwise) unless the environment variable QUANTIZER_PLUGIN_KERNELS
-names one ("torch", "cpu" or "triton"): tests force the reference, and the Triton kernels on CPU under
-TRITON_INTERPRET=1.
+A kernel is handed the layer's weight as its family's typed record (formats/records.py), never the layer: a forward
+kernel is fn(x, weight, bias, compute_dtype, activations) -> y, with `activations` None (16-bit) or the record of an
+activations mode (formats/activations.py). Kernels register per (weight family, activations mode, backend), so every
+format of a family reaches them. Each family has a plain-PyTorch reference ("torch" backend) that runs on any device;
+faster backends register their kernels: "cpu" (quantizer_plugin.cpu: native and torch CPU kernels) and "triton" (the
+Triton kernels in quantizer_plugin.kernels). The backend is chosen by device (CPU tensors take "cpu", CUDA tensors
+"triton", where the family has a kernel for the mode there; the reference otherwise) unless the environment variable
+QUANTIZER_PLUGIN_KERNELS names one ("torch", "cpu" or "triton"): tests force the reference, and the Triton kernels on
+CPU under TRITON_INTERPRET=1. A backend without a kernel for a mode runs the mode's reference, never another mode.
 
 The autograd rule lives here too, once for all backends: the weight is frozen, so the backward is
 grad_x = grad_y @ dequant(W), the product QLoRA needs to train adapters on a quantized base.
@@ -28,9 +31,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from .formats import get_format
+from .formats.base import FORMAT_DEFAULT, reference_linear
 
 if TYPE_CHECKING:
     from .formats import QuantScheme, WeightFormat
+    from .formats.activations import ActivationRecord
+    from .formats.records import WeightRecord
     from .modules import LowBitLinear
 
 KERNELS_ENV = "QUANTIZER_PLUGIN_KERNELS"
@@ -39,13 +45,16 @@ BACKENDS = ("torch", "cpu", "triton")
 DEFAULT_BACKENDS = {"cpu": "cpu", "cuda": "triton"}
 _KERNEL_PACKAGES = {"cpu": "quantizer_plugin.cpu", "triton": "quantizer_plugin.kernels"}
 
-# (format name, backend) -> fn(x, layer) -> y            y = x @ dequant(W).T + bias, in x's dtype
-ForwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
-# (format name, backend) -> fn(grad_y, layer) -> grad_x  grad_x = grad_y @ dequant(W)
-BackwardKernel = Callable[[torch.Tensor, "LowBitLinear"], torch.Tensor]
-# (format name, backend) -> fn(fmt, weight, scheme) -> the stored tensors, equal to fmt.quantize's (used at load)
+# (family, activations mode, backend) -> fn(x, weight, bias, compute_dtype, activations) -> y
+#   y = x @ dequant(W).T + bias (in the mode's arithmetic), in x's dtype
+ForwardKernel = Callable[
+    [torch.Tensor, "WeightRecord", "torch.Tensor | None", torch.dtype, "ActivationRecord | None"], torch.Tensor
+]
+# (family, backend) -> fn(grad_y, weight, compute_dtype) -> grad_x    grad_x = grad_y @ dequant(W), in grad_y's dtype
+BackwardKernel = Callable[[torch.Tensor, "WeightRecord", torch.dtype], torch.Tensor]
+# (family, backend) -> fn(fmt, weight, scheme) -> the stored tensors, equal to fmt.quantize's (used at load)
 Quantizer = Callable[["WeightFormat", torch.Tensor, "QuantScheme"], dict]
-_FORWARD: dict[tuple[str, str], ForwardKernel] = {}
+_FORWARD: dict[tuple[str, str | None, str], ForwardKernel] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
 _QUANTIZE: dict[tuple[str, str], Quantizer] = {}
 _PREPARATIONS: dict[str, Callable[[], object]] = {}  # backend -> its first-use work (see prepare)
@@ -73,15 +82,21 @@ def served(name: str) -> None:
         record.append(name)
 
 
-def register_kernel(format_name: str, backend: str, *, backward: bool = False, quantize: bool = False):
-    """Decorator registering a forward (or, with backward=True, an input-gradient; with quantize=True, a quantizer
-    that must give the same stored tensors as the format's own quantize) kernel for one format."""
+def register_kernel(family: str, backend: str, *, activations: str | None = None, backward: bool = False,
+                    quantize: bool = False):  # fmt: skip
+    """Decorator registering, for every format of weight family `family` on `backend`: a forward kernel for the
+    activations mode `activations` (None: 16-bit activations); with backward=True, the input gradient; with
+    quantize=True, a quantizer that must give the same stored tensors as the format's own quantize."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
-    table = _QUANTIZE if quantize else _BACKWARD if backward else _FORWARD
 
     def register(fn):
-        table[(format_name, backend)] = fn
+        if quantize:
+            _QUANTIZE[(family, backend)] = fn
+        elif backward:
+            _BACKWARD[(family, backend)] = fn
+        else:
+            _FORWARD[(family, activations, backend)] = fn
         return fn
 
     return register
@@ -131,13 +146,24 @@ def forced_backend() -> str | None:
     return value
 
 
-def select_backend(format_name: str, device: torch.device) -> str:
+def select_backend(format_name: str, device: torch.device, activations: str | None = FORMAT_DEFAULT) -> str:
+    """The backend that layers of format `format_name` (in activations mode `activations`, by default the format's
+    own) on `device` take."""
+    fmt = get_format(format_name)
+    mode = fmt.default_activations if activations == FORMAT_DEFAULT else activations
+    return _backend_for(fmt.family, mode, device, format_name)
+
+
+def _backend_for(family: str, mode: str | None, device: torch.device, format_name: str) -> str:
     forced = forced_backend()
     default = DEFAULT_BACKENDS.get(device.type)
     _load_kernels(forced or default)
     if forced is not None:
-        if (format_name, forced) not in _FORWARD:
-            raise RuntimeError(f"{KERNELS_ENV}={forced} but no {forced} kernel is available for format {format_name!r}")
+        if (family, mode, forced) not in _FORWARD:
+            raise RuntimeError(
+                f"{KERNELS_ENV}={forced} but no {forced} kernel is available for format {format_name!r}"
+                + (f" with activations={mode!r}" if mode is not None else "")
+            )
         if forced == "triton" and device.type != "cuda" and not _kernels_interpreted():
             raise RuntimeError(
                 f"{KERNELS_ENV}=triton on a {device.type} tensor needs Triton's interpreter: set TRITON_INTERPRET=1 "
@@ -146,7 +172,7 @@ def select_backend(format_name: str, device: torch.device) -> str:
         if forced == "cpu" and device.type != "cpu":
             raise RuntimeError(f"{KERNELS_ENV}=cpu on a {device.type} tensor: the cpu backend runs on CPU tensors only")
         return forced
-    if default is not None and (format_name, default) in _FORWARD:
+    if default is not None and (family, mode, default) in _FORWARD:
         return default
     return "torch"
 
@@ -154,7 +180,8 @@ def select_backend(format_name: str, device: torch.device) -> str:
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """`weight`'s stored tensors in `fmt`, by the quantizer of the backend its device takes, where one is registered
     (the same tensors, faster: loading runs this on every weight), or the format's own quantize."""
-    quantizer = _QUANTIZE.get((fmt.name, select_backend(fmt.name, weight.device)), reference_quantize)
+    backend = select_backend(fmt.name, weight.device, scheme.activations)
+    quantizer = _QUANTIZE.get((fmt.family, backend), reference_quantize)
     return quantizer(fmt, weight, scheme)
 
 
@@ -164,27 +191,33 @@ def reference_quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantSch
     return fmt.quantize(weight, scheme)
 
 
-def reference_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    """The format's plain-torch reference forward (also what a kernel falls back to for shapes it cannot take)."""
+def reference_forward(
+    x: torch.Tensor,
+    weight: WeightRecord,
+    bias: torch.Tensor | None,
+    compute_dtype: torch.dtype,
+    activations: ActivationRecord | None = None,
+) -> torch.Tensor:
+    """The family's (or the activations mode's) plain-torch forward; also what a kernel falls back to for shapes it
+    cannot take."""
     served("torch.reference_forward")
-    return layer.fmt.reference_linear(
-        x, layer.quantized_tensors(), layer.bias, layer.out_features, layer.in_features, layer.scheme, layer.compute_dtype
-    )
+    return reference_linear(x, weight, bias, compute_dtype, activations)
 
 
-def reference_backward(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+def reference_backward(grad_y: torch.Tensor, weight: WeightRecord, compute_dtype: torch.dtype) -> torch.Tensor:
     """grad_x = grad_y @ dequant(W) in plain torch."""
     served("torch.reference_backward")
-    weight = layer.dequantize_weight(layer.compute_dtype)
-    return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+    return (grad_y.to(compute_dtype) @ weight.dequantize(compute_dtype)).to(grad_y.dtype)
 
 
 def _register_references() -> None:
-    from .formats import format_names
+    from .formats.records import weight_families
 
-    for name in format_names():
-        _FORWARD.setdefault((name, "torch"), reference_forward)
-        _BACKWARD.setdefault((name, "torch"), reference_backward)
+    for family in weight_families():
+        _FORWARD[(family, None, "torch")] = reference_forward
+        _BACKWARD[(family, "torch")] = reference_backward
+    # Each activations mode's reference takes the families it is defined for (LLM.int8: row-scaled 8-bit weights).
+    _FORWARD[("rowscaled8", "int8", "torch")] = reference_forward
 
 
 _register_references()
@@ -194,28 +227,32 @@ class _FrozenWeightLinear(torch.autograd.Function):
     """y = x @ dequant(W).T + b with W frozen; gradients flow to x (and to b when it is trainable)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, bias: torch.Tensor | None, layer: LowBitLinear, backend: str):
-        ctx.layer, ctx.backend = layer, backend
+    def forward(ctx, x, bias, weight, compute_dtype, activations, backend):
+        ctx.weight, ctx.compute_dtype, ctx.backend = weight, compute_dtype, backend
         ctx.x_dtype = x.dtype
-        return _FORWARD[(layer.fmt.name, backend)](x, layer)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return _FORWARD[(weight.family, None if activations is None else activations.mode, backend)](
+            x, weight, bias, compute_dtype, activations
+        )
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
-        layer = ctx.layer
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            kernel = _BACKWARD.get((layer.fmt.name, ctx.backend), reference_backward)
-            grad_x = kernel(grad_y, layer).to(ctx.x_dtype)
+            kernel = _BACKWARD.get((ctx.weight.family, ctx.backend), reference_backward)
+            grad_x = kernel(grad_y, ctx.weight, ctx.compute_dtype).to(ctx.x_dtype)
         if ctx.needs_input_grad[1]:
-            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0).to(layer.bias.dtype)
-        return grad_x, grad_bias, None, None
+            grad_bias = grad_y.reshape(-1, grad_y.shape[-1]).sum(dim=0).to(ctx.bias_dtype)
+        return grad_x, grad_bias, None, None, None, None
 
 
 def lowbit_linear(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     """The quantized layer's forward: picks the backend and applies the frozen-weight autograd rule."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-    backend = select_backend(layer.fmt.name, x.device)
+    weight, activations = layer.weight_record(), layer.activations
+    mode = None if activations is None else activations.mode
+    backend = _backend_for(weight.family, mode, x.device, layer.fmt.name)
     if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):
-        return _FrozenWeightLinear.apply(x, layer.bias, layer, backend)
-    return _FORWARD[(layer.fmt.name, backend)](x, layer)
+        return _FrozenWeightLinear.apply(x, layer.bias, weight, layer.compute_dtype, activations, backend)
+    return _FORWARD[(weight.family, mode, backend)](x, weight, layer.bias, layer.compute_dtype, activations)

@@ -54,12 +54,12 @@ def patch(owner, name: str, value) -> None:
 def dequantize_4bit_returns_zeros():
     import torch
 
-    from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
+    from quantizer_plugin.formats.records import CodebookWeight
 
-    def zeros(self, tensors, out_features, in_features, scheme, dtype):
-        return torch.zeros(out_features, in_features, dtype=dtype, device=tensors["weight"].device)
+    def zeros(self, dtype):
+        return torch.zeros(self.out_features, self.in_features, dtype=dtype, device=self.packed.device)
 
-    patch(Codebook4BitFormat, "dequantize", zeros)
+    patch(CodebookWeight, "dequantize", zeros)
 
 
 def kernel_4bit_falls_back_to_the_reference():
@@ -74,13 +74,12 @@ def kernel_affine_ignores_the_zero_points():
 
     import quantizer_plugin.kernels.dequant_matmul as kernels
 
-    original = kernels._weight_args
+    original = kernels._affine_pointers
 
-    def without_zero_points(tensors, fmt, scheme, device):
-        args = original(tensors, fmt, scheme, device)
-        return (*args[:-1], torch.zeros_like(args[-1])) if kernels.kind_of(fmt) == kernels.AFFINE else args
+    def without_zero_points(weight):
+        return dict(original(weight), zero_ptr=torch.zeros_like(weight.zero))
 
-    patch(kernels, "_weight_args", without_zero_points)
+    kernels._FAMILIES["affine"] = (kernels.AFFINE, without_zero_points)  # the table the launchers read
 
 
 def kernel_int8_entry_points_run_the_reference():
@@ -88,27 +87,23 @@ def kernel_int8_entry_points_run_the_reference():
 
     ops._load_kernels("triton")
 
-    def forward(x, layer):
-        return layer.fmt.reference_linear(x, layer.quantized_tensors(), layer.bias, layer.out_features,
-                                          layer.in_features, layer.scheme, layer.compute_dtype)  # fmt: skip
+    from quantizer_plugin.formats.base import reference_linear
 
-    def backward(grad_y, layer):
-        weight = layer.dequantize_weight(layer.compute_dtype)
-        return (grad_y.to(layer.compute_dtype) @ weight).to(grad_y.dtype)
+    def backward(grad_y, weight, compute_dtype):
+        return (grad_y.to(compute_dtype) @ weight.dequantize(compute_dtype)).to(grad_y.dtype)
 
-    ops._FORWARD[("int8", "triton")], ops._BACKWARD[("int8", "triton")] = forward, backward
+    ops._FORWARD[("rowscaled8", "int8", "triton")], ops._BACKWARD[("rowscaled8", "triton")] = reference_linear, backward
 
 
 def int8_reference_without_outlier_decomposition():
-    from quantizer_plugin.formats.int8 import Int8RowwiseFormat
+    from quantizer_plugin.formats.activations import Int8Activations
 
-    original = Int8RowwiseFormat.reference_linear
+    original = Int8Activations.reference_linear
 
-    def without(self, x, tensors, bias, out_features, in_features, scheme, compute_dtype):
-        no_outliers = replace(scheme, outlier_threshold=0.0)
-        return original(self, x, tensors, bias, out_features, in_features, no_outliers, compute_dtype)
+    def without(self, x, weight, bias, compute_dtype):
+        return original(replace(self, outlier_threshold=0.0), x, weight, bias, compute_dtype)
 
-    patch(Int8RowwiseFormat, "reference_linear", without)
+    patch(Int8Activations, "reference_linear", without)
 
 
 def cli_fidelity_compares_the_model_with_itself():
@@ -231,8 +226,8 @@ def cpu_native_kernels_unavailable():
 def cpu_fused_kernel_reads_the_wrong_codebook():
     import quantizer_plugin.cpu.codebook4bit as cpu_codebook
 
-    original = cpu_codebook.statistics
-    patch(cpu_codebook, "statistics", lambda layer: (*original(layer)[:-1], original(layer)[-1].flip(0)))
+    original = cpu_codebook.weight_arguments
+    patch(cpu_codebook, "weight_arguments", lambda weight: (*original(weight)[:-1], original(weight)[-1].flip(0)))
 
 
 def wrap_native_kernel(name: str, wrap) -> None:
@@ -338,7 +333,8 @@ def cpu_int8_runs_the_reference():
     from quantizer_plugin import ops
 
     ops._load_kernels("cpu")
-    ops._FORWARD[("int8", "cpu")] = ops.reference_forward
+    for mode in (None, "int8"):
+        ops._FORWARD[("rowscaled8", mode, "cpu")] = ops.reference_forward
 
 
 def affine_fit_is_round_to_nearest():
@@ -348,9 +344,18 @@ def affine_fit_is_round_to_nearest():
     patch(affine, "_LEAST_SQUARES_STEPS", 0)
 
 
+def codebook_record_always_nf4():
+    from quantizer_plugin.formats.codebook4bit import Codebook4BitFormat
+    from quantizer_plugin.formats.nf4 import NF4_CODE
+
+    original = Codebook4BitFormat.record
+    patch(Codebook4BitFormat, "record", lambda self, *args: replace(original(self, *args), code=NF4_CODE))
+
+
 def affine_codes_packed_low_bits_first():
     import torch
 
+    from quantizer_plugin.formats import affine, records
     from quantizer_plugin.formats.affine import IntAffineFormat
 
     def pack(self, codes):
@@ -362,13 +367,13 @@ def affine_codes_packed_low_bits_first():
             packed |= codes[..., j] << (self.bits * j)
         return packed
 
-    def unpack(self, packed, in_features):
-        mask = 2**self.bits - 1
-        codes = torch.stack([(packed >> (self.bits * j)) & mask for j in range(self.per_byte)], dim=-1)
+    def unpack_codes(packed, bits, in_features):
+        codes = torch.stack([(packed >> (bits * j)) & (2**bits - 1) for j in range(8 // bits)], dim=-1)
         return codes.reshape(packed.shape[0], -1)[:, :in_features]
 
     patch(IntAffineFormat, "pack", pack)
-    patch(IntAffineFormat, "unpack", unpack)
+    patch(records, "unpack_codes", unpack_codes)  # the records' dequantize and the format's unpack read it
+    patch(affine, "unpack_codes", unpack_codes)
 
 
 MUTATIONS: dict[str, Mutation] = {
@@ -479,6 +484,9 @@ MUTATIONS: dict[str, Mutation] = {
         "int4/int2 codes packed from the low bits (pack and unpack agree, the documented layout does not)",
         affine_codes_packed_low_bits_first,
         ("tests/test_integer_formats.py::test_stored_tensors_follow_the_documented_layout",)),
+    "codebook-record-always-nf4": Mutation(
+        "a 4-bit codebook's record carries NF4's levels whatever the format (a kernel written for NF4 only)",
+        codebook_record_always_nf4, ("tests/test_new_format.py",)),
 }  # fmt: skip
 
 # The runner's own control: nothing is broken, so the same machinery must report it as surviving.

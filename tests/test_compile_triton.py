@@ -160,4 +160,4 @@ def test_the_entry_points_call_the_launchers_directly_in_eager(device, monkeypat
         with ops.record_dispatch() as served:
             layer(inputs(2, 96, device))
         assert len(served) == 1 and served[0].startswith("triton."), served
-    assert ops._FORWARD[("nf4", "triton")] is layers.linear_forward  # the entry point whose eager path ran
+    assert ops._FORWARD[("codebook4bit", None, "triton")] is layers.linear_forward  # the entry point whose eager path ran

@@ -93,10 +93,10 @@ def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_
         layer = make_layer(QuantScheme(weights, block, double_quant), n, k, dtype, seed=n)
         reference = layer.dequantize_weight(dtype).reshape(-1)
         assert torch.equal(reference.float(), oracles.weight_of(layer).reshape(-1).to(dtype).float())
-        args = codebook4bit.statistics(layer)
+        packed, *statistics = codebook4bit.weight_arguments(layer.weight_record())
         for begin, end in [(0, n * k), (1, n * k - 3), (33, 97), (k, 3 * k + 1), (5, 5)]:
             out = torch.empty(end - begin, dtype=dtype)
-            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, begin, end, out, False)
+            kernels.dequantize_4bit(packed, *statistics, block, begin, end, out, False)
             assert torch.equal(out, reference[begin:end]), (n, k, begin, end)
         if k % 32 == 0 and avx512_here():  # whole rows in the grouped order: each 32 as their evens, then their odds
             out = torch.empty(2 * k, dtype=dtype)

@@ -6,6 +6,7 @@ same tests also run at real shapes.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
@@ -123,10 +124,9 @@ def test_every_tile_layout_dequantizes_exactly(weights, double_quant, block_size
     layer = make_layer(weights, double_quant, False, n, k, torch.float32, "cpu", block_size=block_size)
     expected = oracles.weight_of(layer)
     config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=4)
-    tensors = layer.quantized_tensors()
-    y = kernels.dequant_matmul(torch.eye(k), tensors, layer.fmt, layer.scheme, n, config=config)
+    y = kernels.dequant_matmul(torch.eye(k), layer.weight_record(), config=config)
     assert torch.equal(y.T, expected)
-    grad_x = kernels.dequant_matmul_grad_input(torch.eye(n), tensors, layer.fmt, layer.scheme, k, config=config)
+    grad_x = kernels.dequant_matmul_grad_input(torch.eye(n), layer.weight_record(), config=config)
     assert torch.equal(grad_x, expected)
 
 
@@ -143,9 +143,8 @@ def test_split_k_reads_back_exactly_and_leaves_the_counters_at_zero(device, spli
     config = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, GROUP_M=1, SPLIT_K=split_k)
     columns = [0, 20, 50, 99, 70]  # one in each split's slice of K (and the last column)
     x = torch.eye(k, device=device)[columns]  # a decode-sized M, not a multiple of BLOCK_M
-    tensors = layer.quantized_tensors()
-    first = kernels.dequant_matmul(x, tensors, layer.fmt, layer.scheme, n, config=config)
-    again = kernels.dequant_matmul(x, tensors, layer.fmt, layer.scheme, n, config=config)
+    first = kernels.dequant_matmul(x, layer.weight_record(), config=config)
+    again = kernels.dequant_matmul(x, layer.weight_record(), config=config)
     assert torch.equal(first, expected[:, columns].T)
     assert torch.equal(again, first)  # the counters were reset, so the second launch reduced as the first
     assert not counters(1, torch.device(device)).any()
@@ -167,9 +166,9 @@ def test_quantized_llama_runs_on_the_kernels(llama_dir, token_ids, monkeypatch):
 
 def test_launcher_names_a_stored_tensor_of_the_wrong_dtype():
     layer = make_layer("nf4", True, False, 8, 64, torch.float16, "cpu")
-    tensors = dict(layer.quantized_tensors(), weight_absmax_scale=layer.weight_absmax_scale.double())
-    with pytest.raises(ValueError, match="stored tensor 'weight_absmax_scale' is .* torch.float64"):
-        kernels.dequant_matmul(torch.randn(2, 64, dtype=torch.float16), tensors, layer.fmt, layer.scheme, 8)
+    weight = dataclasses.replace(layer.weight_record(), absmax_scale=layer.weight_absmax_scale.double())
+    with pytest.raises(ValueError, match="'absmax_scale' is .* torch.float64"):
+        kernels.dequant_matmul(torch.randn(2, 64, dtype=torch.float16), weight)
 
 
 def test_forcing_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):

@@ -7,6 +7,8 @@ same tests also run at real shapes.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -96,15 +98,14 @@ def test_every_tile_layout_dequantizes_exactly(name, group, k, block_k):
     layer = make_layer(name, n, k, group, torch.float32, "cpu", bias=False)
     expected = oracles.weight_of(layer)
     config = dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=block_k, GROUP_M=4)
-    tensors = layer.quantized_tensors()
-    y = kernels.dequant_matmul(torch.eye(k), tensors, layer.fmt, layer.scheme, n, config=config)
+    y = kernels.dequant_matmul(torch.eye(k), layer.weight_record(), config=config)
     assert torch.equal(y.T, expected)
-    grad_x = kernels.dequant_matmul_grad_input(torch.eye(n), tensors, layer.fmt, layer.scheme, k, config=config)
+    grad_x = kernels.dequant_matmul_grad_input(torch.eye(n), layer.weight_record(), config=config)
     assert torch.equal(grad_x, expected)
 
 
 def test_the_launcher_names_a_stored_tensor_of_the_wrong_dtype():
     layer = make_layer("int4", 8, 64, 64, torch.float16, "cpu")
-    tensors = dict(layer.quantized_tensors(), weight_zero=layer.weight_zero.float())
-    with pytest.raises(ValueError, match="stored tensor 'weight_zero' is .* torch.float32"):
-        kernels.dequant_matmul(torch.randn(2, 64, dtype=torch.float16), tensors, layer.fmt, layer.scheme, 8)
+    weight = dataclasses.replace(layer.weight_record(), zero=layer.weight_zero.float())
+    with pytest.raises(ValueError, match="'zero' is .* torch.float32"):
+        kernels.dequant_matmul(torch.randn(2, 64, dtype=torch.float16), weight)

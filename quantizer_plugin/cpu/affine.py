@@ -1,4 +1,4 @@
-"""int4 and int2 (per-group affine, formats/affine.py) on the CPU backend.
+"""Per-group affine integers (int4, int2: the affine family, formats/records.py) on the CPU backend.
 
 - Decode (at most GEMV_MAX_M activation rows, K a multiple of the group and the group of 64 or more): the native
   fused kernel reads the packed codes once and multiplies the codes themselves (small integers, exact in bfloat16
@@ -18,63 +18,59 @@ build the plain-torch reference runs.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from ..formats.records import AffineWeight
 from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, library, native
-
-if TYPE_CHECKING:
-    from ..modules import LowBitLinear
 
 GEMV_MAX_M = 6  # as for the 4-bit codebooks: past this, the chunks' GEMM is faster
 FUSED_STEP = 64  # columns a fused kernel step reads: the group must be a multiple of it
 
 
-def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
-    """Which fused decode kernel serves `m` activation rows of `layer`: "fused_bf16", "fused" or None (chunks)."""
-    block, k = layer.scheme.block_size, layer.in_features
+def fused_kernel(kernels, m: int, weight: AffineWeight, compute_dtype: torch.dtype) -> str | None:
+    """Which fused decode kernel serves `m` activation rows: "fused_bf16", "fused" or None (chunks)."""
+    block, k = weight.block_size, weight.in_features
     if m > GEMV_MAX_M or k % block or block % FUSED_STEP or not kernels.uses_avx512():
         return None
-    return "fused_bf16" if layer.compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
+    return "fused_bf16" if compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
 
 
-def uses_tiles(kernels, layer: LowBitLinear) -> bool:
+def uses_tiles(kernels, weight: AffineWeight, compute_dtype: torch.dtype) -> bool:
     """Whether batches past decode run on the AMX tiles: bfloat16 compute, K a multiple of the group and of 128, the
     group of 64 or more, and AMX on this CPU."""
-    block, k = layer.scheme.block_size, layer.in_features
-    bf16 = layer.compute_dtype == torch.bfloat16
+    block, k = weight.block_size, weight.in_features
+    bf16 = compute_dtype == torch.bfloat16
     return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
 
 
-def _weight_args(layer: LowBitLinear) -> tuple:
-    stored = layer.quantized_tensors()  # in the format's dtypes, even after PEFT upcast the float16 ones
-    return stored["weight"], stored["weight_scale"], stored["weight_zero"], layer.fmt.bits, layer.scheme.block_size
+def weight_arguments(weight: AffineWeight) -> tuple:
+    """The native kernels' weight arguments (library.AFFINE_WEIGHT)."""
+    return weight.packed, weight.scale, weight.zero, weight.bits, weight.block_size
 
 
-@register_kernel("int4", "cpu")
-@register_kernel("int2", "cpu")
-def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+@register_kernel(AffineWeight.family, "cpu")
+def linear_forward(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                   activations=None) -> torch.Tensor:  # fmt: skip
     kernels = native.load()
     if kernels is None:
-        return reference_forward(x, layer)
-    n, k, dtype = layer.out_features, layer.in_features, layer.compute_dtype
+        return reference_forward(x, weight, bias, compute_dtype)
+    n, k, dtype = weight.out_features, weight.in_features, compute_dtype
     x2d = x.reshape(-1, k)
-    kernel = fused_kernel(kernels, x2d.shape[0], layer)
+    kernel = fused_kernel(kernels, x2d.shape[0], weight, dtype)
     if kernel == "fused_bf16":
-        y = library.call(kernels, "gemv_affine_bf16", x2d.to(torch.bfloat16).contiguous(), *_weight_args(layer))
+        y = library.call(kernels, "gemv_affine_bf16", x2d.to(torch.bfloat16).contiguous(), *weight_arguments(weight))
     elif kernel == "fused":
-        y = library.call(kernels, "gemv_affine", x2d.to(dtype).float().contiguous(), *_weight_args(layer))
-    elif uses_tiles(kernels, layer):
+        y = library.call(kernels, "gemv_affine", x2d.to(dtype).float().contiguous(), *weight_arguments(weight))
+    elif uses_tiles(kernels, weight, dtype):
         kernel = "tiles"
-        y = library.call(kernels, "linear_affine_tiles", x2d.to(dtype), *_weight_args(layer))
+        y = library.call(kernels, "linear_affine_tiles", x2d.to(dtype), *weight_arguments(weight))
     else:
         kernel = "dequantize_matmul"
         rows = chunks.rows_per_chunk(k, dtype)
-        y = library.call(kernels, "linear_affine_chunked", x2d.to(dtype).contiguous(), *_weight_args(layer), rows)
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
+        y = library.call(kernels, "linear_affine_chunked", x2d.to(dtype).contiguous(), *weight_arguments(weight), rows)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
     served(f"cpu.affine.{kernel}")
     return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
@@ -92,11 +88,10 @@ def grad_input(g2d, packed, scale, zero, bits: int, block: int, k: int) -> torch
     return grad_x
 
 
-@register_kernel("int4", "cpu", backward=True)
-@register_kernel("int2", "cpu", backward=True)
-def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+@register_kernel(AffineWeight.family, "cpu", backward=True)
+def linear_grad_input(grad_y: torch.Tensor, weight: AffineWeight, compute_dtype: torch.dtype) -> torch.Tensor:
     if native.load() is None:
-        return reference_backward(grad_y, layer)
-    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = grad_input(g2d, *_weight_args(layer), layer.in_features)
-    return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)
+        return reference_backward(grad_y, weight, compute_dtype)
+    g2d = grad_y.reshape(-1, weight.out_features).to(compute_dtype)
+    grad_x = grad_input(g2d, *weight_arguments(weight), weight.in_features)
+    return grad_x.to(compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], weight.in_features)

@@ -1,4 +1,4 @@
-"""NF4/FP4 on the CPU backend.
+"""4-bit codebooks (NF4, FP4, any 16-value code: the codebook4bit family) on the CPU backend.
 
 - Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more): the native fused
   kernel reads the packed codes once, looks each one up in the codebook in registers, and multiplies (the 16-bit
@@ -19,55 +19,44 @@ kernels cannot be built, everything runs the plain-torch reference (native.py wa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..formats import QuantScheme
 from ..formats.base import NonFiniteWeightError
 from ..formats.codebook4bit import Codebook4BitFormat
-from ..formats.dynamic8bit import dynamic_code
+from ..formats.records import CodebookWeight
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, library, native
 
-if TYPE_CHECKING:
-    from ..modules import LowBitLinear
-
 GEMV_MAX_M = 6
-_EMPTY = torch.empty(0)
 
 
-def statistics(layer: LowBitLinear) -> tuple:
-    """The native kernels' weight arguments after `packed`: absmax (or its double-quant parts), and the codebook."""
-    stored = layer.quantized_tensors()
-    fmt: Codebook4BitFormat = layer.fmt
-    if layer.scheme.double_quant:
-        offset = stored["weight_absmax_offset"].reshape(1)
-        return (_EMPTY, stored["weight_absmax_code"].reshape(-1), stored["weight_absmax_scale"], offset,
-                dynamic_code(), fmt.code())  # fmt: skip
-    return stored["weight_absmax"], _EMPTY, _EMPTY, _EMPTY, _EMPTY, fmt.code()
+def weight_arguments(weight: CodebookWeight) -> tuple:
+    """The native kernels' weight arguments (library.CODEBOOK_WEIGHT): the record's fields, None where not stored."""
+    return (weight.packed, weight.absmax, weight.absmax_code, weight.absmax_scale, weight.absmax_offset,
+            weight.dynamic_code, weight.code)  # fmt: skip
 
 
-def fused_kernel(kernels, m: int, layer: LowBitLinear) -> str | None:
-    """Which fused decode kernel serves `m` activation rows of `layer`: "fused_bf16", "fused" or None (chunks)."""
-    block, k = layer.scheme.block_size, layer.in_features
+def fused_kernel(kernels, m: int, weight: CodebookWeight, compute_dtype: torch.dtype) -> str | None:
+    """Which fused decode kernel serves `m` activation rows: "fused_bf16", "fused" or None (chunks)."""
+    block, k = weight.block_size, weight.in_features
     if m > GEMV_MAX_M or k % block or block % 32:
         return None
-    if layer.compute_dtype == torch.bfloat16 and block % 64 == 0 and kernels.uses_avx512_bf16():
+    if compute_dtype == torch.bfloat16 and block % 64 == 0 and kernels.uses_avx512_bf16():
         return "fused_bf16"
     return "fused"
 
 
-def uses_tiles(kernels, layer: LowBitLinear) -> bool:
+def uses_tiles(kernels, weight: CodebookWeight, compute_dtype: torch.dtype) -> bool:
     """Whether batches past decode run on the AMX tiles (csrc/amx.h): bfloat16 compute, K a multiple of the block and
     of 128, the block of 64 or more, and AMX on this CPU."""
-    block, k = layer.scheme.block_size, layer.in_features
-    bf16 = layer.compute_dtype == torch.bfloat16
+    block, k = weight.block_size, weight.in_features
+    bf16 = compute_dtype == torch.bfloat16
     return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
 
 
-def grouped_columns(kernels, layer: LowBitLinear) -> bool:
-    return layer.in_features % 32 == 0 and kernels.uses_avx512()
+def grouped_columns(kernels, weight: CodebookWeight) -> bool:
+    return weight.in_features % 32 == 0 and kernels.uses_avx512()
 
 
 def group_permuted_columns(t: torch.Tensor) -> torch.Tensor:
@@ -79,44 +68,40 @@ def ungroup_columns(t: torch.Tensor) -> torch.Tensor:
     return t.unflatten(-1, (-1, 2, 16)).transpose(-1, -2).flatten(-3)
 
 
-@register_kernel("nf4", "cpu")
-@register_kernel("fp4", "cpu")
-def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+@register_kernel(CodebookWeight.family, "cpu")
+def linear_forward(x: torch.Tensor, weight: CodebookWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                   activations=None) -> torch.Tensor:  # fmt: skip
     kernels = native.load()
     if kernels is None:
-        return reference_forward(x, layer)
-    n, k = layer.out_features, layer.in_features
+        return reference_forward(x, weight, bias, compute_dtype)
+    n, k, block = weight.out_features, weight.in_features, weight.block_size
     x2d = x.reshape(-1, k)
     m = x2d.shape[0]
-    fused = fused_kernel(kernels, m, layer)
+    fused = fused_kernel(kernels, m, weight, compute_dtype)
     if fused is not None:
         gemv, x_dtype = ("gemv_4bit_bf16", torch.bfloat16) if fused == "fused_bf16" else ("gemv_4bit", torch.float32)
-        y = library.call(kernels, gemv, x2d.to(x_dtype).contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
-                         layer.scheme.block_size)  # fmt: skip
-        if layer.bias is not None:
-            y += layer.bias.float()
+        y = library.call(kernels, gemv, x2d.to(x_dtype).contiguous(), *weight_arguments(weight), n, block)
+        if bias is not None:
+            y += bias.float()
         served(f"cpu.codebook4bit.{fused}")
-        return y.to(layer.compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
-    dtype = layer.compute_dtype
-    if uses_tiles(kernels, layer):
-        packed, block = layer.weight.reshape(-1), layer.scheme.block_size
-        y = library.call(kernels, "linear_4bit_tiles", x2d.to(dtype), packed, *statistics(layer), n, block)
-        if layer.bias is not None:
-            y += layer.bias.float()
+        return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
+    if uses_tiles(kernels, weight, compute_dtype):
+        y = library.call(kernels, "linear_4bit_tiles", x2d.to(compute_dtype), *weight_arguments(weight), n, block)
+        if bias is not None:
+            y += bias.float()
         served("cpu.codebook4bit.tiles")
-        return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
-    grouped = grouped_columns(kernels, layer)
-    xc = group_permuted_columns(x2d.to(dtype)) if grouped else x2d.to(dtype)
-    y = library.call(kernels, "linear_4bit_chunked", xc.contiguous(), layer.weight.reshape(-1), *statistics(layer), n,
-                     layer.scheme.block_size, grouped, chunks.rows_per_chunk(k, dtype))  # fmt: skip
-    if layer.bias is not None:
-        y = y + layer.bias.to(dtype)
+        return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
+    grouped = grouped_columns(kernels, weight)
+    xc = group_permuted_columns(x2d.to(compute_dtype)) if grouped else x2d.to(compute_dtype)
+    y = library.call(kernels, "linear_4bit_chunked", xc.contiguous(), *weight_arguments(weight), n, block, grouped,
+                     chunks.rows_per_chunk(k, compute_dtype))  # fmt: skip
+    if bias is not None:
+        y = y + bias.to(compute_dtype)
     served("cpu.codebook4bit.dequantize_matmul")
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
-@register_kernel("nf4", "cpu", quantize=True)
-@register_kernel("fp4", "cpu", quantize=True)
+@register_kernel(CodebookWeight.family, "cpu", quantize=True)
 def quantize(fmt: Codebook4BitFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize with the codes and absmax from the native kernel (the same, one pass, no temporaries)."""
     kernels = native.load()
@@ -132,11 +117,12 @@ def quantize(fmt: Codebook4BitFormat, weight: torch.Tensor, scheme: QuantScheme)
 
 
 @library.grad_input_op("grad_input_4bit", f"{library.CODEBOOK_WEIGHT}, int block, bool grouped")
-def grad_input(g2d, packed, absmax, codes, scales, offset, code8, lut, block: int, grouped: bool, k: int) -> torch.Tensor:
+def grad_input(g2d, packed, absmax, absmax_code, absmax_scale, absmax_offset, dynamic_code, code, block: int,
+               grouped: bool, k: int) -> torch.Tensor:  # fmt: skip
     """g2d (M, N) @ dequant(W) in float32, W's rows dequantized by the native kernel in chunks (grouped: in the
     group-permuted column order, undone at the end)."""
     kernels = native.load()
-    statistics = (absmax, codes, scales, offset, code8, lut)
+    statistics = (absmax, absmax_code, absmax_scale, absmax_offset, dynamic_code, code)
 
     def rows(first: int, last: int, out: torch.Tensor) -> None:
         kernels.dequantize_4bit(packed, *statistics, block, first * k, last * k, out, grouped)
@@ -146,13 +132,12 @@ def grad_input(g2d, packed, absmax, codes, scales, offset, code8, lut, block: in
     return ungroup_columns(grad_x).contiguous() if grouped else grad_x
 
 
-@register_kernel("nf4", "cpu", backward=True)
-@register_kernel("fp4", "cpu", backward=True)
-def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+@register_kernel(CodebookWeight.family, "cpu", backward=True)
+def linear_grad_input(grad_y: torch.Tensor, weight: CodebookWeight, compute_dtype: torch.dtype) -> torch.Tensor:
     kernels = native.load()
     if kernels is None:
-        return reference_backward(grad_y, layer)
-    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = grad_input(g2d, layer.weight.reshape(-1), *statistics(layer), layer.scheme.block_size,
-                        grouped_columns(kernels, layer), layer.in_features)  # fmt: skip
-    return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)
+        return reference_backward(grad_y, weight, compute_dtype)
+    g2d = grad_y.reshape(-1, weight.out_features).to(compute_dtype)
+    grad_x = grad_input(g2d, *weight_arguments(weight), weight.block_size, grouped_columns(kernels, weight),
+                        weight.in_features)  # fmt: skip
+    return grad_x.to(compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], weight.in_features)

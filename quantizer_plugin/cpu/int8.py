@@ -21,17 +21,13 @@ and a 16-byte aligned weight (it crashes otherwise); one kernel for every shape 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..formats import QuantScheme, WeightFormat
 from ..formats.base import NonFiniteWeightError
+from ..formats.records import RowScaledWeight
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, library, native
-
-if TYPE_CHECKING:
-    from ..modules import LowBitLinear
 
 GEMV_MAX_M = 6  # above this, dequantizing row chunks for a 16-bit GEMM is faster (measured at 4096 x 4096)
 # Above this the int8 tiles re-read each weight row from L2 once per 16 activation rows, and the bfloat16 tiles win
@@ -39,13 +35,13 @@ GEMV_MAX_M = 6  # above this, dequantizing row chunks for a 16-bit GEMM is faste
 AMX_INT8_MAX_M = 48
 
 
-def uses_int8_tiles(kernels, m: int, layer: LowBitLinear) -> bool:
-    """Whether `m` activation rows of `layer` run on the AMX-INT8 kernel (past decode, up to AMX_INT8_MAX_M rows)."""
-    sixteen_bit = layer.compute_dtype in (torch.bfloat16, torch.float16)
-    return GEMV_MAX_M < m <= AMX_INT8_MAX_M and sixteen_bit and layer.in_features % 64 == 0 and kernels.uses_amx_int8()
+def uses_int8_tiles(kernels, m: int, weight: RowScaledWeight, compute_dtype: torch.dtype) -> bool:
+    """Whether `m` activation rows run on the AMX-INT8 kernel (past decode, up to AMX_INT8_MAX_M rows)."""
+    sixteen_bit = compute_dtype in (torch.bfloat16, torch.float16)
+    return GEMV_MAX_M < m <= AMX_INT8_MAX_M and sixteen_bit and weight.in_features % 64 == 0 and kernels.uses_amx_int8()
 
 
-@register_kernel("int8", "cpu", quantize=True)
+@register_kernel(RowScaledWeight.family, "cpu", quantize=True)
 def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
     """The format's quantize by the native kernel (the same values, one pass)."""
     kernels = native.load()
@@ -58,29 +54,32 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> di
     return {"weight": values, "weight_scale": absmax}
 
 
-@register_kernel("int8", "cpu")
-def linear_forward(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+# LLM.int8 (activations="int8") runs the weight-only kernels too, for now: see the module's docstring.
+@register_kernel(RowScaledWeight.family, "cpu")
+@register_kernel(RowScaledWeight.family, "cpu", activations="int8")
+def linear_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                   activations=None) -> torch.Tensor:  # fmt: skip
     kernels = native.load()
     if kernels is None:
-        return reference_forward(x, layer)
-    dtype = layer.compute_dtype
-    x2d = x.reshape(-1, layer.in_features)
+        return reference_forward(x, weight, bias, compute_dtype, activations)
+    dtype = compute_dtype
+    x2d = x.reshape(-1, weight.in_features)
     if x2d.shape[0] <= GEMV_MAX_M and kernels.uses_avx512():
-        y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), layer.weight, layer.weight_scale)
+        y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), weight.values, weight.scale)
         served("cpu.int8.fused")
-    elif uses_int8_tiles(kernels, x2d.shape[0], layer):
-        y = library.call(kernels, "linear_int8_amx", x2d.to(dtype), layer.weight, layer.weight_scale)
+    elif uses_int8_tiles(kernels, x2d.shape[0], weight, dtype):
+        y = library.call(kernels, "linear_int8_amx", x2d.to(dtype), weight.values, weight.scale)
         served("cpu.int8.int8_tiles")
-    elif dtype == torch.bfloat16 and layer.in_features % 32 == 0 and kernels.uses_amx_bf16():
-        y = library.call(kernels, "linear_int8_tiles", x2d.to(dtype), layer.weight, layer.weight_scale)
+    elif dtype == torch.bfloat16 and weight.in_features % 32 == 0 and kernels.uses_amx_bf16():
+        y = library.call(kernels, "linear_int8_tiles", x2d.to(dtype), weight.values, weight.scale)
         served("cpu.int8.tiles")
     else:
-        rows = chunks.rows_per_chunk(layer.in_features, dtype)
-        y = library.call(kernels, "linear_int8_chunked", x2d.to(dtype).contiguous(), layer.weight, layer.weight_scale, rows)
+        rows = chunks.rows_per_chunk(weight.in_features, dtype)
+        y = library.call(kernels, "linear_int8_chunked", x2d.to(dtype).contiguous(), weight.values, weight.scale, rows)
         served("cpu.int8.dequantize_matmul")
-    if layer.bias is not None:
-        y = y + layer.bias.to(y.dtype)
-    return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], layer.out_features)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 @library.grad_input_op("grad_input_int8", library.INT8_WEIGHT)
@@ -96,10 +95,10 @@ def grad_input(g2d: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, k: 
     return grad_x
 
 
-@register_kernel("int8", "cpu", backward=True)
-def linear_grad_input(grad_y: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
+@register_kernel(RowScaledWeight.family, "cpu", backward=True)
+def linear_grad_input(grad_y: torch.Tensor, weight: RowScaledWeight, compute_dtype: torch.dtype) -> torch.Tensor:
     if native.load() is None:
-        return reference_backward(grad_y, layer)
-    g2d = grad_y.reshape(-1, layer.out_features).to(layer.compute_dtype)
-    grad_x = grad_input(g2d, layer.weight, layer.weight_scale, layer.in_features)
-    return grad_x.to(layer.compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], layer.in_features)
+        return reference_backward(grad_y, weight, compute_dtype)
+    g2d = grad_y.reshape(-1, weight.out_features).to(compute_dtype)
+    grad_x = grad_input(g2d, weight.values, weight.scale, weight.in_features)
+    return grad_x.to(compute_dtype).to(grad_y.dtype).reshape(*grad_y.shape[:-1], weight.in_features)

@@ -24,22 +24,25 @@ import torch
 from . import native
 
 
-# What the fake implementations need: the number of output columns, from the arguments (x first).
-def _weight_rows(args) -> int:
-    return args[1].shape[0]
-
-
-def _n_argument(args) -> int:  # the 4-bit codebook kernels' weight is flat: N is an argument
-    return args[8]
-
-
-# The weight's arguments of each family, after the activations
-CODEBOOK_WEIGHT = "Tensor packed, Tensor absmax, Tensor codes, Tensor scales, Tensor offset, Tensor code8, Tensor lut"
+# The weight's arguments of each family, after the activations: the fields of its record (formats/records.py), None
+# where the format does not store one; and the output's number of columns, from the arguments by name.
+CODEBOOK_WEIGHT = ("Tensor packed, Tensor? absmax, Tensor? absmax_code, Tensor? absmax_scale, Tensor? absmax_offset, "
+                   "Tensor? dynamic_code, Tensor code")  # fmt: skip
 AFFINE_WEIGHT = "Tensor packed, Tensor scale, Tensor zero, int bits, int block"
 INT8_WEIGHT = "Tensor weight, Tensor scale"
 _CODEBOOK = f"Tensor x, {CODEBOOK_WEIGHT}, int N, int block"
 _AFFINE = f"Tensor x, {AFFINE_WEIGHT}"
 _INT8 = f"Tensor x, {INT8_WEIGHT}"
+
+
+def _n_argument(arguments: dict) -> int:  # the 4-bit codebook kernels' weight is flat: N is an argument
+    return arguments["N"]
+
+
+def _weight_rows(arguments: dict) -> int:
+    return (arguments["packed"] if "packed" in arguments else arguments["weight"]).shape[0]
+
+
 FLOAT32, CHUNKED = "float32", "chunked"
 # name -> (arguments, output columns, output layout)
 FORWARD_OPS = {
@@ -61,15 +64,16 @@ _library = torch.library.Library("quantizer_plugin", "DEF")
 
 def _register(name: str, arguments: str, columns, output: str) -> None:
     _library.define(f"{name}({arguments}) -> Tensor")
+    names = [argument.split()[-1] for argument in arguments.split(", ")]
 
     def kernel(*args):
         return getattr(native.load(), name)(*args)
 
     def fake(*args):
-        x = args[0]
+        x, n = args[0], columns(dict(zip(names, args)))
         if output == FLOAT32:
-            return x.new_empty((x.shape[0], columns(args)), dtype=torch.float32)
-        return x.new_empty((columns(args), x.shape[0])).t()
+            return x.new_empty((x.shape[0], n), dtype=torch.float32)
+        return x.new_empty((n, x.shape[0])).t()
 
     torch.library.impl(f"quantizer_plugin::{name}", "CPU", lib=_library)(kernel)
     torch.library.register_fake(f"quantizer_plugin::{name}", lib=_library)(fake)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantScheme, TensorSpec, WeightFormat, cdiv, refuse_non_finite
+from .records import AffineWeight, unpack_codes
 
 # Rows fitted at a time: the fit's float32 temporaries stay a few tens of megabytes whatever the weight's size.
 _CHUNK_ELEMENTS = 1 << 21
@@ -81,6 +82,7 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class IntAffineFormat(WeightFormat):
+    family = AffineWeight.family
     settings = {None: {"block_size": 64}}
 
     def __init__(self, name: str, bits: int):
@@ -134,18 +136,10 @@ class IntAffineFormat(WeightFormat):
 
     def unpack(self, packed: torch.Tensor, in_features: int) -> torch.Tensor:
         """The (rows, in_features) uint8 codes of `pack`'s bytes."""
-        mask = 2**self.bits - 1
-        shifts = [8 - self.bits * (j + 1) for j in range(self.per_byte)]
-        codes = torch.stack([(packed >> shift) & mask for shift in shifts], dim=-1)
-        return codes.reshape(packed.shape[0], -1)[:, :in_features]
+        return unpack_codes(packed, self.bits, in_features)
 
-    def dequantize(
-        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
-    ) -> torch.Tensor:
-        codes = self.unpack(tensors["weight"], in_features).float()
-        block = scheme.block_size
-        groups = tensors["weight_scale"].shape[1]
-        codes = torch.nn.functional.pad(codes, (0, groups * block - in_features)).view(out_features, groups, block)
-        scale = tensors["weight_scale"].float()[..., None]
-        zero = tensors["weight_zero"].float()[..., None]
-        return ((codes - zero) * scale).view(out_features, -1)[:, :in_features].to(dtype)
+    def record(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme):
+        return AffineWeight(
+            out_features, in_features, scheme.block_size, self.bits,
+            packed=tensors["weight"], scale=tensors["weight_scale"], zero=tensors["weight_zero"],
+        )  # fmt: skip

@@ -1,8 +1,8 @@
 """What every weight format provides, and the registry that maps a format name to its implementation.
 
-A format is a storage spec (the tensors a quantized linear layer holds, with their shapes and dtypes),
-a quantize step, a dequantize step and a plain-PyTorch reference linear. The reference linear runs on any
-device and is the oracle the Triton kernels are tested against.
+A format is a storage spec (the tensors a quantized linear layer holds, with their shapes and dtypes), a quantize
+step, and the typed record (formats/records.py) that hands those tensors to the kernels of its family. The family's
+plain-PyTorch dequantize and reference linear run on any device and are every kernel's oracle.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .activations import ActivationRecord
 
 
 # The on-disk layout version (tensor names, shapes, codebooks); LowBitConfig.format_version records it in config.json.
@@ -71,10 +73,16 @@ class NonFiniteWeightError(ValueError):
 
 
 class WeightFormat(ABC):
-    """One low-bit storage format. Subclasses are stateless; one instance per format is registered."""
+    """One low-bit storage format. Subclasses are stateless; one instance per format is registered.
+
+    A format is a member of a family (formats/records.py): it lays its stored tensors out as the family's record
+    reads them, and `record` hands them to the kernels as that record. Dequantizing and the reference linear are the
+    family's arithmetic on the record, so a new format of an existing family needs no kernel code.
+    """
 
     name: str
     bits: int
+    family: str  # the records.py family whose record `record` builds
     # The LowBitConfig fields this format reads (besides weights and compute_dtype) with their defaults, for each
     # activations mode it accepts; the first mode is the default. 16-bit activations (None) for weight-only formats.
     settings: dict[str | None, dict[str, object]] = {None: {}}
@@ -91,6 +99,16 @@ class WeightFormat(ABC):
     def quantize(self, weight: torch.Tensor, scheme: QuantScheme) -> dict[str, torch.Tensor]:
         """Quantize a float weight of shape (out_features, in_features) into the tensors of `tensor_specs`."""
 
+    @abstractmethod
+    def record(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme):
+        """The stored tensors (as `tensor_specs` names them, in their stored dtypes) as the family's typed record."""
+
+    def activations(self, scheme: QuantScheme) -> ActivationRecord | None:
+        """The record of the scheme's activations mode: None for 16-bit activations (every format's default)."""
+        if scheme.activations is not None:
+            raise ValueError(f"weights={self.name!r} takes no activations mode, got {scheme.activations!r}")
+        return None
+
     def conform(
         self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme
     ) -> dict[str, torch.Tensor]:
@@ -98,11 +116,11 @@ class WeightFormat(ABC):
         specs = self.tensor_specs(out_features, in_features, scheme)
         return {name: tensor.reshape(specs[name].shape) for name, tensor in tensors.items()}
 
-    @abstractmethod
     def dequantize(
         self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
     ) -> torch.Tensor:
         """Rebuild the (out_features, in_features) weight in `dtype`."""
+        return self.record(tensors, out_features, in_features, scheme).dequantize(dtype)
 
     def reference_linear(
         self,
@@ -114,10 +132,20 @@ class WeightFormat(ABC):
         scheme: QuantScheme,
         compute_dtype: torch.dtype,
     ) -> torch.Tensor:
-        """y = x @ dequant(W).T + bias in `compute_dtype`, returned in x's dtype. Plain torch, differentiable in x."""
-        weight = self.dequantize(tensors, out_features, in_features, scheme, compute_dtype)
-        bias = None if bias is None else bias.to(compute_dtype)
-        return F.linear(x.to(compute_dtype), weight, bias).to(x.dtype)
+        """The layer's plain-torch forward in the scheme's activations mode (see `reference_linear` below)."""
+        weight = self.record(tensors, out_features, in_features, scheme)
+        return reference_linear(x, weight, bias, compute_dtype, self.activations(scheme))
+
+
+def reference_linear(
+    x: torch.Tensor, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype, activations: ActivationRecord | None
+) -> torch.Tensor:
+    """y = x @ dequant(W).T + bias in `compute_dtype` (or the activations mode's own reference), in x's dtype. Plain
+    torch, differentiable in x: the oracle of every kernel."""
+    if activations is not None:
+        return activations.reference_linear(x, weight, bias, compute_dtype)
+    bias = None if bias is None else bias.to(compute_dtype)
+    return F.linear(x.to(compute_dtype), weight.dequantize(compute_dtype), bias).to(x.dtype)
 
 
 _FORMATS: dict[str, WeightFormat] = {}

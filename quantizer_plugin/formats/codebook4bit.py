@@ -25,7 +25,8 @@ from functools import lru_cache
 import torch
 
 from .base import QuantScheme, TensorSpec, WeightFormat, cdiv, refuse_non_finite
-from .dynamic8bit import DOUBLE_QUANT_BLOCK, dequantize_dynamic, quantize_dynamic
+from .dynamic8bit import DOUBLE_QUANT_BLOCK, dynamic_code, quantize_dynamic
+from .records import CodebookWeight
 
 
 # Elements quantized at a time (a multiple of every block size, and even, so chunks pack independently).
@@ -34,6 +35,7 @@ _CHUNK_ELEMENTS = 1 << 22
 
 class Codebook4BitFormat(WeightFormat):
     bits = 4
+    family = CodebookWeight.family
     settings = {None: {"block_size": 64, "double_quant": True}}
 
     def __init__(self, name: str, code: torch.Tensor):
@@ -43,7 +45,12 @@ class Codebook4BitFormat(WeightFormat):
         self._code = code
 
     def code(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        return self._code.to(device)
+        device = torch.device(device)
+        return self._code if device.type == "cpu" else self._device_code(device)
+
+    @lru_cache(maxsize=None)
+    def _device_code(self, device: torch.device) -> torch.Tensor:
+        return self._code.to(device)  # kept there once, so that a forward makes no host-to-device copy
 
     @lru_cache(maxsize=None)
     def bounds(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,20 +131,13 @@ class Codebook4BitFormat(WeightFormat):
         codes = order[torch.bucketize(scaled, midpoints, out_int32=True)]
         return (codes[0::2] << 4) | codes[1::2], absmax
 
-    def absmax(self, tensors: dict[str, torch.Tensor], scheme: QuantScheme) -> torch.Tensor:
-        """The float32 per-block absmax, undoing double quantization if it was applied."""
+    def record(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme):
+        device = tensors["weight"].device
+        common = dict(packed=tensors["weight"].reshape(-1), code=self.code(device))
         if not scheme.double_quant:
-            return tensors["weight_absmax"]
-        centred = dequantize_dynamic(tensors["weight_absmax_code"], tensors["weight_absmax_scale"], DOUBLE_QUANT_BLOCK)
-        return centred + tensors["weight_absmax_offset"].reshape(())
-
-    def dequantize(
-        self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme, dtype: torch.dtype
-    ) -> torch.Tensor:
-        packed = tensors["weight"].reshape(-1)
-        n = out_features * in_features
-        codes = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:n]
-        values = self.code(packed.device)[codes.long()]
-        absmax = self.absmax(tensors, scheme)
-        block_of = torch.arange(n, device=packed.device) // scheme.block_size
-        return (values * absmax[block_of]).view(out_features, in_features).to(dtype)
+            return CodebookWeight(out_features, in_features, scheme.block_size, absmax=tensors["weight_absmax"], **common)
+        return CodebookWeight(
+            out_features, in_features, scheme.block_size, **common,
+            absmax_code=tensors["weight_absmax_code"].reshape(-1), absmax_scale=tensors["weight_absmax_scale"],
+            absmax_offset=tensors["weight_absmax_offset"].reshape(1), dynamic_code=dynamic_code(device),
+        )  # fmt: skip

@@ -50,7 +50,13 @@ def _dynamic_code_cpu() -> torch.Tensor:
 
 def dynamic_code(device: torch.device | str = "cpu") -> torch.Tensor:
     """The 256-entry sorted code, float32."""
-    return _DYNAMIC_CODE.to(device)
+    device = torch.device(device)
+    return _DYNAMIC_CODE if device.type == "cpu" else _device_dynamic_code(device)
+
+
+@lru_cache(maxsize=None)
+def _device_dynamic_code(device: torch.device) -> torch.Tensor:
+    return _DYNAMIC_CODE.to(device)  # kept there once, so that a forward makes no host-to-device copy
 
 
 def quantize_dynamic(values: torch.Tensor, block_size: int = DOUBLE_QUANT_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

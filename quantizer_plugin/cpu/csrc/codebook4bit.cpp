@@ -35,22 +35,25 @@ struct Absmax {
   }
 };
 
-Absmax make_absmax(const at::Tensor& absmax, const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                   const at::Tensor& code8) {
+Absmax make_absmax(const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                   const OptionalTensor& offset, const OptionalTensor& code8) {
   Absmax a;
-  if (absmax.defined() && absmax.numel() > 0) {
-    TORCH_CHECK(absmax.scalar_type() == at::kFloat && absmax.is_contiguous(), "absmax must be contiguous float32");
-    a.plain = absmax.data_ptr<float>();
+  if (absmax.has_value()) {
+    TORCH_CHECK(absmax->scalar_type() == at::kFloat && absmax->is_contiguous(), "absmax must be contiguous float32");
+    a.plain = absmax->data_ptr<float>();
     return a;
   }
-  TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous(), "absmax codes must be contiguous uint8");
-  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous(), "absmax scales must be contiguous float32");
-  TORCH_CHECK(code8.scalar_type() == at::kFloat && code8.numel() == 256, "the dynamic code must be 256 float32");
-  TORCH_CHECK(offset.scalar_type() == at::kFloat && offset.numel() == 1, "the absmax offset must be one float32");
-  a.codes = codes.data_ptr<uint8_t>();
-  a.scales = scales.data_ptr<float>();
-  a.code8 = code8.data_ptr<float>();
-  a.offset = offset.data_ptr<float>()[0];
+  TORCH_CHECK(codes.has_value() && scales.has_value() && offset.has_value() && code8.has_value(),
+              "without absmax, the double-quantized absmax (codes, scales, offset, code8) is needed");
+  TORCH_CHECK(codes->scalar_type() == at::kByte && codes->is_contiguous(), "absmax codes must be contiguous uint8");
+  TORCH_CHECK(scales->scalar_type() == at::kFloat && scales->is_contiguous(),
+              "absmax scales must be contiguous float32");
+  TORCH_CHECK(code8->scalar_type() == at::kFloat && code8->numel() == 256, "the dynamic code must be 256 float32");
+  TORCH_CHECK(offset->scalar_type() == at::kFloat && offset->numel() == 1, "the absmax offset must be one float32");
+  a.codes = codes->data_ptr<uint8_t>();
+  a.scales = scales->data_ptr<float>();
+  a.code8 = code8->data_ptr<float>();
+  a.offset = offset->data_ptr<float>()[0];
   return a;
 }
 
@@ -333,8 +336,9 @@ bool quantize_block_scalar(const In* w, int64_t count, bool divide, const float*
 }
 
 // y (M, N) float32 = x (M, K) @ dequant(W).T, for x float32 contiguous.
-at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
-                     const at::Tensor& scales, const at::Tensor& offset, const at::Tensor& code8, const at::Tensor& lut,
+at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed,
+                     const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                     const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
                      int64_t N, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
@@ -362,9 +366,10 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Te
 }
 
 // y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x, on CPUs with AVX512-BF16 (see gemv_rows_bf16).
-at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                          const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block) {
+at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed,
+                          const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                          const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                          int64_t N, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
   TORCH_CHECK(has_avx512_bf16(), "gemv_4bit_bf16 needs a CPU with AVX512-BF16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
@@ -389,8 +394,9 @@ at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed, const a
 }
 
 // out (end - begin,) = the flat weight's elements [begin, end), dequantized in out's dtype (float32/bfloat16/half).
-void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
-                     const at::Tensor& scales, const at::Tensor& offset, const at::Tensor& code8, const at::Tensor& lut,
+void dequantize_4bit(const at::Tensor& packed,
+                     const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                     const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
                      int64_t block, int64_t begin, int64_t end, at::Tensor& out, bool grouped) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "the codebook must be 16 float32 values");
@@ -446,10 +452,10 @@ void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const a
   }
 }
 
-at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                               const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                               const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block, bool grouped,
-                               int64_t rows_per_chunk) {
+at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed,
+                               const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                               const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                               int64_t N, int64_t block, bool grouped, int64_t rows_per_chunk) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
   const int64_t K = x.size(1);
   return chunked_linear(x, N, rows_per_chunk, [&](int64_t first, int64_t last, at::Tensor& out) {
@@ -458,9 +464,10 @@ at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, co
   });
 }
 
-at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                             const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                             const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block) {
+at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed,
+                             const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                             const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                             int64_t N, int64_t block) {
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "the codebook must be 16 float32 values");
   const int64_t K = x.size(1);

@@ -4,30 +4,39 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <tuple>
 
 namespace quantizer_plugin {
 
-// NF4/FP4: `absmax` (float32 per block), or with double quantization its `codes`, `scales`, `offset` and the 8-bit
-// dynamic code `code8` (`absmax` then empty); `lut` is the format's 16-value codebook.
-at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
-                     const at::Tensor& scales, const at::Tensor& offset, const at::Tensor& code8, const at::Tensor& lut,
+// An argument Python may pass as None: the fields of a typed weight record that its format does not store.
+using OptionalTensor = std::optional<at::Tensor>;
+
+// 4-bit codebooks (formats/records.py CodebookWeight): `absmax` (float32 per block), or with double quantization its
+// `codes`, `scales`, `offset` and the 8-bit dynamic code `code8` (`absmax` then None, and without it these are None);
+// `lut` is the format's 16-value codebook.
+at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed,
+                     const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                     const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
                      int64_t N, int64_t block);
-at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                          const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                          const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block);
-void dequantize_4bit(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& codes,
-                     const at::Tensor& scales, const at::Tensor& offset, const at::Tensor& code8, const at::Tensor& lut,
+at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed,
+                          const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                          const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                          int64_t N, int64_t block);
+void dequantize_4bit(const at::Tensor& packed,
+                     const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                     const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
                      int64_t block, int64_t begin, int64_t end, at::Tensor& out, bool grouped);
-at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                               const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                               const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block, bool grouped,
-                               int64_t rows_per_chunk);
+at::Tensor linear_4bit_chunked(const at::Tensor& x, const at::Tensor& packed,
+                               const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                               const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                               int64_t N, int64_t block, bool grouped, int64_t rows_per_chunk);
 // y (M, N) float32 = x (M, K) @ dequant(W).T for bfloat16 x on the AMX tiles (amx.h), K a multiple of the block and
 // the block of 64; x's columns permuted within each 64 as write_codes_4bit reads the codes.
-at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax,
-                             const at::Tensor& codes, const at::Tensor& scales, const at::Tensor& offset,
-                             const at::Tensor& code8, const at::Tensor& lut, int64_t N, int64_t block);
+at::Tensor linear_4bit_tiles(const at::Tensor& x, const at::Tensor& packed,
+                             const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                             const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                             int64_t N, int64_t block);
 // The reference's 4-bit quantization of a flat weight (formats/codebook4bit.py), codes identical: packed codes, the
 // float32 absmax per block, and false (with the outputs unfinished) if the weight holds a NaN or an infinity.
 // `midpoints`: the 15 midpoints of the sorted codebook; `order`: sorted position -> code.
