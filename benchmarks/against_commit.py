@@ -3,13 +3,14 @@
     python benchmarks/against_commit.py 993e336 cpu_decode --providers bf16,lowbit-nf4,lowbit-int8 --rounds 3
     python benchmarks/against_commit.py 993e336 cpu_layers --providers bf16,lowbit-nf4,lowbit-int4 --rounds 7
 
-A refactoring must not slow the kernels down; this shows it. The earlier commit's sources are exported (git archive)
-into the output folder, and the benchmark (cpu_decode.py or cpu_layers.py, the arguments after the benchmark's name
-passed through) runs alternately from each tree, `--repeats` times each, in fresh processes that import that tree's
-package first (PYTHONPATH). Two processes never share a timing, so each run's figures are its providers' times over
-bf16's in that same run (bf16 is in every run and the same code in both trees); the report gives, per row, the
-median of those ratios for each tree and new/old (below 1: this tree is faster). Both trees build their own native
-kernels once (the earlier commit's on its first run).
+A refactoring must not slow the kernels down; this shows it. The earlier commit's sources (and the later one's,
+with --new; by default the working tree runs) are exported (git archive) into the output folder, and the benchmark
+(cpu_decode.py or cpu_layers.py, the arguments after the benchmark's name passed through) runs alternately from each
+tree, `--repeats` times each, in fresh processes that import that tree's package first (PYTHONPATH). Two processes
+never share a timing, so each run's figures are its providers' times over bf16's in that same run (bf16 is in every
+run and the same code in both trees); the report gives, per row, the median of those ratios for each tree and
+new/old (below 1: the later tree is faster). Both trees build their own native kernels once. Nothing else should
+run meanwhile: the decode-sized rows are bound by memory bandwidth, which other work takes.
 
 Writes benchmarks/out/against_<rev>/<bench>.md (and keeps each run's jsonl there).
 """
@@ -32,9 +33,13 @@ BENCHMARKS = ("cpu_decode", "cpu_layers")
 BASELINE = "bf16"
 
 
-def export(rev: str, folder: Path) -> Path:
-    """The commit's tracked files under folder/tree (once)."""
-    tree = folder / "tree"
+def _short(rev: str) -> str:
+    return subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True,
+                          text=True).stdout.strip()  # fmt: skip
+
+
+def export(rev: str, tree: Path) -> Path:
+    """The commit's tracked files under `tree` (once)."""
     if not (tree / "pyproject.toml").exists():
         archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True, capture_output=True).stdout
         tree.mkdir(parents=True, exist_ok=True)
@@ -48,7 +53,9 @@ def run(tree: Path, bench: str, out: Path, arguments: list[str]) -> list[dict]:
     out.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     command = [sys.executable, str(tree / "benchmarks" / f"{bench}.py"), "--out", str(out), *arguments]
-    subprocess.run(command, check=True, env=env, cwd=tree, stdout=subprocess.DEVNULL)
+    done = subprocess.run(command, env=env, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        raise RuntimeError(f"{' '.join(command)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return [json.loads(line) for line in (out / f"{bench}.jsonl").read_text().splitlines()]
 
 
@@ -62,13 +69,15 @@ def ratios(rows: list[dict]) -> dict[tuple, float]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rev", help="the earlier commit")
+    parser.add_argument("--new", default=None,
+                        help="the later commit (default: this working tree, which must then not change during the run)")
     parser.add_argument("bench", choices=BENCHMARKS)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each tree, interleaved (default 3)")
     args, passed = parser.parse_known_args(argv)
-    label = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", args.rev], check=True,
-                           capture_output=True, text=True).stdout.strip()  # fmt: skip
+    label = _short(args.rev)
     folder = HERE / "out" / f"against_{label}"
-    trees = {"old": export(args.rev, folder), "new": ROOT}
+    new = export(args.new, folder / f"tree-{_short(args.new)}") if args.new else ROOT
+    trees = {"old": export(args.rev, folder / "tree"), "new": new}
     shared_model = folder / "model"  # cpu_decode's checkpoint, built once for both trees
     runs: dict[str, list[dict[tuple, float]]] = {"old": [], "new": []}
     env_line = ""
@@ -88,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} run {repeat + 1}/{args.repeats} done", flush=True)
     keys = [key for key in runs["new"][0] if key[2] != BASELINE and all(key in r for r in runs["old"] + runs["new"])]
     lines = [
-        f"# {args.bench}: this tree against {label}, {args.repeats} interleaved runs each",
+        f"# {args.bench}: {_short(args.new) if args.new else 'this tree'} against {label}, {args.repeats} interleaved "
+        "runs each",
         "",
         f"{env_line}; arguments: {' '.join(passed) or '(defaults)'}.",
         "Each figure is a provider's median time over bf16's in the same run (lower is faster); new/old below 1: this "

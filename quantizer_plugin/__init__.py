@@ -15,8 +15,8 @@ from transformers.quantizers.auto import (
 )
 
 from .config import FORMAT_VERSION, QUANT_METHOD, LowBitConfig, preset_names
-from .checkpoint_paths import CheckpointPathError
-from .convert import ConversionError, convert_checkpoint
+from .checkpoints.paths import CheckpointPathError
+from .checkpoints.convert import ConversionError, convert_checkpoint
 from .modules import LowBitLinear
 from .peft_registration import install as install_peft_registration
 from .prequantized_config import install as install_prequantized_config_check

@@ -21,7 +21,7 @@ import torch
 
 from .config import FORMAT_SETTINGS, LowBitConfig, preset_fields, preset_names
 from .formats import format_names, get_format
-from .staging import staged_folder
+from .checkpoints.staging import staged_folder
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin")
 ACTIVATIONS = {"int8": "int8", "none": None}  # --activations -> LowBitConfig.activations
@@ -47,7 +47,8 @@ def source_linear_bytes(src: Path, model: torch.nn.Module) -> tuple[int, str]:
     Read from the safetensors headers; a .bin checkpoint falls back to the dtype its config.json declares.
     """
     from .modules import LowBitLinear
-    from .serialization import TORCH_DTYPES, find_key, read_tensor_headers
+    from .checkpoints.headers import TORCH_DTYPES
+    from .serialization import find_key, read_tensor_headers
 
     layers = {name: m for name, m in model.named_modules() if isinstance(m, LowBitLinear)}
     files = sorted(str(f) for f in src.glob("*.safetensors"))
@@ -56,7 +57,7 @@ def source_linear_bytes(src: Path, model: torch.nn.Module) -> tuple[int, str]:
     total, dtypes = 0, set()
     for name, layer in layers.items():
         key = find_key(headers, f"{name}.weight", base_prefix)
-        dtype = TORCH_DTYPES.get(headers[key][1]) if key else None
+        dtype = TORCH_DTYPES.get(headers[key].dtype) if key else None
         if dtype is None:
             declared = getattr(model.config, "dtype", None)
             dtype = declared if isinstance(declared, torch.dtype) else torch.float32
@@ -200,7 +201,7 @@ def quantize_command(args) -> int:
 
 
 def convert_command(args) -> int:
-    from .convert import ConversionError, convert_checkpoint
+    from .checkpoints.convert import ConversionError, convert_checkpoint
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:

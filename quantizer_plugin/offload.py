@@ -19,13 +19,13 @@ from pathlib import Path
 import torch
 from accelerate.hooks import AlignDevicesHook, add_hook_to_module
 from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint_paths import plain_file_name
+from .checkpoints.paths import plain_file_name
 from .modules import LowBitLinear
-from .serialization import SAFETENSORS_DTYPES, CheckpointFormatError
+from .checkpoints.headers import SAFETENSORS_DTYPES, load_tensor, read_header
+from .serialization import CheckpointFormatError
 
 
 def offload_file_name(key: str) -> str:
@@ -59,12 +59,6 @@ def find_offload_loader(model: nn.Module) -> OffloadedWeightsLoader | None:
         if isinstance(loader, OffloadedWeightsLoader):
             return loader
     return None
-
-
-def _stored_header(entry: dict) -> tuple[tuple[int, ...], str]:
-    with safe_open(entry["safetensors_file"], framework="pt") as handle:
-        tensor_slice = handle.get_slice(entry.get("weight_name"))
-        return tuple(tensor_slice.get_shape()), tensor_slice.get_dtype()
 
 
 def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
@@ -110,7 +104,8 @@ def _repacked_tensors(name: str, module: LowBitLinear, loader: OffloadedWeightsL
         entry = loader.index.get(f"{name}.{tensor_name}")
         if entry is None or entry.get("safetensors_file") is None:
             continue  # kept in memory, or a raw .dat file accelerate wrote from the packed tensor itself
-        shape, dtype = _stored_header(entry)
+        header = read_header(entry["safetensors_file"], entry.get("weight_name"))
+        shape, dtype = header.shape, header.dtype
         if shape != spec.shape or dtype != SAFETENSORS_DTYPES[spec.dtype]:
             stale.append((tensor_name, entry, shape, dtype))
     if not stale:
@@ -121,8 +116,7 @@ def _repacked_tensors(name: str, module: LowBitLinear, loader: OffloadedWeightsL
     if loader.save_folder is None:
         raise ValueError(f"quantized module '{name}' is offloaded to disk: give from_pretrained an offload_folder")
     _, entry, _, _ = stale[0]
-    with safe_open(entry["safetensors_file"], framework="pt") as handle:
-        source = handle.get_tensor(entry["weight_name"])
+    source = load_tensor(entry["safetensors_file"], entry["weight_name"])
     return {key: tensor.data for key, tensor in quantize_op.convert({f"{name}.weight": source}, model=model).items()}
 
 

@@ -9,7 +9,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import ops
-from .checkpoint_paths import check_checkpoint_files
+from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
 from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card

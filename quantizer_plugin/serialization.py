@@ -12,44 +12,29 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
-import torch
-from safetensors import safe_open
 from torch import nn
 
+from .checkpoints.headers import SAFETENSORS_DTYPES, TensorHeader, UnreadableCheckpointError, read_headers
 from .formats import FORMAT_VERSION
 from .modules import LowBitLinear
 
 if TYPE_CHECKING:
     from .config import LowBitConfig
 
-SAFETENSORS_DTYPES = {
-    torch.uint8: "U8",
-    torch.int8: "I8",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-}
-TORCH_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()} | {"F64": torch.float64}
-
 
 class CheckpointFormatError(ValueError):
     """A pre-quantized checkpoint does not hold what its quantization config says it holds."""
 
 
-def read_tensor_headers(checkpoint_files: list[str]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Name -> (shape, safetensors dtype) for every tensor of the checkpoint, reading headers only."""
-    headers = {}
+def read_tensor_headers(checkpoint_files: list[str]) -> dict[str, TensorHeader]:
+    """Name -> header (shape, safetensors dtype, file) for every tensor of the checkpoint, reading headers only."""
     for path in checkpoint_files:
         if not str(path).endswith(".safetensors"):
             raise CheckpointFormatError(f"{path}: pre-quantized lowbit checkpoints are read from safetensors files only")
-        try:
-            with safe_open(path, framework="pt") as handle:
-                for key in handle.keys():
-                    tensor_slice = handle.get_slice(key)
-                    headers[key] = (tuple(tensor_slice.get_shape()), tensor_slice.get_dtype())
-        except Exception as error:  # safetensors' own checks: a header that is not JSON, offsets past the file, ...
-            raise CheckpointFormatError(f"{path}: not a readable safetensors file ({error})") from error
-    return headers
+    try:
+        return read_headers(checkpoint_files)
+    except UnreadableCheckpointError as error:
+        raise CheckpointFormatError(str(error)) from error
 
 
 def find_key(headers: dict, key: str, base_prefix: str) -> str | None:
@@ -76,7 +61,7 @@ def check_prequantized_checkpoint(model: nn.Module, checkpoint_files: list[str])
             what = f"quantized module '{module_name}': tensor '{tensor_name}'"
             if key is None:
                 raise CheckpointFormatError(f"{what} is missing from the checkpoint")
-            shape, dtype = headers[key]
+            shape, dtype = headers[key].shape, headers[key].dtype
             if shape != spec.shape:
                 raise CheckpointFormatError(f"{what} has shape {shape} in the checkpoint, expected {spec.shape}")
             if dtype != SAFETENSORS_DTYPES[spec.dtype]:

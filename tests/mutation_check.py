@@ -211,10 +211,23 @@ def cli_sizes_assume_float32():
 
 
 def shard_names_trusted():
-    import quantizer_plugin.convert as convert
+    from quantizer_plugin.checkpoints import source
 
-    patch(convert, "plain_file_name", lambda name, source: name)
-    patch(convert, "inside", lambda folder, path, source: path)
+    patch(source, "plain_file_name", lambda name, source: name)
+    patch(source, "inside", lambda folder, path, source: path)
+
+
+def converter_reads_the_whole_checkpoint_first():
+    from quantizer_plugin.checkpoints import source
+
+    original = source.ConversionPlan.write
+
+    def write(self, folder, shards):
+        tensors = {key: producer() for key, (_, producer) in self.entries.items()}
+        self.entries = {key: (shard, lambda key=key: tensors[key]) for key, (shard, _) in self.entries.items()}
+        original(self, folder, shards)
+
+    patch(source.ConversionPlan, "write", write)
 
 
 def cpu_native_kernels_unavailable():
@@ -284,19 +297,20 @@ def convert_export_drops_the_nested_offset():
 
     import torch
 
-    from quantizer_plugin import convert
+    from quantizer_plugin.checkpoints import bitsandbytes
 
-    original = convert._module_to_bnb_4bit
+    original = bitsandbytes._module_to_4bit
 
-    def without_offset(tensors, home, module, shape, config):
-        original(tensors, home, module, shape, config)
+    def without_offset(plan, module, shape, config):
+        original(plan, module, shape, config)
         key = f"{module}.weight.quant_state.bitsandbytes__{config.weights}"
-        state = json.loads(bytes(tensors[key].tolist()).decode())
+        state = json.loads(bytes(plan.entries[key][1]().tolist()).decode())
         if "nested_offset" in state:
             state["nested_offset"] = 0.0
-            tensors[key] = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+            tensor = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+            plan.put(key, plan.entries[key][0], lambda: tensor)
 
-    patch(convert, "_module_to_bnb_4bit", without_offset)
+    patch(bitsandbytes, "_module_to_4bit", without_offset)
 
 
 def cpu_int8_tiles_take_the_columns_shifted():
@@ -433,6 +447,10 @@ MUTATIONS: dict[str, Mutation] = {
         "the converter opens and writes the shard names an index gives, unchecked", shard_names_trusted,
         ("tests/test_untrusted_checkpoints.py::test_a_shard_name_leading_outside_the_folder_is_refused_before_anything_is_written",
          "tests/test_untrusted_checkpoints.py::test_a_shard_that_is_a_symbolic_link_out_of_the_folder_is_refused")),
+    "convert-reads-everything-first": Mutation(
+        "the converter reads every tensor of the checkpoint before writing the first shard",
+        converter_reads_the_whole_checkpoint_first,
+        ("tests/test_convert.py::test_a_sharded_checkpoint_is_converted_one_shard_in_memory_at_a_time",)),
     "cpu-native-unavailable": Mutation(
         "the CPU backend's native kernels silently missing (the reference runs)", cpu_native_kernels_unavailable,
         ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",)),

@@ -200,7 +200,7 @@ BAD_INPUTS = {
     "missing quant state": (drop_tensor(f"{Q}.nested_absmax"),
                             rf"model.safetensors: nested absmax tensor '{Q}.nested_absmax' is missing"),
     "missing codebook": (drop_tensor(f"{Q}.quant_map"), rf"model.safetensors: codebook tensor '{Q}.quant_map' is missing"),
-    "truncated file": (truncate, r"model.safetensors: cannot be read as safetensors"),
+    "truncated file": (truncate, r"model.safetensors: not a readable safetensors file"),
     "truncated quant state": (replace_tensor(f"{Q}.quant_state.bitsandbytes__nf4", lambda t: t[:40]),
                               rf"model.safetensors: tensor '{Q}.quant_state.bitsandbytes__nf4' is not a readable quant state"),
     "shape against the config": (edit_config(lambda c: c.update(intermediate_size=256)),
@@ -247,3 +247,35 @@ def test_transformers_refuses_our_config_for_a_bnb_checkpoint(nf4_source):
     """Why the README offers conversion rather than direct loading: transformers keeps the checkpoint's own config."""
     with pytest.raises(ValueError, match="quantized with BitsAndBytesConfig but you are passing a LowBitConfig"):
         AutoModelForCausalLM.from_pretrained(nf4_source, quantization_config=LowBitConfig())
+
+
+def test_a_sharded_checkpoint_is_converted_one_shard_in_memory_at_a_time(source, tmp_path, monkeypatch):
+    """Converting a model larger than memory must not read it whole: each tensor's data is read only while the output
+    shard that holds it is being made (the checks read headers, and small tensors: quant states, codebooks)."""
+    from quantizer_plugin.checkpoints import source as checkpoint_source
+
+    src, _ = bnb_checkpoint(source, tmp_path / "bnb", "nf4-dq", shard="100KB")
+    events = []
+    load, save = checkpoint_source.SourceCheckpoint.load, checkpoint_source.save_file
+
+    def recording_load(self, key):
+        tensor = load(self, key)
+        events.append(("read", self.shard_of(key), key, tensor.numel() * tensor.element_size()))
+        return tensor
+
+    def recording_save(content, path, metadata=None):
+        events.append(("wrote", Path(path).name, None, 0))
+        return save(content, path, metadata=metadata)
+
+    monkeypatch.setattr(checkpoint_source.SourceCheckpoint, "load", recording_load)
+    monkeypatch.setattr(checkpoint_source, "save_file", recording_save)
+    convert_checkpoint(src, tmp_path / "ours")
+    shards = sorted(p.name for p in src.glob("*.safetensors"))
+    assert len(shards) >= 3 and [shard for kind, shard, _, _ in events if kind == "wrote"] == shards
+    written = []
+    for kind, shard, key, size in events:
+        if kind == "wrote":
+            written.append(shard)
+        elif size > 4096:  # a layer's data (not a quant state or codebook): read for the shard being written only
+            assert shard == shards[len(written)], (key, shard, written)
+    assert {key for kind, _, key, _ in events if kind == "read" and key.endswith(".weight")}  # the data was read

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from quantizer_plugin import LowBitConfig, ops
-from quantizer_plugin.serialization import SAFETENSORS_DTYPES
+from quantizer_plugin.checkpoints.headers import SAFETENSORS_DTYPES
 
 from conftest import tiny_llama_config
 from helpers import lowbit_modules, read_safetensors

@@ -139,7 +139,7 @@ def test_from_pretrained_refuses_a_shard_outside_the_folder_before_loading(tmp_p
 
 
 def test_the_load_check_names_the_file_leading_outside(tmp_path):
-    from quantizer_plugin.checkpoint_paths import check_checkpoint_files
+    from quantizer_plugin.checkpoints.paths import check_checkpoint_files
 
     (tmp_path / "model").mkdir()
     with pytest.raises(CheckpointPathError, match=r"checkpoint file .*/model/\.\./x\.safetensors leads outside"):
