@@ -7,36 +7,24 @@ Importing the package registers the quantization method "lowbit" with transforme
 quantizes the model's linear layers while it loads, and a saved quantized model reloads without a config.
 """
 
-from transformers.quantizers.auto import (
-    AUTO_QUANTIZATION_CONFIG_MAPPING,
-    AUTO_QUANTIZER_MAPPING,
-    register_quantization_config,
-    register_quantizer,
-)
-
 from .config import FORMAT_VERSION, QUANT_METHOD, LowBitConfig, preset_names
 from .checkpoints.paths import CheckpointPathError
 from .checkpoints.convert import ConversionError, convert_checkpoint
+from .integrations.peft import install as install_peft_registration
+from .integrations.transformers import register_quantization_method
 from .modules import LowBitLinear
-from .peft_registration import install as install_peft_registration
 from .prequantized_config import install as install_prequantized_config_check
 from .quantizer import LowBitHfQuantizer
 from .serialization import CheckpointFormatError
 
 __version__ = "0.1.0"
 
-# Idempotent: a re-import (importlib.reload in a notebook) must not fail on "already registered".
-if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not LowBitConfig:
-    AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)
-    register_quantization_config(QUANT_METHOD)(LowBitConfig)
-if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not LowBitHfQuantizer:
-    AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-    register_quantizer(QUANT_METHOD)(LowBitHfQuantizer)
+register_quantization_method(QUANT_METHOD, LowBitConfig, LowBitHfQuantizer)  # idempotent (a re-import is fine)
 
 # A LowBitConfig passed for a checkpoint we quantized: an error where it disagrees (prequantized_config.py).
 install_prequantized_config_check()
 
-# PEFT's LoRA learns about our layers whenever peft is imported, before or after this package (peft_registration.py).
+# PEFT's LoRA learns about our layers whenever peft is imported, before or after this package (integrations/peft.py).
 install_peft_registration()
 
 __all__ = [

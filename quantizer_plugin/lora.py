@@ -8,8 +8,9 @@ PEFT's extension point for LoRA on a custom layer type is `LoraConfig._register_
 object, and `PeftModel.from_pretrained` builds a fresh config from adapter_config.json, so a user would have to
 register on every config, by hand. PEFT also resolves `target_modules="all-linear"` by `isinstance(nn.Linear)`,
 which our layer is not (making it one would expose its packed uint8 weight to every nn.Linear code path in
-transformers). `register_with_peft` therefore wraps one PEFT function, `tuners_utils._maybe_include_all_linear_layers`,
-which PEFT calls once per adapter injection, after the config is final and before any module is replaced. For a LoRA
+transformers). `register_with_peft` therefore wraps one PEFT function, `tuners_utils._maybe_include_all_linear_layers`
+(integrations/peft.py), which PEFT calls once per adapter injection, after the config is final and before any module
+is replaced. For a LoRA
 config on a model holding LowBitLinear layers (and only then) the wrapper
   1. resolves "all-linear" to include our layers (the output head stays excluded, as PEFT does),
   2. checks every targeted module up front, so that a target LoRA cannot wrap fails with its name before anything is
@@ -28,14 +29,19 @@ import warnings
 from typing import Any
 
 import torch
-from peft import LoraConfig, PeftModel
-from peft.tuners import tuners_utils
+from peft import LoraConfig
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge, check_target_module_exists
 from peft.utils import PeftType
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .integrations.peft import (
+    custom_module_types,
+    register_custom_module,
+    wrap_target_resolution,
+    wrap_trainable_count,
+)
 from .modules import LowBitLinear
 from .parameter_count import count_correction
 
@@ -173,7 +179,7 @@ def _names_inside_adapter_layers(model: nn.Module) -> set[str]:
 
 def _check_targets_wrappable(peft_config, model: nn.Module) -> None:
     """Raise, naming each one, if a targeted module is a type LoRA cannot wrap; called before any is replaced."""
-    custom = tuple(peft_config._custom_modules or ())
+    custom = custom_module_types(peft_config)
     inside_adapters = _names_inside_adapter_layers(model)
     unwrappable = []
     for name, module in model.named_modules():
@@ -190,38 +196,15 @@ def _check_targets_wrappable(peft_config, model: nn.Module) -> None:
         )
 
 
-def _wrap_parameter_count() -> None:
-    """PeftModel.get_nb_trainable_parameters counts weights of quantized layers, not stored elements (parameter_count.py)."""
-    original = PeftModel.get_nb_trainable_parameters
-    if getattr(original, "_lowbit_wrapped", False):
-        return
-
-    def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable, total = original(self)
-        return trainable, total + count_correction(self)
-
-    get_nb_trainable_parameters._lowbit_wrapped = True
-    get_nb_trainable_parameters.__wrapped__ = original
-    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+def _after_target_resolution(peft_config, model: nn.Module, requested) -> None:
+    if _targets_lowbit_model(peft_config, model):
+        _include_lowbit_layers_in_all_linear(peft_config, model, requested)
+        _check_targets_wrappable(peft_config, model)
+        if not any(issubclass(LowBitLinear, key) for key in custom_module_types(peft_config)):
+            register_custom_module(peft_config, {LowBitLinear: LowBitLoraLinear})
 
 
 def register_with_peft() -> None:
     """Make PEFT's LoRA handle LowBitLinear layers (see the module docstring). Idempotent."""
-    _wrap_parameter_count()
-    original = tuners_utils._maybe_include_all_linear_layers
-    if getattr(original, "_lowbit_wrapped", False):
-        return
-
-    def maybe_include_all_linear_layers(peft_config, model):
-        requested = getattr(peft_config, "target_modules", None)
-        peft_config = original(peft_config, model)
-        if _targets_lowbit_model(peft_config, model):
-            _include_lowbit_layers_in_all_linear(peft_config, model, requested)
-            _check_targets_wrappable(peft_config, model)
-            if not any(issubclass(LowBitLinear, key) for key in peft_config._custom_modules or ()):
-                peft_config._register_custom_module({LowBitLinear: LowBitLoraLinear})
-        return peft_config
-
-    maybe_include_all_linear_layers._lowbit_wrapped = True
-    maybe_include_all_linear_layers.__wrapped__ = original
-    tuners_utils._maybe_include_all_linear_layers = maybe_include_all_linear_layers
+    wrap_trainable_count(count_correction)
+    wrap_target_resolution(_after_target_resolution)

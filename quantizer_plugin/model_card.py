@@ -12,7 +12,6 @@ replaces it instead of adding a second one.
 
 from __future__ import annotations
 
-import functools
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from .config import QUANT_METHOD, LowBitConfig
 from .formats import get_format
+from .integrations.transformers import run_before_upload, stop_running_before_upload
 from .modules import LowBitLinear
 
 SECTION_START = "<!-- quantizer_plugin: quantization -->"
@@ -105,19 +105,14 @@ def write_section(model: nn.Module, folder: str, repo_id: str) -> bool:
     return True
 
 
-def _upload_with_card(model, working_dir, repo_id, *args, **kwargs):
-    write_section(model, working_dir, repo_id)
-    return type(model)._upload_modified_files(model, working_dir, repo_id, *args, **kwargs)
-
-
 def attach_model_card(model: nn.Module, config: LowBitConfig) -> None:
     """Make `model`'s pushes carry our card section and tags (transformers puts `model_tags` in the card)."""
     model.model_tags = list(dict.fromkeys([*(model.model_tags or []), *card_tags(config)]))  # the model's own list
-    model._upload_modified_files = functools.partial(_upload_with_card, model)
+    run_before_upload(model, write_section)
 
 
 def detach_model_card(model: nn.Module, config: LowBitConfig) -> None:
     """Undo attach_model_card (the model is no longer quantized)."""
-    model.__dict__.pop("_upload_modified_files", None)
+    stop_running_before_upload(model)
     if model.model_tags:
         model.model_tags = [tag for tag in model.model_tags if tag not in card_tags(config)]

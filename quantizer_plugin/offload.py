@@ -17,14 +17,25 @@ import os
 from pathlib import Path
 
 import torch
-from accelerate.hooks import AlignDevicesHook, add_hook_to_module
-from accelerate.utils import OffloadedWeightsLoader, PrefixedDataset
+from accelerate.hooks import add_hook_to_module
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoints.paths import plain_file_name
-from .modules import LowBitLinear
 from .checkpoints.headers import SAFETENSORS_DTYPES, load_tensor, read_header
+from .checkpoints.paths import plain_file_name
+from .integrations.accelerate import (
+    disk_entry,
+    find_offload_loader,
+    forget,
+    has_disk_entries,
+    in_memory_mapping,
+    offload_folder,
+    offload_hook,
+    offloaded_store,
+    offloaded_tensor,
+    point_at_file,
+)
+from .modules import LowBitLinear
 from .serialization import CheckpointFormatError
 
 
@@ -51,16 +62,6 @@ def check_device_map(model: nn.Module, device_map) -> None:
         )
 
 
-def find_offload_loader(model: nn.Module) -> OffloadedWeightsLoader | None:
-    """The loader accelerate's hooks read offloaded tensors from (one per dispatched model), if any."""
-    for module in model.modules():
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
-        loader = getattr(weights_map, "dataset", weights_map)
-        if isinstance(loader, OffloadedWeightsLoader):
-            return loader
-    return None
-
-
 def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
     """Point every disk-offloaded quantized tensor at its packed form; returns the modules repacked.
 
@@ -70,7 +71,7 @@ def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
     pointed at them; a failure partway removes the temporary files and leaves the folder and the index as they were.
     """
     loader = find_offload_loader(model)
-    if loader is None or not loader.index:
+    if loader is None or not has_disk_entries(loader):
         return []
     staged: dict[str, tuple[Path, str]] = {}  # tensor key -> (temporary file, dtype)
     repacked = []
@@ -80,7 +81,7 @@ def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
                 continue
             packed = _repacked_tensors(name, module, loader, quantize_op, model)
             for key, tensor in packed.items():
-                temporary = Path(loader.save_folder) / offload_file_name(key)
+                temporary = offload_folder(loader) / offload_file_name(key)
                 staged[key] = (temporary, str(tensor.dtype).removeprefix("torch."))
                 save_file({key: tensor.contiguous()}, str(temporary))
             if packed:
@@ -93,15 +94,15 @@ def repack_offloaded_weights(model: nn.Module, quantize_op) -> list[str]:
     for key, (temporary, dtype) in staged.items():
         final = temporary.with_name(f"{key}.safetensors")
         os.replace(temporary, final)
-        loader.index[key] = {"safetensors_file": str(final), "weight_name": key, "dtype": dtype}
+        point_at_file(loader, key, final, dtype)
     return repacked
 
 
-def _repacked_tensors(name: str, module: LowBitLinear, loader: OffloadedWeightsLoader, quantize_op, model) -> dict:
+def _repacked_tensors(name: str, module: LowBitLinear, loader, quantize_op, model) -> dict:
     """The packed tensors of module `name` if its offloaded weight is still the 16-bit source, else {}."""
     stale = []
     for tensor_name, spec in module.tensor_specs().items():
-        entry = loader.index.get(f"{name}.{tensor_name}")
+        entry = disk_entry(loader, f"{name}.{tensor_name}")
         if entry is None or entry.get("safetensors_file") is None:
             continue  # kept in memory, or a raw .dat file accelerate wrote from the packed tensor itself
         header = read_header(entry["safetensors_file"], entry.get("weight_name"))
@@ -113,27 +114,11 @@ def _repacked_tensors(name: str, module: LowBitLinear, loader: OffloadedWeightsL
     if [tensor_name for tensor_name, *_ in stale] != ["weight"]:
         found = ", ".join(f"'{t}' is {s} {d}" for t, _, s, d in stale)
         raise CheckpointFormatError(f"quantized module '{name}': offloaded tensors differ from its format: {found}")
-    if loader.save_folder is None:
+    if offload_folder(loader) is None:
         raise ValueError(f"quantized module '{name}' is offloaded to disk: give from_pretrained an offload_folder")
     _, entry, _, _ = stale[0]
     source = load_tensor(entry["safetensors_file"], entry["weight_name"])
     return {key: tensor.data for key, tensor in quantize_op.convert({f"{name}.weight": source}, model=model).items()}
-
-
-def offload_hook(module: nn.Module) -> AlignDevicesHook | None:
-    """The accelerate hook that brings `module`'s own offloaded tensors in around its forward, if it has one."""
-    hook = getattr(module, "_hf_hook", None)
-    if isinstance(hook, AlignDevicesHook) and hook.offload and hook.weights_map is not None:
-        return hook
-    return None
-
-
-def _offloaded_store(hook: AlignDevicesHook) -> tuple[object, str]:
-    """The mapping the hook reads from and the prefix of the module's keys in it."""
-    weights_map = hook.weights_map
-    if isinstance(weights_map, PrefixedDataset):
-        return weights_map.dataset, weights_map.prefix
-    return weights_map, ""
 
 
 def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[str, nn.Linear]:
@@ -153,23 +138,23 @@ def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[st
                 "own (as device_map loading attaches), so dequantize() cannot read them or offload its result; "
                 "nothing was changed"
             )
-    staged: list[tuple[OffloadedWeightsLoader, str, Path, str]] = []  # loader, key, temporary file, dtype
+    staged: list[tuple[object, str, Path, str]] = []  # loader, key, temporary file, dtype
     in_memory: list[tuple[dict, str, torch.Tensor]] = []
     try:
         for name, layer in layers.items():
             hook = offload_hook(layer)
-            store, prefix = _offloaded_store(hook)
-            stored = {tensor_name: hook.weights_map[tensor_name] for tensor_name in layer.quantized_tensors()}
+            store, prefix = offloaded_store(hook)
+            stored = {tensor_name: offloaded_tensor(hook, tensor_name) for tensor_name in layer.quantized_tensors()}
             weight = layer.fmt.dequantize(stored, layer.out_features, layer.in_features, layer.scheme, dtype)
             key = f"{prefix}weight"
-            if isinstance(store, OffloadedWeightsLoader) and key in store.index:
-                if store.save_folder is None:
+            if disk_entry(store, key) is not None:
+                if offload_folder(store) is None:
                     raise ValueError(f"quantized module '{name}' is offloaded to disk without an offload folder")
-                temporary = Path(store.save_folder) / offload_file_name(key)
+                temporary = offload_folder(store) / offload_file_name(key)
                 staged.append((store, key, temporary, str(dtype).removeprefix("torch.")))
                 save_file({key: weight.contiguous().cpu()}, str(temporary))
             else:
-                in_memory.append((store.state_dict if isinstance(store, OffloadedWeightsLoader) else store, key, weight))
+                in_memory.append((in_memory_mapping(store), key, weight))
     except BaseException:
         for _, _, temporary, _ in staged:
             temporary.unlink(missing_ok=True)
@@ -178,29 +163,17 @@ def dequantize_offloaded_layers(model: nn.Module, dtype: torch.dtype) -> dict[st
     for loader, key, temporary, dtype_name in staged:
         final = temporary.with_name(f"{key}.safetensors")
         os.replace(temporary, final)
-        loader.index[key] = {"safetensors_file": str(final), "weight_name": key, "dtype": dtype_name}
+        point_at_file(loader, key, final, dtype_name)
     for mapping, key, weight in in_memory:
         mapping[key] = weight
     linears = {}
     for name, layer in layers.items():
         hook = offload_hook(layer)
-        store, prefix = _offloaded_store(hook)
+        store, prefix = offloaded_store(hook)
         for tensor_name in layer.quantized_tensors():
             if tensor_name != "weight":
-                _forget(store, f"{prefix}{tensor_name}")
+                forget(store, f"{prefix}{tensor_name}")
         linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta", dtype=dtype)
         add_hook_to_module(linear, hook)  # re-initialised on the new module: its tensors stay on meta, read on demand
         linears[name] = linear
     return linears
-
-
-def _forget(store, key: str) -> None:
-    """Drop an offloaded entry (and its file in the offload folder) that no module reads any more."""
-    if isinstance(store, OffloadedWeightsLoader):
-        store.state_dict.pop(key, None)
-        entry = store.index.pop(key, None)
-        path = None if entry is None else entry.get("safetensors_file")
-        if path and store.save_folder and Path(path).parent == Path(store.save_folder):
-            Path(path).unlink(missing_ok=True)
-    elif isinstance(store, dict):
-        store.pop(key, None)

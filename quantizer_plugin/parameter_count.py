@@ -11,10 +11,9 @@ byte, plus absmax statistics), so the plain sum is wrong for us. Neither library
 
 from __future__ import annotations
 
-import types
-
 from torch import nn
 
+from .integrations.transformers import class_method, override_method, restore_method
 from .modules import LowBitLinear
 
 
@@ -32,13 +31,13 @@ def count_correction(model: nn.Module) -> int:
 
 
 def _num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
-    count = type(self).num_parameters(self, only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+    count = class_method(self, "num_parameters")(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
     return count if only_trainable else count + count_correction(self)
 
 
 def attach_parameter_count(model: nn.Module) -> None:
-    model.num_parameters = types.MethodType(_num_parameters, model)
+    override_method(model, "num_parameters", _num_parameters)
 
 
 def detach_parameter_count(model: nn.Module) -> None:
-    model.__dict__.pop("num_parameters", None)
+    restore_method(model, "num_parameters")

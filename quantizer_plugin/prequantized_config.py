@@ -13,14 +13,12 @@ Any other checkpoint, or another config class, goes to transformers' own merge u
 
 from __future__ import annotations
 
-from transformers.quantizers.auto import AutoHfQuantizer
-
 from .config import QUANT_METHOD, LowBitConfig
+from .integrations.transformers import wrap_config_merge
 
 STORED_FIELDS = ("weights", "activations", "double_quant", "block_size")
 LOADING_FIELDS = ("compute_dtype", "outlier_threshold")
 
-_ORIGINAL_MERGE = "_lowbit_original_merge"
 
 
 def merged_config(saved: LowBitConfig, asked: LowBitConfig) -> LowBitConfig:
@@ -44,8 +42,7 @@ def merged_config(saved: LowBitConfig, asked: LowBitConfig) -> LowBitConfig:
     return LowBitConfig.from_dict(fields)
 
 
-def _merge(cls, quantization_config, quantization_config_from_args):
-    original = getattr(cls, _ORIGINAL_MERGE)
+def _merge(original, quantization_config, quantization_config_from_args):
     if isinstance(quantization_config_from_args, LowBitConfig):
         saved = quantization_config
         if isinstance(saved, dict) and saved.get("quant_method") == QUANT_METHOD:
@@ -57,7 +54,4 @@ def _merge(cls, quantization_config, quantization_config_from_args):
 
 def install() -> None:
     """Wraps transformers' merge once (a re-import of the plugin finds it wrapped)."""
-    if hasattr(AutoHfQuantizer, _ORIGINAL_MERGE):
-        return
-    setattr(AutoHfQuantizer, _ORIGINAL_MERGE, AutoHfQuantizer.merge_quantization_configs)
-    AutoHfQuantizer.merge_quantization_configs = classmethod(_merge)
+    wrap_config_merge(_merge)

@@ -11,12 +11,13 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 from . import ops
 from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
+from .integrations.peft import register_if_peft_imported
+from .integrations.transformers import keep_in_fp32_modules
 from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
 from .modules import LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .parameter_count import attach_parameter_count, detach_parameter_count
-from .peft_registration import register_if_peft_imported
 from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules
 from .serialization import check_prequantized_checkpoint, upgrade_layout
 
@@ -49,14 +50,14 @@ class LowBitHfQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, device_map=None, **kwargs):
         config = self.quantization_config
         # Before any weight is read: a shard name in the index may not lead outside the model's folder.
-        check_checkpoint_files(checkpoint_files, getattr(model.config, "_name_or_path", None))
+        check_checkpoint_files(checkpoint_files, getattr(model.config, "name_or_path", None))
         if config.skip_modules and not self.pre_quantized:
             # A saved config's list may name modules of another head class, so only a user's own list is checked.
             check_skip_patterns(model, config.skip_modules)
         # transformers' default list, as bitsandbytes uses it: the output embedding, tied weights, the last
         # parameter's name without ".weight" (a bias names no module, so skips nothing) and _keep_in_fp32_modules.
         self.modules_to_not_convert = sorted(
-            self.get_modules_to_not_convert(model, config.skip_modules, getattr(model, "_keep_in_fp32_modules", None))
+            self.get_modules_to_not_convert(model, config.skip_modules, keep_in_fp32_modules(model))
         )
         replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
         if not replaced:

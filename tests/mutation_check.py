@@ -45,6 +45,11 @@ class Mutation:
 
 
 def patch(owner, name: str, value) -> None:
+    # A breakage that patched a name the code no longer has would break nothing and "survive" for the wrong reason:
+    # after a rename it must fail, naming what it could not find.
+    if not hasattr(owner, name):
+        owner_name = getattr(owner, "__name__", owner)
+        raise AttributeError(f"mutation check: {owner_name!r} has no {name!r} to break (renamed?)")
     setattr(owner, name, value)
 
 
@@ -79,7 +84,7 @@ def kernel_affine_ignores_the_zero_points():
     def without_zero_points(weight):
         return dict(original(weight), zero_ptr=torch.zeros_like(weight.zero))
 
-    kernels._FAMILIES["affine"] = (kernels.AFFINE, without_zero_points)  # the table the launchers read
+    patch(kernels, "_FAMILIES", dict(kernels._FAMILIES, affine=(kernels.AFFINE, without_zero_points)))
 
 
 def kernel_int8_entry_points_run_the_reference():
@@ -92,7 +97,9 @@ def kernel_int8_entry_points_run_the_reference():
     def backward(grad_y, weight, compute_dtype):
         return (grad_y.to(compute_dtype) @ weight.dequantize(compute_dtype)).to(grad_y.dtype)
 
-    ops._FORWARD[("rowscaled8", "int8", "triton")], ops._BACKWARD[("rowscaled8", "triton")] = reference_linear, backward
+    # through the public registration seam: what a kernel module's own decorators do
+    ops.register_kernel("rowscaled8", "triton", activations="int8")(reference_linear)
+    ops.register_kernel("rowscaled8", "triton", backward=True)(backward)
 
 
 def int8_reference_without_outlier_decomposition():
@@ -348,7 +355,7 @@ def cpu_int8_runs_the_reference():
 
     ops._load_kernels("cpu")
     for mode in (None, "int8"):
-        ops._FORWARD[("rowscaled8", mode, "cpu")] = ops.reference_forward
+        ops.register_kernel("rowscaled8", "cpu", activations=mode)(ops.reference_forward)
 
 
 def affine_fit_is_round_to_nearest():

@@ -121,7 +121,7 @@ def _linear_shapes(model_config: dict) -> dict[str, tuple[int, int]]:
     classes = [getattr(transformers, name, None) for name in model_config.get("architectures") or []]
     cls = next((c for c in classes if c is not None), AutoModel)
     with torch.device("meta"):
-        model = cls._from_config(config)
+        model = AutoModel.from_config(config) if cls is AutoModel else cls(config)
     shapes = {}
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Linear):

@@ -1,4 +1,6 @@
-"""When and how PEFT learns about our layers: quantizer_plugin.lora is registered with peft once peft is imported.
+"""PEFT's internals we touch (see README.md): when our LoRA layer is registered, and the PEFT functions it wraps.
+
+quantizer_plugin.lora is registered with peft once peft is imported.
 
 peft is optional, so the plugin never imports it itself; importing peft costs about 2.7 s on our CPU machines (it
 imports bitsandbytes), more than an nf4 load of a small model, so a quantized load must not import it either.
@@ -18,6 +20,7 @@ import importlib.abc
 import importlib.util
 import sys
 import warnings
+from collections.abc import Callable
 
 
 def register_with_peft() -> None:
@@ -64,3 +67,56 @@ def install() -> None:
     register_if_peft_imported()
     if not any(isinstance(finder, _RegisterWhenPeftRuns) for finder in sys.meta_path):
         sys.meta_path.insert(0, _RegisterWhenPeftRuns())
+
+
+# --- the PEFT functions LoRA on our layers needs (each imports peft: called only once peft is imported) -------------
+
+
+def wrap_target_resolution(after: Callable) -> None:
+    """Call after(peft_config, model, requested_target_modules) each time PEFT has resolved an adapter config's targets
+    (tuners_utils._maybe_include_all_linear_layers: once per adapter injection, after the config is final and before
+    any module is replaced; PEFT's public extension point, LoraConfig._register_custom_module, is per config object,
+    and PeftModel.from_pretrained builds a fresh config). Idempotent."""
+    from peft.tuners import tuners_utils
+
+    original = tuners_utils._maybe_include_all_linear_layers
+    if getattr(original, "_lowbit_wrapped", False):
+        return
+
+    def maybe_include_all_linear_layers(peft_config, model):
+        requested = getattr(peft_config, "target_modules", None)
+        peft_config = original(peft_config, model)
+        after(peft_config, model, requested)
+        return peft_config
+
+    maybe_include_all_linear_layers._lowbit_wrapped = True
+    maybe_include_all_linear_layers.__wrapped__ = original
+    tuners_utils._maybe_include_all_linear_layers = maybe_include_all_linear_layers
+
+
+def wrap_trainable_count(correction: Callable) -> None:
+    """Add correction(peft_model) to the total of PeftModel.get_nb_trainable_parameters (print_trainable_parameters),
+    which sums stored elements and recognises only bitsandbytes' packed parameters. Idempotent."""
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_lowbit_wrapped", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable, total = original(self)
+        return trainable, total + correction(self)
+
+    get_nb_trainable_parameters._lowbit_wrapped = True
+    get_nb_trainable_parameters.__wrapped__ = original
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+
+
+def custom_module_types(peft_config) -> tuple[type, ...]:
+    """The layer types the config maps to custom LoRA layers (LoraConfig._custom_modules)."""
+    return tuple(peft_config._custom_modules or ())
+
+
+def register_custom_module(peft_config, mapping: dict) -> None:
+    """Map base layer types to LoRA layer types on this config (LoraConfig._register_custom_module)."""
+    peft_config._register_custom_module(mapping)
