@@ -29,7 +29,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Row, cpu_environment, write_rows  # noqa: E402
+from harness import RESULTS, Row, cpu_environment, record_section, write_rows  # noqa: E402
 
 PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8", "bf16-compiled", "lowbit-nf4-compiled"]
 COMPILED = "-compiled"  # a provider's suffix: the forward compiled (inductor, fullgraph), generate with a static cache
@@ -111,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     parser.add_argument("--out", default=str(HERE / "out"))
+    parser.add_argument("--record", nargs="?", const=str(RESULTS), default=None,
+                        help="also write the report into benchmarks/RESULTS.md (or the file given), as this machine's "
+                             "section of this benchmark, in place of the one it had")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -176,6 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     lines += [f"- {a} vs {b}: {index[b].median_ms / index[a].median_ms:.2f}x" for a, b in compared if a in index and b in index]
     (out / "cpu_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.record:
+        name = "cpu_decode" + (" (smoke run, not a measurement)" if args.smoke else "")
+        key = record_section(name, "\n".join(lines[2:]), env, Path(args.record))
+        print(f"recorded in {args.record}: {key}")
     return 0
 
 

@@ -34,7 +34,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import Row, cpu_environment, interleaved_medians, markdown_table, write_rows  # noqa: E402
+from harness import (  # noqa: E402
+    RESULTS, Row, cpu_environment, interleaved_medians, markdown_table, record_section, write_rows,
+)
 
 SHAPES = [(4096, 4096), (14336, 4096)]
 BATCH_SIZES = [1, 16, 128]
@@ -192,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--providers", default=",".join(["bf16", *OURS, *PEERS]))
     parser.add_argument("--out", default=str(HERE / "out"))
+    parser.add_argument("--record", nargs="?", const=str(RESULTS), default=None,
+                        help="also write the report into benchmarks/RESULTS.md (or the file given), as this machine's "
+                             "section of this benchmark, in place of the one it had")  # fmt: skip
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -217,6 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     (out / "cpu_layers.md").write_text("\n".join(report) + "\n")
     print("\n".join(report))
+    if args.record:
+        name = "cpu_layers" + (" (smoke run, not a measurement)" if args.smoke else "")
+        key = record_section(name, "\n".join(report[2:]), env, Path(args.record))
+        print(f"recorded in {args.record}: {key}")
     return 0
 
 

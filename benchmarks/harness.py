@@ -241,3 +241,26 @@ def markdown_table(rows: Sequence[Row], baseline: str, ours: Sequence[str]) -> s
         lines.append(f"| {r.shape} | {r.m} | {name} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | {speedup} | "
                      f"{'' if error is None else f'{error:.1e}'} |")  # fmt: skip
     return "\n".join(lines)
+
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def record_section(benchmark: str, report: str, env: dict, results: Path = RESULTS) -> str:
+    """Write `report` into results (benchmarks/RESULTS.md) as the section of this benchmark on this machine, in place of
+    the one it had there, and return its key; other benchmarks' and other machines' sections are left as they are.
+
+    A section is keyed by the benchmark, the CPU model and the kernel paths ours used (the same figures mean different
+    things on a CPU with AMX, with AVX-512 only and with AVX2 only), and opens with the environment and the date."""
+    key = f"{benchmark} on {env.get('device', 'unknown CPU')} ({env.get('our kernels use', 'unknown paths')})"
+    begin, end = f"<!-- results: {key} -->", f"<!-- /results: {key} -->"
+    title = f"### {key}, {env.get('date', 'undated')}"
+    body = "\n".join([begin, title, "", report.strip(), end])
+    text = results.read_text() if results.exists() else "# Measured results\n"
+    if begin in text and end in text:
+        before, rest = text.split(begin, 1)
+        text = before + body + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    results.write_text(text)
+    return key

@@ -149,3 +149,23 @@ def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "cpu_decode.jsonl").read_text().splitlines()]
     assert [row["provider"] for row in rows] == providers and all(row["median_ms"] > 0 for row in rows)
     assert "lowbit-nf4:" in (tmp_path / "cpu_decode.md").read_text()
+
+
+def test_a_recorded_run_replaces_only_its_own_section_of_the_results(cpu_benchmarks, tmp_path):
+    """`--record` writes the report into RESULTS.md as this benchmark's section on this CPU and these kernel paths:
+    run again, it replaces that section; another benchmark's, another machine's and the hand-written text stay."""
+    _, cpu_decode = cpu_benchmarks
+    results = tmp_path / "RESULTS.md"
+    key = "cpu_decode on Other CPU (avx512)"
+    other_machine = f"<!-- results: {key} -->\nkept\n<!-- /results: {key} -->"
+    results.write_text(f"# Measured results\n\nHand-written notes.\n\n{other_machine}\n")
+    arguments = ["--smoke", "--out", str(tmp_path / "out"), "--providers", "bf16,lowbit-nf4", "--record", str(results)]
+    assert cpu_decode.main(arguments) == 0
+    first = results.read_text()
+    assert first.startswith("# Measured results\n\nHand-written notes.\n") and other_machine in first
+    sections = first.count("<!-- results: ")
+    assert sections == 2 and "| lowbit-nf4 |" in first and "our kernels use" in first
+    assert cpu_decode.main(arguments) == 0
+    second = results.read_text()
+    assert second.count("<!-- results: ") == 2 and other_machine in second  # replaced, not appended
+    assert second.count("| lowbit-nf4 |") == 1
