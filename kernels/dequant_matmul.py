@@ -289,16 +289,16 @@ _FAMILIES = {
 }
 
 
-def _kind(weight) -> int:
+def _family(weight) -> tuple:
     if weight.family not in _FAMILIES:
         raise ValueError(f"weight family {weight.family!r} has no weight-only Triton kernel")
-    return _FAMILIES[weight.family][0]
+    return _FAMILIES[weight.family]
 
 
 def _weight_pointers(weight) -> tuple:
-    """The weight's pointer arguments, in kernel order; a pointer its KIND does not read (None in the record, or no
-    field at all) gets the packed weight as a placeholder that is never read."""
-    named = _FAMILIES[weight.family][1](weight)
+    """The weight's pointer arguments, in kernel order (the packed weight first); a pointer its KIND does not read
+    (None in the record, or no field at all) gets the packed weight as a placeholder that is never read."""
+    named = _family(weight)[1](weight)
     return tuple(named[name] if named.get(name) is not None else named["packed_ptr"] for name in _POINTERS)
 
 
@@ -310,19 +310,18 @@ def _check(name: str, tensor: torch.Tensor, shape: tuple, dtype: torch.dtype, de
         )
 
 
-def _check_weight(weight, device: torch.device, full: bool) -> None:
-    pointers = [t for t in _FAMILIES[weight.family][1](weight).values() if t is not None]
+def _check_weight(weight, packed: torch.Tensor, device: torch.device, full: bool) -> None:
     if not full:
         # A LowBitLinear's tensors were checked against the spec when loaded; a decode step is only a few
         # microseconds of GPU time, so per call only what could have changed since (the device) is checked.
-        if pointers[0].device != device:
-            raise ValueError(f"the stored weight is on {pointers[0].device}, the input on {device}")
+        if packed.device != device:
+            raise ValueError(f"the stored weight is on {packed.device}, the input on {device}")
         return
     check_record(weight, device)
 
 
 def _meta(weight, dtype: torch.dtype) -> dict:
-    kind = _kind(weight)
+    kind = _family(weight)[0]
     block = getattr(weight, "block_size", 1)  # row-scaled weights have no block: fixed, so that they compile once
     return dict(
         QUANT_BLOCK=block, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=kind == CODEBOOK and weight.double_quant,
@@ -351,7 +350,8 @@ def dequant_matmul(
     n = weight.out_features
     if k != weight.in_features:
         raise ValueError(f"x has {k} features, the weight {weight.in_features}")
-    _check_weight(weight, x.device, check_weight)
+    pointers = _weight_pointers(weight)
+    _check_weight(weight, pointers[0], x.device, check_weight)
     if bias is not None:
         _check("bias", bias, (n,), bias.dtype, x.device)
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
@@ -362,7 +362,7 @@ def dequant_matmul(
     if config is not None:
         kernel, config = _matmul_kernel, dict(config, SPLIT_K=config.get("SPLIT_K", 1))
     split_buffers = split_k.buffers([config] if config else [c.kwargs for c in kernel.configs], m, n, x.device)
-    args = (x, *_weight_pointers(weight), bias if bias is not None else y, y, *split_buffers)
+    args = (x, *pointers, bias if bias is not None else y, y, *split_buffers)
     args += (m, n, k, m_bucket(m), x.stride(0), y.stride(0))
 
     def grid(meta):
@@ -386,12 +386,13 @@ def dequant_matmul_grad_input(
     k = weight.in_features
     if n != weight.out_features:
         raise ValueError(f"grad_y has {n} features, the weight {weight.out_features} outputs")
-    _check_weight(weight, grad_y.device, check_weight)
+    pointers = _weight_pointers(weight)
+    _check_weight(weight, pointers[0], grad_y.device, check_weight)
     grad_x = torch.empty((m, k), dtype=grad_y.dtype, device=grad_y.device)
     if m == 0:
         return grad_x
     meta = _meta(weight, grad_y.dtype)
-    args = (grad_y, *_weight_pointers(weight), grad_x)
+    args = (grad_y, *pointers, grad_x)
     args += (m, n, k, m_bucket(m), grad_y.stride(0), grad_x.stride(0))
 
     def grid(meta):
