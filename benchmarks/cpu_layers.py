@@ -5,8 +5,8 @@
 
 Providers (each skipped, with the reason in the report, where its library is missing or refuses the layer):
 - bf16: torch.nn.functional.linear on the 16-bit weight (oneDNN; AMX on CPUs that have it);
-- lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8's config; on the CPU it runs weight-only),
-  lowbit-int8-wo (activations=None), lowbit-int4, lowbit-int2 (group 64): our LowBitLinear through the dispatch
+- lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8: int8 activations, outlier
+  columns in 16-bit), lowbit-int8-wo (activations=None: weight-only), lowbit-int4, lowbit-int2 (group 64): our LowBitLinear through the dispatch
   seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
 - quanto-int2, quanto-int4, quanto-int8: optimum-quanto's qint2 / qint4 (group 64) / qint8 weights, bf16 activations;

@@ -1,12 +1,12 @@
 """What the CPU kernels may use here, read independently of the kernels' own checks: this CPU's flags in
-/proc/cpuinfo, capped by QUANTIZER_PLUGIN_MAX_ISA (the switch that runs a CPU without AMX or AVX-512's paths on a
+/proc/cpuinfo, capped by QUANTIZER_PLUGIN_MAX_ISA (the switch that runs a CPU without AMX, AVX-512 or AVX2's paths on a
 machine that has them; quantizer_plugin/cpu/native.py)."""
 
 from __future__ import annotations
 
 import os
 
-LEVELS = ("scalar", "avx512", "avx512_bf16", "amx")  # least to most
+LEVELS = ("scalar", "avx2", "avx512", "avx512_bf16", "amx")  # least to most
 
 
 def cpu_flags() -> list[str]:
@@ -21,8 +21,12 @@ def allowed(level: str) -> bool:
     return LEVELS.index(level) <= LEVELS.index(cap)
 
 
+def avx2_here() -> bool:
+    return allowed("avx2") and {"avx2", "fma"} <= set(cpu_flags())
+
+
 def avx512_here() -> bool:
-    return allowed("avx512") and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags())
+    return allowed("avx512") and avx2_here() and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags())
 
 
 def avx512_bf16_here() -> bool:

@@ -358,6 +358,27 @@ def cpu_int8_runs_the_reference():
         ops.register_kernel("rowscaled8", "cpu", activations=mode)(ops.reference_forward)
 
 
+def cpu_llm_int8_runs_weight_only():
+    from quantizer_plugin import ops
+    from quantizer_plugin.cpu import int8 as cpu_int8
+
+    ops._load_kernels("cpu")
+    ops.register_kernel("rowscaled8", "cpu", activations="int8")(cpu_int8.linear_forward)
+
+
+def cpu_llm_int8_drops_the_outliers():
+    from quantizer_plugin.cpu import library
+
+    original = library.call
+
+    def call(kernels, name, *args):
+        if name == "linear_llm_int8":
+            args = (*args[:-1], 0.0)  # the threshold: no column is an outlier
+        return original(kernels, name, *args)
+
+    patch(library, "call", call)
+
+
 def affine_fit_is_round_to_nearest():
     from quantizer_plugin.formats import affine
 
@@ -472,7 +493,15 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_cpu_backend.py::test_the_native_quantizer_gives_the_formats_own_tensors",)),
     "cpu-int8-runs-the-reference": Mutation(
         "the CPU backend's int8 entry point runs LLM.int8's reference", cpu_int8_runs_the_reference,
-        ("tests/test_cpu_backend.py::test_int8_runs_weight_only_and_matches_the_oracle",)),
+        ("tests/test_cpu_backend.py::test_weight_only_int8_matches_the_oracle",
+         "tests/test_cpu_backend.py::test_llm_int8_is_the_references_and_the_oracles")),
+    "cpu-llm-int8-runs-weight-only": Mutation(
+        "the CPU backend runs LLM.int8 layers weight-only (16-bit activations)", cpu_llm_int8_runs_weight_only,
+        ("tests/test_cpu_backend.py::test_llm_int8_is_the_references_and_the_oracles",)),
+    "cpu-llm-int8-drops-outliers": Mutation(
+        "the CPU's LLM.int8 kernel treats no column as an outlier", cpu_llm_int8_drops_the_outliers,
+        ("tests/test_cpu_backend.py::test_llm_int8_is_the_references_and_the_oracles",
+         "tests/test_int8.py::test_outlier_decomposition_helps")),
     "cpu-kernels-not-custom-ops-under-compile": Mutation(
         "the CPU kernels called as pybind11 functions while torch.compile traces",
         cpu_kernels_called_directly_under_compile,

@@ -242,11 +242,11 @@ def test_the_fused_kernel_gives_the_same_result_on_any_number_of_threads():
 
 @pytest.mark.parametrize("k", [128, 100, 75], ids=["K128", "K100", "K75"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
+def test_weight_only_int8_matches_the_oracle(dtype, k):
     for m in M_VALUES:
-        layer = make_layer(QuantScheme("int8", outlier_threshold=6.0), 37, k, dtype, seed=m)
+        layer = make_layer(QuantScheme("int8", activations=None), 37, k, dtype, seed=m)
         x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
-        x[:, 3] *= 20.0  # an outlier column: weight-only int8 keeps the activations in 16 bits anyway
+        x[:, 3] *= 20.0  # what would be an outlier column: weight-only int8 keeps the activations in 16 bits anyway
         with ops.record_dispatch() as served:
             y = layer(x)
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
@@ -254,6 +254,81 @@ def test_int8_runs_weight_only_and_matches_the_oracle(dtype, k):
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
         assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M and avx512_here() else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
+
+
+def llm_int8_input(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Fresh random activations with two planted outlier columns, one of them with only some rows above the
+    threshold (the others count towards their rows' absmax), and an entry exactly at the threshold."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=generator) * torch.rand(m, 1, generator=generator) * 2
+    first, second = torch.randperm(k, generator=generator)[:2].tolist()
+    x[:, first] *= 25.0
+    x[0, second] = -6.0
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("n, k", [(37, 128), (41, 100), (23, 75), (130, 17)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_llm_int8_is_the_references_and_the_oracles(dtype, n, k):
+    """The CPU's LLM.int8 against the independent float64 oracle (tests/oracles.py), and against the reference: its
+    int8 part bit for bit (no outliers: the whole output), its outlier columns' float sums within one rounding."""
+    for m in M_VALUES:
+        layer = make_layer(QuantScheme("int8", outlier_threshold=6.0), n, k, dtype, seed=m + k)
+        x = llm_int8_input(m, k, dtype, seed=m)
+        with ops.record_dispatch() as served:
+            y = layer(x)
+        assert served == ["cpu.int8.llm_int8"]
+        stored = layer.quantized_tensors()
+        expected = oracles.llm_int8_linear(x, stored["weight"], stored["weight_scale"], 6.0) + layer.bias.double()
+        assert_close_to_scale(y, expected, dtype)
+        reference = ops.reference_forward(x, layer.weight_record(), layer.bias, dtype, layer.activations)
+        # the outlier columns' sums differ in order only: within two roundings of the largest terms involved
+        columns = x.float().abs().ge(6.0).any(dim=0)
+        outlier_terms = (x.float().abs() * columns) @ oracles.weight_of(layer).abs().T
+        step = 2 * torch.finfo(dtype).eps * (outlier_terms.max() + reference.float().abs().max())
+        assert (y.float() - reference.float()).abs().max() <= step
+        no_outliers = x.clamp(-5.9, 5.9)
+        assert torch.equal(layer(no_outliers), ops.reference_forward(no_outliers, layer.weight_record(), layer.bias,
+                                                                    dtype, layer.activations))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_native_llm_int8_activations_are_the_references_bit_for_bit(dtype):
+    from quantizer_plugin.formats.activations import quantize_activations
+
+    for m, k, threshold in [(1, 75, 6.0), (7, 100, 6.0), (33, 16, 6.0), (16, 128, 0.0), (4, 50, 0.5)]:
+        x = llm_int8_input(m, k, dtype, seed=k)
+        x[-1, 1] = float("nan")  # a NaN row: a NaN absmax, as the reference's
+        ours = native.load().quantize_activations_int8(x, threshold)
+        reference = quantize_activations(x, threshold)
+        for name, mine, theirs in zip(("codes", "absmax", "outlier columns"), ours, reference):
+            assert torch.equal(mine, theirs) or (name == "absmax" and torch.equal(mine.nan_to_num(), theirs.nan_to_num())), (m, k, name)  # fmt: skip
+        assert ours[1][-1].isnan()
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_llm_int8_never_hides_a_nan_or_an_infinity(threshold):
+    layer = make_layer(QuantScheme("int8", outlier_threshold=threshold), 40, 96, torch.bfloat16, seed=1)
+    x = torch.randn(3, 96, dtype=torch.bfloat16)
+    x[0, 5], x[2, 9] = float("nan"), float("inf")
+    with ops.record_dispatch() as served:
+        y = layer(x)
+    assert served == ["cpu.int8.llm_int8"]
+    assert not y[0].isfinite().any() and y[1].isfinite().all() and not y[2].isfinite().all()
+
+
+def test_llm_int8_gives_the_same_result_on_any_number_of_threads():
+    layer = make_layer(QuantScheme("int8"), 301, 256, torch.bfloat16, seed=5)
+    x = llm_int8_input(37, 256, torch.bfloat16, seed=5)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(layer(x))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -266,13 +341,15 @@ def test_native_int8_dequantize_is_the_references_weight_bit_for_bit(dtype):
         assert torch.equal(out.view(last - first, 75), reference[first:last])
 
 
-def test_int8_input_gradient_runs_the_native_chunks():
-    layer = make_layer(QuantScheme("int8"), 37, 96, torch.bfloat16, seed=9)
+@pytest.mark.parametrize("activations", ["int8", None], ids=["llm_int8", "weight_only"])
+def test_int8_input_gradient_runs_the_native_chunks(activations):
+    layer = make_layer(QuantScheme("int8", activations=activations), 37, 96, torch.bfloat16, seed=9)
     x = torch.randn(3, 96, dtype=torch.bfloat16, requires_grad=True)
     grad_y = torch.randn(3, 37, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
         layer(x).backward(grad_y)
-    assert served == ["cpu.int8.fused" if avx512_here() else "cpu.int8.dequantize_matmul", "cpu.int8.grad_input"]
+    forward = "cpu.int8.llm_int8" if activations else "cpu.int8.fused" if avx512_here() else "cpu.int8.dequantize_matmul"
+    assert served == [forward, "cpu.int8.grad_input"]
     assert_close_to_scale(x.grad, grad_y.double() @ oracles.weight_of(layer).double(), torch.bfloat16)
 
 
@@ -287,7 +364,7 @@ def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
     x[:, torch.randperm(k, generator=generator)[:3]] *= 25.0  # outlier columns, as LLM.int8 expects them
     x = x.half()
     exact = torch.nn.functional.linear(x.float(), linear.weight.float(), linear.bias.float())
-    ours = LowBitLinear.from_float(linear, QuantScheme("int8", outlier_threshold=6.0), compute_dtype=torch.float16)
+    ours = LowBitLinear.from_float(linear, QuantScheme("int8", activations=None), compute_dtype=torch.float16)
     peer = bnb.nn.Linear8bitLt(k, n, bias=True, has_fp16_weights=False, threshold=6.0)
     peer.load_state_dict(linear.state_dict())
     with torch.no_grad(), ops.record_dispatch() as served:
@@ -313,14 +390,20 @@ def test_a_cached_build_is_imported_without_the_builder(monkeypatch):
     assert kernels is not None and kernels.uses_avx512() in (True, False)
 
 
-def test_without_native_kernels_the_backend_runs_the_reference(monkeypatch):
-    layer = make_layer(QuantScheme("nf4", 64, True), 37, 128, torch.bfloat16, seed=6)
-    x = torch.randn(1, 128, dtype=torch.bfloat16)
+@pytest.mark.parametrize("scheme", [QuantScheme("nf4", 64, True), QuantScheme("int8")], ids=["nf4", "llm_int8"])
+def test_without_native_kernels_the_backend_runs_the_reference(monkeypatch, scheme):
+    layer = make_layer(scheme, 37, 128, torch.bfloat16, seed=6)
+    x = llm_int8_input(3, 128, torch.bfloat16, seed=6)
     monkeypatch.setenv(native.NATIVE_ENV, "0")
     with ops.record_dispatch() as served:
         y = layer(x)
     assert served == ["torch.reference_forward"]
-    assert_close_to_scale(y, expected_output(x, layer), torch.bfloat16)
+    if scheme.weights == "int8":  # LLM.int8's reference, never weight-only
+        stored = layer.quantized_tensors()
+        expected = oracles.llm_int8_linear(x, stored["weight"], stored["weight_scale"], 6.0) + layer.bias.double()
+    else:
+        expected = expected_output(x, layer)
+    assert_close_to_scale(y, expected, torch.bfloat16)
 
 
 def test_a_failed_build_warns_once_and_falls_back(monkeypatch, tmp_path):
@@ -355,15 +438,26 @@ def run_with_max_isa(value: str, script: str, threads: int | None = None):
     return subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
 
 
-CAPS = ["scalar", "avx512", "avx512_bf16"]
-CAPPED_SCRIPT = (
-    "import torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.cpu import native; "
-    "from quantizer_plugin.formats import QuantScheme; k = native.load(); "
-    "print(k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); torch.manual_seed(0); "
+CAPS = ["scalar", "avx2", "avx512", "avx512_bf16"]
+# LLM.int8 on a layer and input every capped run (and the test itself) builds alike: its int8 sums are exact and its
+# float part is the same plain C++ on every path, so every instruction set gives the same bytes.
+LLM_INT8_RUN = (
+    "import hashlib, torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.formats import QuantScheme\n"
+    "def llm_int8_run():\n"
+    "    torch.manual_seed(0); x = torch.randn(5, 200, dtype=torch.bfloat16); x[:, 7] *= 30\n"
+    "    layer = LowBitLinear.from_float(torch.nn.Linear(200, 41), QuantScheme('int8'), compute_dtype=torch.bfloat16)\n"
+    "    with ops.record_dispatch() as served: y = layer(x)\n"
+    "    return served[0], hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest()\n"
+)
+CAPPED_SCRIPT = LLM_INT8_RUN + (
+    "from quantizer_plugin.cpu import native; k = native.load(); "
+    "print(k.uses_avx2(), k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); "
+    "torch.manual_seed(0); "
     "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
     "for m in (1, 40):\n"
     "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
-    "    print(served[0])"
+    "    print(served[0])\n"
+    "print(*llm_int8_run())"
 )
 MISSPELT = "amx512"
 
@@ -383,17 +477,22 @@ def capped_runs():
 def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap, capped_runs):
     result = capped_runs[cap]
     assert result.returncode == 0, result.stderr[-3000:]
-    features, decode, batch = result.stdout.split("\n")[:3]
-    level = cpu_caps.LEVELS.index(cap)
-    uses = [flag == "True" for flag in features.split()]
-    assert uses[0] == (level >= 1 and "avx512f" in cpu_caps.cpu_flags())
-    assert not uses[2] and not uses[3]  # every cap here hides AMX
-    assert uses[1] == (level >= 2 and "avx512_bf16" in cpu_caps.cpu_flags())
-    assert decode == ("cpu.codebook4bit.fused_bf16" if uses[1] else "cpu.codebook4bit.fused")
+    features, decode, batch, llm_int8 = result.stdout.split("\n")[:4]
+    level, flags = cpu_caps.LEVELS.index(cap), cpu_caps.cpu_flags()
+    avx2, avx512, avx512_bf16, amx_bf16, amx_int8 = [flag == "True" for flag in features.split()]
+    assert avx2 == (level >= 1 and "avx2" in flags)
+    assert avx512 == (level >= 2 and "avx512f" in flags)
+    assert not amx_bf16 and not amx_int8  # every cap here hides AMX
+    assert avx512_bf16 == (level >= 3 and "avx512_bf16" in flags)
+    assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 else "cpu.codebook4bit.fused")
     assert batch == "cpu.codebook4bit.dequantize_matmul"
+    # LLM.int8: AVX2's int8 sums or plain C++'s, the same result as this process gets with every instruction set
+    namespace = {}
+    exec(LLM_INT8_RUN, namespace)
+    assert llm_int8.split() == list(namespace["llm_int8_run"]()) and llm_int8.startswith("cpu.int8.llm_int8 ")
 
 
 def test_a_misspelt_max_isa_is_an_error_naming_the_variable(capped_runs):
     result = capped_runs[MISSPELT]
     assert result.returncode != 0
-    assert "QUANTIZER_PLUGIN_MAX_ISA='amx512': expected one of amx, avx512_bf16, avx512, scalar" in result.stderr
+    assert "QUANTIZER_PLUGIN_MAX_ISA='amx512': expected one of amx, avx512_bf16, avx512, avx2, scalar" in result.stderr

@@ -11,8 +11,9 @@ from quantizer_plugin.ops import KERNELS_ENV, select_backend
 
 import oracles
 
-SCHEMES = [QuantScheme("nf4", 64, True), QuantScheme("fp4", 32, False), QuantScheme("int8", outlier_threshold=6.0)]
-SCHEME_IDS = ["nf4", "fp4", "int8"]
+SCHEMES = [QuantScheme("nf4", 64, True), QuantScheme("fp4", 32, False), QuantScheme("int8", outlier_threshold=6.0),
+           QuantScheme("int8", activations=None)]  # fmt: skip
+SCHEME_IDS = ["nf4", "fp4", "int8", "int8-weight-only"]
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}  # relative to the output's scale
 
 
@@ -75,8 +76,7 @@ def test_forward_matches_an_independent_oracle(device, monkeypatch, backend, sch
     layer = LowBitLinear.from_float(linear, scheme, compute_dtype=dtype)
     x = planted_input(m, 100, dtype, device, seed=m)
     bias = linear.bias.detach().double().cpu()
-    weight_only = backend == "default" and device == "cpu"  # the CPU backend runs int8 weight-only
-    if scheme.weights == "int8" and not weight_only:
+    if scheme.weights == "int8" and scheme.activations == "int8":  # LLM.int8 on every backend
         stored = layer.quantized_tensors()
         expected = oracles.llm_int8_linear(x, stored["weight"], stored["weight_scale"], scheme.outlier_threshold)
         expected = expected + bias

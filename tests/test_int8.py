@@ -1,7 +1,6 @@
-"""LLM.int8: agreement with bitsandbytes' Linear8bitLt on inputs with planted outlier columns.
-
-LLM.int8 is what the reference (and the Triton kernels) compute; the CPU backend runs int8 weight-only instead
-(tests/test_cpu_backend.py checks it is at least as accurate), so these tests force the reference.
+"""LLM.int8: agreement with bitsandbytes' Linear8bitLt on inputs with planted outlier columns, for the reference
+and for the CPU backend's native kernel (every backend computes LLM.int8; the Triton kernels are checked against
+the reference in tests/test_kernels_int8.py).
 """
 
 from __future__ import annotations
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from quantizer_plugin import LowBitLinear
+from quantizer_plugin.cpu import native
 from quantizer_plugin.formats import QuantScheme
 from quantizer_plugin.formats.int8 import quantize_activations
 from quantizer_plugin.ops import KERNELS_ENV
@@ -17,9 +17,10 @@ from quantizer_plugin.ops import KERNELS_ENV
 bnb = pytest.importorskip("bitsandbytes")
 
 
-@pytest.fixture(autouse=True)
-def reference_backend(monkeypatch):
-    monkeypatch.setenv(KERNELS_ENV, "torch")
+@pytest.fixture(autouse=True, params=["torch", "cpu"])
+def backend(request, monkeypatch):
+    monkeypatch.setenv(KERNELS_ENV, request.param)
+    return request.param
 
 SHAPES = [(16, 256, 128), (1, 96, 33), (33, 200, 72)]  # (M, K, N)
 
@@ -76,9 +77,10 @@ def test_agrees_with_bitsandbytes(m, k, n):
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
-def test_activation_codes_and_scales_equal_bitsandbytes(m, k, n):
+def test_activation_codes_and_scales_equal_bitsandbytes(backend, m, k, n):
     x, planted = planted_outlier_inputs(m, k, seed=3 * m + k)
-    codes, absmax, outliers = quantize_activations(x, 6.0)
+    quantize = native.load().quantize_activations_int8 if backend == "cpu" else quantize_activations
+    codes, absmax, outliers = quantize(x, 6.0)
     columns = torch.nonzero(outliers).flatten()
     bnb_codes, bnb_absmax, bnb_columns = bnb.functional.int8_vectorwise_quant(x.clone(), threshold=6.0)
     assert sorted(columns.tolist()) == sorted(planted)

@@ -1,6 +1,13 @@
-"""int8 on the CPU backend: weight-only, with 16-bit activations (optimum-quanto's w8a16), for both activations modes:
-LowBitConfig(weights="int8", activations=None) asks for exactly this, and LLM.int8 (activations="int8") runs it too.
+"""int8 on the CPU backend, in both activations modes of the format, each computing what its reference computes.
 
+LLM.int8 (activations="int8", the default): the native kernel (csrc/llm_int8.cpp) quantizes each activation row to
+int8 with its absmax exactly as the reference does, finds the outlier columns (any |x| >= the threshold), sums the
+int8 products exactly in int32 (AVX2's 16-bit multiply-adds, or plain C++ without AVX2), scales them as the reference
+does, and adds the outlier columns' products in float, the weight dequantized as the reference dequantizes it. Its
+result is the reference's to within the order of the outlier columns' float sums (tests/test_cpu_backend.py), and
+bitsandbytes' LLM.int8 to within its rounding (tests/test_int8.py). Without the native build, the reference runs.
+
+Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-bit.
 - Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.
 - Up to AMX_INT8_MAX_M rows, bfloat16 or float16 compute on CPUs with AMX-INT8 (K a multiple of 64): the int8 tile
@@ -10,13 +17,11 @@ LowBitConfig(weights="int8", activations=None) asks for exactly this, and LLM.in
 - More rows, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h) multiplies the int8
   values as bfloat16 (exact) and scales each output by its row's weight_scale / 127, as the decode kernel does.
 - Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
-Loading quantizes each weight with the native quantizer (the format's own values, one pass).
-The activations are not quantized, so the result sits closer to the 16-bit model than LLM.int8's, which also rounds
-every activation row to int8 (outlier columns aside; tests/test_cpu_backend.py checks it against bitsandbytes'
-LLM.int8). The stored tensors and the checkpoint are LLM.int8's, unchanged, and the reference and the Triton
-kernels keep LLM.int8's numerics. torch's own `_weight_int8pack_mm` was measured here too: 1.8x slower than this
-kernel at K = 2048 (the 0.4B Llama of benchmarks/cpu_decode.py), 1.2x faster at K = 4096, and it needs K % 16 == 0
-and a 16-byte aligned weight (it crashes otherwise); one kernel for every shape is kept.
+torch's own `_weight_int8pack_mm` was measured here too: 1.8x slower than the decode kernel at K = 2048 (the 0.4B
+Llama of benchmarks/cpu_decode.py), 1.2x faster at K = 4096, and it needs K % 16 == 0 and a 16-byte aligned weight
+(it crashes otherwise); one kernel for every shape is kept.
+
+Loading quantizes each weight with the native quantizer (the format's own values, one pass), in either mode.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import torch
 
 from ..formats import QuantScheme, WeightFormat
 from ..formats.base import NonFiniteWeightError
+from ..formats.activations import Int8Activations
 from ..formats.records import RowScaledWeight
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, library, native
@@ -54,11 +60,25 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> di
     return {"weight": values, "weight_scale": absmax}
 
 
-# LLM.int8 (activations="int8") runs the weight-only kernels too, for now: see the module's docstring.
+@register_kernel(RowScaledWeight.family, "cpu", activations=Int8Activations.mode)
+def llm_int8_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                     activations: Int8Activations) -> torch.Tensor:  # fmt: skip
+    """LLM.int8 by the native kernel: its int8 part exactly the reference's, its outlier part in float."""
+    kernels = native.load()
+    if kernels is None:
+        return reference_forward(x, weight, bias, compute_dtype, activations)
+    x2d = x.reshape(-1, weight.in_features).to(compute_dtype).contiguous()
+    y = library.call(kernels, "linear_llm_int8", x2d, weight.values, weight.scale, float(activations.outlier_threshold))
+    served("cpu.int8.llm_int8")
+    if bias is not None:
+        y = y + bias.float()  # as the reference: the bias added in float32, one rounding to the compute dtype
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
 @register_kernel(RowScaledWeight.family, "cpu")
-@register_kernel(RowScaledWeight.family, "cpu", activations="int8")
 def linear_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
                    activations=None) -> torch.Tensor:  # fmt: skip
+    """Weight-only int8: x @ dequant(W).T with 16-bit activations."""
     kernels = native.load()
     if kernels is None:
         return reference_forward(x, weight, bias, compute_dtype, activations)

@@ -28,12 +28,13 @@ import torch
 
 NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("cpu_features.cpp", "codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "affine.cpp", "module.cpp")]
+           for name in ("cpu_features.cpp", "codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "llm_int8.cpp", "affine.cpp",
+                         "module.cpp")]
 # Caps the instruction sets the kernels use (csrc/cpu_features.cpp), read once per process: a machine with AMX runs
 # the paths of a CPU without it. From the most to the least: everything the CPU has, then without AMX, without the
-# BF16 instructions too, and plain C++ only.
+# BF16 instructions too, without AVX-512, and plain C++ only.
 MAX_ISA_ENV = "QUANTIZER_PLUGIN_MAX_ISA"
-MAX_ISA_VALUES = ("amx", "avx512_bf16", "avx512", "scalar")
+MAX_ISA_VALUES = ("amx", "avx512_bf16", "avx512", "avx2", "scalar")
 # The weight dtypes the native quantizers read; others go to the format's own quantize.
 QUANTIZER_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
@@ -124,7 +125,7 @@ def _import_library(path: Path) -> ModuleType:
     return module
 
 
-CPU_CHECKS = ("uses_avx512", "uses_avx512_bf16", "uses_amx_bf16", "uses_amx_int8")
+CPU_CHECKS = ("uses_avx2", "uses_avx512", "uses_avx512_bf16", "uses_amx_bf16", "uses_amx_int8")
 
 
 def _answer_checks_once(module: ModuleType) -> None:

@@ -27,10 +27,14 @@ def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def outlier_columns(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
     """Which input features have an activation with |x| >= threshold, as a boolean mask over the columns (none when
-    threshold is 0). A mask, not indices: its shape does not depend on the data, so torch.compile traces it."""
+    threshold is 0). A mask, not indices: its shape does not depend on the data, so torch.compile traces it.
+
+    Compared in float32, as every backend compares (a 16-bit tensor compared with a Python number would round the
+    threshold to its own dtype, which bitsandbytes does: the same columns for any threshold that dtype holds, as 6.0).
+    """
     if threshold <= 0:
         return torch.zeros(x2d.shape[-1], dtype=torch.bool, device=x2d.device)
-    return (x2d.abs() >= threshold).any(dim=0)
+    return (x2d.float().abs() >= threshold).any(dim=0)
 
 
 def quantize_activations(x2d: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,9 +1,10 @@
-// What this CPU can run, asked once per process: AVX-512 (F, BW, VL, DQ), AVX512-BF16, AMX-BF16 and AMX-INT8 (the
-// tile state granted by Linux). Every kernel choice, in C++ and in Python, goes through these four answers.
+// What this CPU can run, asked once per process: AVX2 (with FMA), AVX-512 (F, BW, VL, DQ), AVX512-BF16, AMX-BF16 and
+// AMX-INT8 (the tile state granted by Linux). Every kernel choice, in C++ and in Python, goes through these answers.
 //
 // QUANTIZER_PLUGIN_MAX_ISA caps them, so that a machine with AMX can run the paths a CPU without it takes:
 // "amx" (or unset: everything the CPU has), "avx512_bf16" (no AMX), "avx512" (no AMX, no BF16 instructions),
-// "scalar" (plain C++ only). native.py checks the value before the library loads.
+// "avx2" (no AVX-512 either: the paths of an AMD EPYC before Zen 4), "scalar" (plain C++ only). native.py checks the
+// value before the library loads.
 
 #include <cpuid.h>
 #include <sys/syscall.h>
@@ -18,7 +19,7 @@ namespace quantizer_plugin {
 
 namespace {
 
-enum Isa { SCALAR = 0, AVX512 = 1, AVX512_BF16 = 2, AMX = 3 };
+enum Isa { SCALAR = 0, AVX2 = 1, AVX512 = 2, AVX512_BF16 = 3, AMX = 4 };
 
 Isa max_isa() {
   static const Isa cap = [] {
@@ -26,6 +27,7 @@ Isa max_isa() {
     if (value == nullptr || !*value || !std::strcmp(value, "amx")) return AMX;
     if (!std::strcmp(value, "avx512_bf16")) return AVX512_BF16;
     if (!std::strcmp(value, "avx512")) return AVX512;
+    if (!std::strcmp(value, "avx2")) return AVX2;
     return SCALAR;
   }();
   return cap;
@@ -33,8 +35,13 @@ Isa max_isa() {
 
 }  // namespace
 
+bool has_avx2() {
+  static const bool yes = max_isa() >= AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return yes;
+}
+
 bool has_avx512() {
-  static const bool yes = max_isa() >= AVX512 && __builtin_cpu_supports("avx512f") &&
+  static const bool yes = max_isa() >= AVX512 && has_avx2() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
   return yes;

@@ -74,6 +74,13 @@ void dequantize_affine(const at::Tensor& packed, const at::Tensor& scale, const 
 at::Tensor linear_affine_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                  const at::Tensor& zero, int64_t bits, int64_t block, int64_t rows_per_chunk);
 
+// LLM.int8 (llm_int8.cpp): y (M, N) float32 = the int8 part plus the outlier columns' (rounded to x's dtype), for x
+// (M, K) float32, bfloat16 or float16 in the compute dtype; and the activations' side alone, as the reference's
+// quantize_activations: (int8 codes (M, K), float32 row absmax, bool outlier column mask (K,)).
+at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const at::Tensor& x, double threshold);
+
+bool has_avx2();
 bool has_avx512();
 bool has_avx512_bf16();
 bool has_amx_bf16();
