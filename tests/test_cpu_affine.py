@@ -14,7 +14,7 @@ from quantizer_plugin.cpu import native
 from quantizer_plugin.formats import QuantScheme
 
 import oracles
-from cpu_caps import amx_here, avx512_bf16_here, avx512_here
+from cpu_caps import amx_here, avx2_here, avx512_bf16_here
 from test_cpu_backend import DTYPES, M_VALUES, assert_close_to_scale, expected_output, make_layer
 
 FORMATS = ["int4", "int2"]
@@ -32,7 +32,7 @@ def cpu_backend(monkeypatch):
 
 def expected_kernel(m: int, k: int, block: int, dtype: torch.dtype) -> str:
     """The kernel that should serve, from the shapes and this CPU's flags (not from the entry point's own checks)."""
-    if m <= cpu_affine.GEMV_MAX_M and k % block == 0 and block % 64 == 0 and avx512_here():
+    if m <= cpu_affine.GEMV_MAX_M and k % block == 0 and block % 64 == 0 and avx2_here():
         return "fused_bf16" if dtype == torch.bfloat16 and avx512_bf16_here() else "fused"
     if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"
@@ -63,7 +63,7 @@ def test_the_fused_kernel_needs_its_zero_points():
         x = torch.rand(2, 256)
         with ops.record_dispatch() as served:
             y = layer(x)
-        assert served == ["cpu.affine.fused" if avx512_here() else "cpu.affine.dequantize_matmul"]
+        assert served == ["cpu.affine.fused" if avx2_here() else "cpu.affine.dequantize_matmul"]
         assert_close_to_scale(y, expected_output(x, layer), torch.float32)
 
 
@@ -135,7 +135,7 @@ def test_without_native_kernels_affine_layers_run_the_reference(weights, monkeyp
     assert_close_to_scale(y, expected_output(x, layer), torch.bfloat16)
 
 
-@pytest.mark.skipif(not avx512_here(), reason="the fused affine kernels are AVX-512 only (elsewhere: the chunks)")
+@pytest.mark.skipif(not avx2_here(), reason="the fused affine kernels need AVX2 (elsewhere: the chunks)")
 def test_the_native_affine_kernels_name_a_bad_argument():
     kernels = native.load()
     layer = make_layer(QuantScheme("int4"), 8, 128, torch.float32, seed=2)

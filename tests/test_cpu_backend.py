@@ -16,7 +16,7 @@ from quantizer_plugin.formats import QuantScheme, get_format
 
 import oracles
 import cpu_caps
-from cpu_caps import amx_here, amx_int8_here, avx512_bf16_here, avx512_here
+from cpu_caps import amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -53,6 +53,7 @@ def assert_close_to_scale(y: torch.Tensor, expected: torch.Tensor, dtype: torch.
 def test_the_native_kernels_build_here():
     kernels = native.load()
     assert kernels is not None, "the native CPU kernels did not build on this machine"
+    assert kernels.uses_avx2() == avx2_here()
     assert kernels.uses_avx512() == avx512_here()
     assert kernels.uses_avx512_bf16() == avx512_bf16_here()
 
@@ -252,7 +253,7 @@ def test_weight_only_int8_matches_the_oracle(dtype, k):
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
         tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
-        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M and avx512_here() else large]
+        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M and avx2_here() else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
 
@@ -348,7 +349,7 @@ def test_int8_input_gradient_runs_the_native_chunks(activations):
     grad_y = torch.randn(3, 37, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
         layer(x).backward(grad_y)
-    forward = "cpu.int8.llm_int8" if activations else "cpu.int8.fused" if avx512_here() else "cpu.int8.dequantize_matmul"
+    forward = "cpu.int8.llm_int8" if activations else "cpu.int8.fused" if avx2_here() else "cpu.int8.dequantize_matmul"
     assert served == [forward, "cpu.int8.grad_input"]
     assert_close_to_scale(x.grad, grad_y.double() @ oracles.weight_of(layer).double(), torch.bfloat16)
 
@@ -457,7 +458,24 @@ CAPPED_SCRIPT = LLM_INT8_RUN + (
     "for m in (1, 40):\n"
     "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
     "    print(served[0])\n"
-    "print(*llm_int8_run())"
+    "print(*llm_int8_run())\n"
+    # each family's decode kernel on this path (AVX-512, AVX2 or plain C++) against the reference's weight, float32
+    "for scheme in (QuantScheme('nf4'), QuantScheme('int8', activations=None), QuantScheme('int4')):\n"
+    "    torch.manual_seed(1); layer = LowBitLinear.from_float(torch.nn.Linear(256, 37), scheme, compute_dtype=torch.float32)\n"
+    "    x = torch.randn(3, 256)\n"
+    "    with ops.record_dispatch() as served: y = layer(x)\n"
+    "    exact = x.double() @ layer.dequantize_weight(torch.float32).double().T + layer.bias.double()\n"
+    "    print(served[0], float((y.double() - exact).abs().max() / exact.abs().max()), end=' ')\n"
+    # each family's float32 dequantizer on this path (the chunks of a float32 compute dtype), bit for bit
+    "print()\n"
+    "from quantizer_plugin.cpu import codebook4bit\n"
+    "for scheme in (QuantScheme('nf4', 32), QuantScheme('int8'), QuantScheme('int4', 16), QuantScheme('int2')):\n"
+    "    torch.manual_seed(2); layer = LowBitLinear.from_float(torch.nn.Linear(200, 37), scheme, compute_dtype=torch.float32)\n"
+    "    reference = layer.dequantize_weight(torch.float32)[3:30]; out = torch.empty(27, 200)\n"
+    "    if scheme.weights == 'nf4': k.dequantize_4bit(*codebook4bit.weight_arguments(layer.weight_record()), 32, 600, 6000, out.view(-1), False)\n"
+    "    elif scheme.weights == 'int8': k.dequantize_int8(layer.weight, layer.weight_scale, 3, 30, out)\n"
+    "    else: k.dequantize_affine(layer.weight, layer.weight_scale, layer.weight_zero, layer.fmt.bits, scheme.block_size, 3, 30, out)\n"
+    "    print(torch.equal(out, reference), end=' ')"
 )
 MISSPELT = "amx512"
 
@@ -477,7 +495,7 @@ def capped_runs():
 def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap, capped_runs):
     result = capped_runs[cap]
     assert result.returncode == 0, result.stderr[-3000:]
-    features, decode, batch, llm_int8 = result.stdout.split("\n")[:4]
+    features, decode, batch, llm_int8, decodes, dequantized = result.stdout.split("\n")[:6]
     level, flags = cpu_caps.LEVELS.index(cap), cpu_caps.cpu_flags()
     avx2, avx512, avx512_bf16, amx_bf16, amx_int8 = [flag == "True" for flag in features.split()]
     assert avx2 == (level >= 1 and "avx2" in flags)
@@ -490,6 +508,12 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     namespace = {}
     exec(LLM_INT8_RUN, namespace)
     assert llm_int8.split() == list(namespace["llm_int8_run"]()) and llm_int8.startswith("cpu.int8.llm_int8 ")
+    # the decode kernels: fused wherever there is AVX2 (int8 and int4 take the chunks in plain C++)
+    served, errors = decodes.split()[::2], [float(error) for error in decodes.split()[1::2]]
+    assert served == ["cpu.codebook4bit.fused"] + (["cpu.int8.fused", "cpu.affine.fused"] if avx2
+                                                   else ["cpu.int8.dequantize_matmul", "cpu.affine.dequantize_matmul"])  # fmt: skip
+    assert max(errors) <= TOLERANCES[torch.float32], errors
+    assert dequantized.split() == ["True"] * 4
 
 
 def test_a_misspelt_max_isa_is_an_error_naming_the_variable(capped_runs):

@@ -12,8 +12,8 @@
 - Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
   and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
   chunks.
-Without AVX-512 every batch size takes the native chunks (plain C++ dequantize, torch's GEMM); without the native
-build the plain-torch reference runs.
+Decode on CPUs with AVX2 only takes the float32 fused kernel, 8 lanes wide; without AVX2 every batch size takes the
+native chunks (plain C++ dequantize, torch's GEMM); without the native build the plain-torch reference runs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ FUSED_STEP = 64  # columns a fused kernel step reads: the group must be a multip
 def fused_kernel(kernels, m: int, weight: AffineWeight, compute_dtype: torch.dtype) -> str | None:
     """Which fused decode kernel serves `m` activation rows: "fused_bf16", "fused" or None (chunks)."""
     block, k = weight.block_size, weight.in_features
-    if m > GEMV_MAX_M or k % block or block % FUSED_STEP or not kernels.uses_avx512():
+    if m > GEMV_MAX_M or k % block or block % FUSED_STEP or not kernels.uses_avx2():
         return None
     return "fused_bf16" if compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
 

@@ -84,7 +84,7 @@ def linear_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor 
         return reference_forward(x, weight, bias, compute_dtype, activations)
     dtype = compute_dtype
     x2d = x.reshape(-1, weight.in_features)
-    if x2d.shape[0] <= GEMV_MAX_M and kernels.uses_avx512():
+    if x2d.shape[0] <= GEMV_MAX_M and kernels.uses_avx2():
         y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), weight.values, weight.scale)
         served("cpu.int8.fused")
     elif uses_int8_tiles(kernels, x2d.shape[0], weight, dtype):

@@ -182,6 +182,64 @@ AVX512 void gemv_rows_f32(const FusedArgs& a, const float* x, int64_t n_begin, i
   }
 }
 
+// One STEP of codes as eight vectors of 8 float32 integers, in step_order (vector q multiplies its columns 8q to
+// 8q + 7), for CPUs with AVX2 only.
+template <int BITS>
+AVX2 inline void codes_f32_avx2(const uint8_t* bytes, __m256* out) {
+  if constexpr (BITS == 4) {
+    const __m256i nibble = _mm256_set1_epi32(0xF);
+    for (int i = 0; i < 4; ++i) {
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i)));
+      out[i] = _mm256_cvtepi32_ps(_mm256_srli_epi32(a, 4));
+      out[4 + i] = _mm256_cvtepi32_ps(_mm256_and_si256(a, nibble));
+    }
+  } else {
+    const __m256i mask = _mm256_set1_epi32(0x3);
+    for (int h = 0; h < 2; ++h) {
+      const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * h)));
+      for (int j = 0; j < 4; ++j) {
+        out[2 * j + h] = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(a, 6 - 2 * j), mask));
+      }
+    }
+  }
+}
+
+// gemv_rows_f32 for CPUs with AVX2 only: the same sums, 8 lanes wide.
+template <int BITS, int MT>
+AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin, int64_t n_end) {
+  const int64_t row_bytes = a.K * BITS / 8, groups = a.K / a.block;
+  std::vector<float> s(groups), z(groups);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = a.packed + n * row_bytes;
+    for (int64_t g = 0; g < groups; ++g) {
+      s[g] = static_cast<float>(a.scale[n * groups + g]);
+      z[g] = static_cast<float>(a.zero[n * groups + g]);
+    }
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0, k = 0; g < groups; ++g) {
+      __m256 part[MT];
+      for (int m = 0; m < MT; ++m) part[m] = _mm256_setzero_ps();
+      for (const int64_t end = k + a.block; k < end; k += STEP) {
+        const uint8_t* bytes = row + k * BITS / 8;
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        __m256 codes[8];
+        codes_f32_avx2<BITS>(bytes, codes);
+        for (int m = 0; m < MT; ++m) {
+          for (int q = 0; q < 8; ++q) part[m] = _mm256_fmadd_ps(codes[q], _mm256_loadu_ps(x + m * a.K + k + 8 * q), part[m]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(s[g]);
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(scale, part[m], acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) {
+      float share = 0.0f;  // what the row's zero points take off its output
+      for (int64_t g = 0; g < groups; ++g) share += s[g] * z[g] * a.sums[m * groups + g];
+      a.y[m * a.N + n] = horizontal_sum(acc[m]) - share;
+    }
+  }
+}
+
 // --- dequantize rows ----------------------------------------------------------------------------------------------
 
 struct Rows {
@@ -259,12 +317,49 @@ AVX512 void dequantize_row_avx512(const Rows& r, int64_t n, Out* out) {
   dequantize_rows_scalar(r, n, k, out);
 }
 
+// Row n as float32, 8 codes (BITS bytes) at a time, for CPUs with AVX2 only (the chunks of a float32 compute
+// dtype): (q - z) * s with the reference's two roundings. The codes of 8 columns from a 32-bit word of
+// their bytes: each lane takes its byte and shifts its code down (the first code of a byte is in its high bits).
+template <int BITS>
+AVX2 void dequantize_row_avx2(const Rows& r, int64_t n, float* out) {
+  constexpr int per_byte = 8 / BITS;
+  const __m256i byte_of_lane = per_byte == 2 ? _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3)
+                                             : _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1);
+  const __m256i shifts = per_byte == 2 ? _mm256_setr_epi32(4, 0, 4, 0, 4, 0, 4, 0)
+                                       : _mm256_setr_epi32(6, 4, 2, 0, 6, 4, 2, 0);
+  const __m256i mask = _mm256_set1_epi32((1 << BITS) - 1);
+  const uint8_t* row = r.packed + n * r.row_bytes;
+  const int64_t group_mask = r.block - 1;  // the block is a power of two of 16 or more
+  const int block_shift = __builtin_ctzll(r.block);
+  __m256 s = _mm256_setzero_ps(), z = s;
+  int64_t k = 0;
+  for (; k + 8 <= r.K; k += 8) {
+    if ((k & group_mask) == 0) {  // a new group (8 columns never straddle one)
+      const int64_t g = n * r.groups + (k >> block_shift);
+      s = _mm256_set1_ps(static_cast<float>(r.scale[g]));
+      z = _mm256_set1_ps(static_cast<float>(r.zero[g]));
+    }
+    int32_t word = 0;
+    std::memcpy(&word, row + k / per_byte, BITS);  // the 8 codes' bytes
+    const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_cvtepu8_epi32(_mm_cvtsi32_si128(word)), byte_of_lane);
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(bytes, shifts), mask));
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_sub_ps(q, z), s));
+  }
+  dequantize_rows_scalar(r, n, k, out);
+}
+
 template <typename Out, typename Store>
 void dequantize_range(const Rows& r, int64_t first, int64_t last, Out* out) {
   const bool vector = has_avx512();
   for (int64_t n = first; n < last; ++n) {
     Out* o = out + (n - first) * r.K;
     if (!vector) {
+      if constexpr (std::is_same_v<Out, float>) {
+        if (has_avx2()) {
+          r.bits == 4 ? dequantize_row_avx2<4>(r, n, o) : dequantize_row_avx2<2>(r, n, o);
+          continue;
+        }
+      }
       dequantize_rows_scalar(r, n, 0, o);
     } else if (r.bits == 4) {
       dequantize_row_avx512<4, Out, Store>(r, n, o);
@@ -348,7 +443,7 @@ FusedArgs check_fused(const at::Tensor& x, const at::Tensor& packed, const at::T
                       int64_t bits, int64_t block) {
   const int64_t K = x.size(1);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix");
-  TORCH_CHECK(has_avx512(), "the fused affine kernels need AVX-512");
+  TORCH_CHECK(has_avx2(), "the fused affine kernels need AVX2");
   TORCH_CHECK(block % STEP == 0 && K % block == 0, "the fused affine kernels need K a multiple of the block and the "
               "block of ", STEP, ", not K = ", K, ", block = ", block);
   const Rows r = check_rows(packed, scale, zero, bits, block, K);
@@ -383,13 +478,19 @@ at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::
   const at::Tensor xs = step_order(x, bits), sums = group_sums(x, block);
   at::Tensor y = at::empty({x.size(0), a.N}, x.options());
   const float* x0 = xs.data_ptr<float>();
+  const bool avx512 = has_avx512();
   for_row_groups(x.size(0), a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
     FusedArgs part = a;
     part.sums = sums.data_ptr<float>() + m0 * sums.size(1);
     part.y = y.data_ptr<float>() + m0 * a.N;
     constexpr int MT = decltype(rows)::value;
-    bits == 4 ? gemv_rows_f32<4, MT>(part, x0 + m0 * a.K, begin, end)
-              : gemv_rows_f32<2, MT>(part, x0 + m0 * a.K, begin, end);
+    if (avx512) {
+      bits == 4 ? gemv_rows_f32<4, MT>(part, x0 + m0 * a.K, begin, end)
+                : gemv_rows_f32<2, MT>(part, x0 + m0 * a.K, begin, end);
+    } else {
+      bits == 4 ? gemv_rows_f32_avx2<4, MT>(part, x0 + m0 * a.K, begin, end)
+                : gemv_rows_f32_avx2<2, MT>(part, x0 + m0 * a.K, begin, end);
+    }
   });
   return y;
 }

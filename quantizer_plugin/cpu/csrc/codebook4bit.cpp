@@ -232,6 +232,70 @@ AVX512_BF16 void gemv_rows_bf16(const uint8_t* packed, const Absmax& absmax, con
   }
 }
 
+// Eight 4-bit codes (one per int32 lane) looked up in the 16-entry float32 codebook: AVX2 permutes eight lanes, so
+// each half of the codebook is permuted and the code's bit 3 (moved into the sign bit) picks between them.
+AVX2 inline __m256 lookup8(__m256i codes, __m256 low_half, __m256 high_half) {
+  const __m256 low = _mm256_permutevar8x32_ps(low_half, codes);
+  const __m256 high = _mm256_permutevar8x32_ps(high_half, codes);
+  return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(codes, 28)));
+}
+
+// gemv_rows_avx512 for CPUs with AVX2 only: 8 bytes (16 codes) per step, float32 products as there.
+template <int MT>
+AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K,
+                         const float* xe, const float* xo, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  const __m256 low_half = _mm256_loadu_ps(lut), high_half = _mm256_loadu_ps(lut + 8);
+  const __m256i low_nibble = _mm256_set1_epi32(0xF);
+  const int64_t half = K / 2;
+  const int64_t blocks_per_row = K / block;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = packed + n * half;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      __m256 part[MT];
+      for (int m = 0; m < MT; ++m) part[m] = _mm256_setzero_ps();
+      const int64_t start = b * (block / 2);
+      for (int64_t off = start; off < start + block / 2; off += 8) {
+        if (off % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
+        const __m256 w_even = lookup8(_mm256_srli_epi32(bytes, 4), low_half, high_half);
+        const __m256 w_odd = lookup8(_mm256_and_si256(bytes, low_nibble), low_half, high_half);
+        for (int m = 0; m < MT; ++m) {
+          part[m] = _mm256_fmadd_ps(w_even, _mm256_loadu_ps(xe + m * half + off), part[m]);
+          part[m] = _mm256_fmadd_ps(w_odd, _mm256_loadu_ps(xo + m * half + off), part[m]);
+        }
+      }
+      const __m256 scale = _mm256_set1_ps(absmax(n * blocks_per_row + b));
+      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(scale, part[m], acc[m]);
+    }
+    for (int m = 0; m < MT; ++m) y[m * N + n] = horizontal_sum(acc[m]);
+  }
+}
+
+// The flat weight's elements [begin, end) as float32, 16 (8 bytes) at a time, for CPUs with AVX2 only (the chunks
+// of a float32 compute dtype): each code times its block's absmax, one rounding, as the reference.
+AVX2 void dequantize_avx2(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block,
+                          int64_t begin, int64_t end, int64_t first, float* out) {
+  const int64_t head_end = std::min(end, (begin + 15) / 16 * 16);  // steps start on 16 elements: one block each
+  dequantize_scalar(packed, absmax, lut, block, begin, head_end, first, out);
+  const __m256 low_half = _mm256_loadu_ps(lut), high_half = _mm256_loadu_ps(lut + 8);
+  const __m256i low_nibble = _mm256_set1_epi32(0xF);
+  const int block_shift = __builtin_ctzll(block);  // a power of two of 16 or more
+  int64_t g = head_end;
+  for (; g + 16 <= end; g += 16) {
+    if (g % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(packed + g / 2 + PREFETCH_BYTES), _MM_HINT_T0);
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + g / 2)));
+    const __m256 scale = _mm256_set1_ps(absmax(g >> block_shift));
+    const __m256 even = _mm256_mul_ps(lookup8(_mm256_srli_epi32(bytes, 4), low_half, high_half), scale);
+    const __m256 odd = _mm256_mul_ps(lookup8(_mm256_and_si256(bytes, low_nibble), low_half, high_half), scale);
+    const __m256 pairs_low = _mm256_unpacklo_ps(even, odd), pairs_high = _mm256_unpackhi_ps(even, odd);
+    _mm256_storeu_ps(out + (g - first), _mm256_permute2f128_ps(pairs_low, pairs_high, 0x20));
+    _mm256_storeu_ps(out + (g - first) + 8, _mm256_permute2f128_ps(pairs_low, pairs_high, 0x31));
+  }
+  dequantize_scalar(packed, absmax, lut, block, g, end, first, out);
+}
+
 void gemv_rows_scalar(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block, int64_t K,
                       const float* xe, const float* xo, int64_t M, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t half = K / 2;
@@ -352,12 +416,14 @@ at::Tensor gemv_4bit(const at::Tensor& x, const at::Tensor& packed,
   const uint8_t* p = packed.data_ptr<uint8_t>();
   const float* table = lut.data_ptr<float>();
   float* out = y.data_ptr<float>();
-  const bool vector = has_avx512();
+  const bool avx512 = has_avx512(), avx2 = has_avx2();
   for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
     const float* e = xe.data_ptr<float>() + m0 * (K / 2);
     const float* o = xo.data_ptr<float>() + m0 * (K / 2);
-    if (vector) {
+    if (avx512) {
       gemv_rows_avx512<decltype(rows)::value>(p, a, table, block, K, e, o, out + m0 * N, N, begin, end);
+    } else if (avx2) {
+      gemv_rows_avx2<decltype(rows)::value>(p, a, table, block, K, e, o, out + m0 * N, N, begin, end);
     } else {
       gemv_rows_scalar(p, a, table, block, K, e, o, rows, out + m0 * N, N, begin, end);
     }
@@ -422,8 +488,9 @@ void dequantize_4bit(const at::Tensor& packed,
     case at::kFloat:
       run(out.data_ptr<float>(), [&](float* o, int64_t s, int64_t e) {
         if (grouped) return dequantize_avx512<float, StoreFloat, true>(p, a, table, block, s, e, begin, o);
-        vector ? dequantize_avx512<float, StoreFloat, false>(p, a, table, block, s, e, begin, o)
-               : dequantize_scalar(p, a, table, block, s, e, begin, o);
+        if (vector) return dequantize_avx512<float, StoreFloat, false>(p, a, table, block, s, e, begin, o);
+        has_avx2() ? dequantize_avx2(p, a, table, block, s, e, begin, o)
+                   : dequantize_scalar(p, a, table, block, s, e, begin, o);
       });
       break;
     case at::kHalf:

@@ -35,6 +35,24 @@ AVX512 void dequantize_int8_avx512(const int8_t* weight, const float* scale, int
   }
 }
 
+// The same into float32, 8 at a time, for CPUs with AVX2 only (the chunks of a float32 compute dtype).
+AVX2 void dequantize_int8_avx2(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
+                               float* out) {
+  for (int64_t n = first; n < last; ++n) {
+    const float s = scale[n] / 127.0f;
+    const __m256 vs = _mm256_set1_ps(s);
+    const int8_t* row = weight + n * K;
+    float* o = out + (n - first) * K;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
+      _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vs));
+    }
+    for (; k < K; ++k) o[k] = static_cast<float>(row[k]) * s;
+  }
+}
+
 template <typename Out>
 void dequantize_int8_scalar(const int8_t* weight, const float* scale, int64_t K, int64_t first, int64_t last,
                             Out* out) {
@@ -69,6 +87,32 @@ AVX512 void gemv_int8_rows(const int8_t* weight, const float* scale, int64_t K, 
     const float s = scale[n] / 127.0f;
     for (int m = 0; m < MT; ++m) {
       float sum = _mm512_reduce_add_ps(acc[m]);
+      for (int64_t t = k; t < K; ++t) sum += static_cast<float>(row[t]) * x[m * K + t];
+      y[m * N + n] = sum * s;
+    }
+  }
+}
+
+// gemv_int8_rows for CPUs with AVX2 only: 8 weights per float32 vector, the same float32 products.
+template <int MT>
+AVX2 void gemv_int8_rows_avx2(const int8_t* weight, const float* scale, int64_t K, const float* x, float* y,
+                              int64_t N, int64_t n_begin, int64_t n_end) {
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const int8_t* row = weight + n * K;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 <= K; k += 32) {
+      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      for (int q = 0; q < 32; q += 8) {
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + q));
+        const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));
+        for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + q), acc[m]);
+      }
+    }
+    const float s = scale[n] / 127.0f;
+    for (int m = 0; m < MT; ++m) {
+      float sum = horizontal_sum(acc[m]);
       for (int64_t t = k; t < K; ++t) sum += static_cast<float>(row[t]) * x[m * K + t];
       y[m * N + n] = sum * s;
     }
@@ -164,14 +208,20 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& weight, const at::Te
   TORCH_CHECK(weight.size(1) == x.size(1), "x and weight disagree on K");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
               "scale must be contiguous float32, one per row");
-  TORCH_CHECK(has_avx512(), "gemv_int8 needs AVX-512");
+  TORCH_CHECK(has_avx2(), "gemv_int8 needs AVX2");
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   at::Tensor y = at::empty({M, N}, x.options());
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* s = scale.data_ptr<float>();
+  const bool avx512 = has_avx512();
   for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
-    gemv_int8_rows<decltype(rows)::value>(w, s, K, x.data_ptr<float>() + m0 * K, y.data_ptr<float>() + m0 * N, N,
-                                          begin, end);
+    const float* xm = x.data_ptr<float>() + m0 * K;
+    float* ym = y.data_ptr<float>() + m0 * N;
+    if (avx512) {
+      gemv_int8_rows<decltype(rows)::value>(w, s, K, xm, ym, N, begin, end);
+    } else {
+      gemv_int8_rows_avx2<decltype(rows)::value>(w, s, K, xm, ym, N, begin, end);
+    }
   });
   return y;
 }
@@ -194,7 +244,8 @@ void dequantize_int8(const at::Tensor& weight, const at::Tensor& scale, int64_t 
   switch (out.scalar_type()) {
     case at::kFloat:
       run(out.data_ptr<float>(), [&](float* o, int64_t a, int64_t b) {
-        vector ? dequantize_int8_avx512<float, StoreFloat>(w, s, K, a, b, o) : dequantize_int8_scalar(w, s, K, a, b, o);
+        if (vector) return dequantize_int8_avx512<float, StoreFloat>(w, s, K, a, b, o);
+        has_avx2() ? dequantize_int8_avx2(w, s, K, a, b, o) : dequantize_int8_scalar(w, s, K, a, b, o);
       });
       break;
     case at::kHalf:

@@ -19,8 +19,6 @@
 
 namespace quantizer_plugin {
 
-#define AVX2 __attribute__((target("avx2,fma")))
-
 namespace {
 
 constexpr int64_t K_STEP = 16;  // int16 lanes of one AVX2 register: the codes' row stride is a multiple of this

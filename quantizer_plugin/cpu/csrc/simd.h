@@ -1,9 +1,9 @@
 // What the CPU kernels share: SIMD target attributes, stores of 32 results in each output dtype, the prefetch
 // distance, and the per-thread dequantize-then-GEMM loop (the run-time CPU checks are declared in kernels.h).
 //
-// SIMD is chosen at run time: AVX-512 (F, BW, VL, DQ) functions are compiled with target attributes, next to plain
-// C++ ones, and picked by __builtin_cpu_supports; the build itself never uses -march=native. Threads come from
-// at::parallel_for, so torch.set_num_threads applies.
+// SIMD is chosen at run time: AVX2 (with FMA) and AVX-512 (F, BW, VL, DQ) functions are compiled with target
+// attributes, next to plain C++ ones, and picked by __builtin_cpu_supports (cpu_features.cpp); the build itself
+// never uses -march=native. Threads come from at::parallel_for, so torch.set_num_threads applies.
 
 #pragma once
 
@@ -32,8 +32,16 @@ inline void store_scalar<at::BFloat16>(at::BFloat16* out, int64_t i, float value
 template <>
 inline void store_scalar<at::Half>(at::Half* out, int64_t i, float value) { out[i] = at::Half(value); }
 
+#define AVX2 __attribute__((target("avx2,fma")))
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+// The sum of 8 float32 lanes (the AVX2 kernels' end of a row).
+AVX2 inline float horizontal_sum(__m256 v) {
+  const __m128 four = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 two = _mm_add_ps(four, _mm_movehl_ps(four, four));
+  return _mm_cvtss_f32(_mm_add_ss(two, _mm_movehdup_ps(two)));
+}
 
 AVX512 inline __m256i bf16_round(__m512 v) {
   // float32 -> bfloat16, round to nearest even (as torch converts); the values here are finite
