@@ -27,5 +27,18 @@ def read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def outputs_on_one_and_two_threads(layer: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """layer(x) with torch.set_num_threads(1), then (2), the thread count restored after."""
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(layer(x))
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()

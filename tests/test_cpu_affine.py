@@ -14,6 +14,7 @@ from quantizer_plugin.cpu import native
 from quantizer_plugin.formats import QuantScheme
 
 import oracles
+from helpers import outputs_on_one_and_two_threads
 from cpu_caps import amx_here, avx2_here, avx512_bf16_here
 from test_cpu_backend import DTYPES, M_VALUES, assert_close_to_scale, expected_output, make_layer
 
@@ -113,15 +114,8 @@ def test_affine_input_gradient_runs_the_native_chunks(weights, dtype):
 def test_the_fused_affine_kernel_gives_the_same_result_on_any_number_of_threads():
     layer = make_layer(QuantScheme("int4"), 301, 256, torch.bfloat16, seed=5)
     x = torch.randn(3, 256, dtype=torch.bfloat16)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(layer(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    one, two = outputs_on_one_and_two_threads(layer, x)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("weights", FORMATS)

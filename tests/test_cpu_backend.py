@@ -15,6 +15,7 @@ from quantizer_plugin.cpu import int8 as cpu_int8
 from quantizer_plugin.formats import QuantScheme, get_format
 
 import oracles
+from helpers import outputs_on_one_and_two_threads
 import cpu_caps
 from cpu_caps import amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here
 
@@ -230,15 +231,8 @@ def test_a_layer_larger_than_one_chunk_is_multiplied_chunk_by_chunk(monkeypatch)
 def test_the_fused_kernel_gives_the_same_result_on_any_number_of_threads():
     layer = make_layer(QuantScheme("nf4", 64, True), 301, 256, torch.float32, seed=5)
     x = torch.randn(3, 256)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(layer(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    one, two = outputs_on_one_and_two_threads(layer, x)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("k", [128, 100, 75], ids=["K128", "K100", "K75"])
@@ -321,15 +315,8 @@ def test_llm_int8_never_hides_a_nan_or_an_infinity(threshold):
 def test_llm_int8_gives_the_same_result_on_any_number_of_threads():
     layer = make_layer(QuantScheme("int8"), 301, 256, torch.bfloat16, seed=5)
     x = llm_int8_input(37, 256, torch.bfloat16, seed=5)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for count in (1, 2):
-            torch.set_num_threads(count)
-            results.append(layer(x))
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(results[0], results[1])
+    one, two = outputs_on_one_and_two_threads(layer, x)
+    assert torch.equal(one, two)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

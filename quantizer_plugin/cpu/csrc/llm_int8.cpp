@@ -70,10 +70,9 @@ Activations prepare_activations(const In* x, int64_t M, int64_t K, float thresho
       // torch computes the reference's 127 / absmax (a number over a tensor) as reciprocal(absmax) * 127
       const float scale = (1.0f / std::max(absmax[m], std::numeric_limits<float>::min())) * 127.0f;
       for (int64_t k = 0; k < K; ++k) {
-        if (is_outlier[k]) continue;  // code 0: the column is multiplied in float
-        const float value = static_cast<float>(row[k]);
-        if (threshold > 0 && std::fabs(value) >= threshold) continue;  // (only in outlier columns)
-        const float code = std::nearbyint(value * scale);  // the default rounding: half to even
+        // code 0 in an outlier column (multiplied in float), which holds every entry at or above the threshold
+        if (is_outlier[k]) continue;
+        const float code = std::nearbyint(static_cast<float>(row[k]) * scale);  // the default rounding: half to even
         // a NaN code (a NaN row's) is 0 here; the row's NaN absmax makes its outputs NaN
         codes[m * a.padded_k + k] = std::isnan(code) ? 0 : static_cast<int16_t>(std::min(std::max(code, -127.0f), 127.0f));
       }
