@@ -1,6 +1,7 @@
 """Peak memory while from_pretrained quantizes a >= 300M-parameter model, ours against bitsandbytes, on CPU.
 
     python benchmarks/load_memory.py            # builds a random 374M-parameter Llama in bf16 once, then measures
+    python benchmarks/load_memory.py --record   # also writes the table into benchmarks/RESULTS.md (this CPU's section)
 
 Each load runs in a fresh process. For each we report:
 - peak RSS (VmHWM): everything resident, including the checkpoint pages safetensors maps from the page cache;
@@ -19,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+HERE = Path(__file__).resolve().parent
 PROVIDERS = ["bf16", "lowbit-nf4", "bnb-nf4", "lowbit-int8", "bnb-int8"]
 ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
@@ -126,10 +127,13 @@ def checkpoint_facts(path: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    parser.add_argument("--out", default=str(HERE / "out"))
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     parser.add_argument("--repeats", type=int, default=3, help="fresh-process loads per cell; the table shows medians")
+    parser.add_argument("--record", nargs="?", const=str(HERE / "RESULTS.md"), default=None,
+                        help="also write the report into benchmarks/RESULTS.md (or the file given), as this machine's "
+                             "section of this benchmark, in place of the one it had")  # fmt: skip
     parser.add_argument("--child", nargs=2, metavar=("PROVIDER", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -157,22 +161,28 @@ def main() -> None:
                 runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
             medians = {key: statistics.median(run[key] for run in runs) for key in runs[0] if key != "provider"}
             rows.append({"provider": provider, "allocator": allocator, "repeats": len(runs)} | medians | facts | {"runs": runs})
-    import torch
-    import transformers
+    sys.path.insert(0, str(HERE))
+    from harness import cpu_environment, record_section
 
-    environment = {
-        "device": f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "date": time.strftime("%Y-%m-%d"),
-    }  # fmt: skip
+    environment = cpu_environment()
     (out / "load_memory.json").write_text(json.dumps({"environment": environment, "rows": rows}, indent=2))
-    print(f"\n{environment}; medians of {args.repeats} fresh-process loads per row")
-    print("| provider | allocator | load s | peak anon increase MB | peak RSS increase MB | loaded tensors MB | bf16 checkpoint MB | largest tensor MB |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['provider']} | {r['allocator']} | {r['load_seconds']} | {r['peak_anon_increase_mb']} | {r['peak_rss_increase_mb']} | "
-              f"{r['model_tensors_mb']} | {r['checkpoint_mb']} | {r['largest_tensor_mb']} |")  # fmt: skip
-
+    lines = [
+        ", ".join(f"{key} {value}" for key, value in environment.items()),
+        "",
+        f"A random {facts['parameters_m']}M-parameter Llama ({args.layers} layers, hidden 1024, MLP 2816, vocab 32000) "
+        f"saved in bf16 ({facts['checkpoint_mb']} MB, largest tensor {facts['largest_tensor_mb']} MB), loaded with "
+        f'device_map="cpu"; medians of {args.repeats} fresh-process loads per row; increases are over the process '
+        "right before from_pretrained.",
+        "",
+        "| provider | allocator | load s | peak anon increase MB | peak RSS increase MB | loaded tensors MB |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [f"| {r['provider']} | {r['allocator']} | {r['load_seconds']} | {r['peak_anon_increase_mb']} | "
+              f"{r['peak_rss_increase_mb']} | {r['model_tensors_mb']} |" for r in rows]  # fmt: skip
+    print("\n" + "\n".join(lines))
+    if args.record:
+        key = record_section("load_memory", "\n".join(lines), environment, Path(args.record))
+        print(f"recorded in {args.record}: {key}")
 
 if __name__ == "__main__":
     main()

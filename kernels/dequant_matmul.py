@@ -267,32 +267,32 @@ _POINTERS = ("packed_ptr", "absmax_ptr", "absmax_code_ptr", "absmax_scale_ptr", 
              "dynamic_code_ptr", "codebook_ptr", "scale_ptr", "zero_ptr")  # fmt: skip
 
 
-def _codebook_pointers(weight: CodebookWeight) -> dict:
+def codebook_pointers(weight: CodebookWeight) -> dict:
     return dict(packed_ptr=weight.packed, absmax_ptr=weight.absmax, absmax_code_ptr=weight.absmax_code,
                 absmax_scale_ptr=weight.absmax_scale, absmax_offset_ptr=weight.absmax_offset,
                 dynamic_code_ptr=weight.dynamic_code, codebook_ptr=weight.code)  # fmt: skip
 
 
-def _affine_pointers(weight: AffineWeight) -> dict:
+def affine_pointers(weight: AffineWeight) -> dict:
     return dict(packed_ptr=weight.packed, scale_ptr=weight.scale, zero_ptr=weight.zero)
 
 
-def _row_scaled_pointers(weight: RowScaledWeight) -> dict:
+def row_scaled_pointers(weight: RowScaledWeight) -> dict:
     return dict(packed_ptr=weight.values, scale_ptr=weight.scale)
 
 
-# family -> (KIND, the kernel pointers its record's fields fill)
-_FAMILIES = {
-    CodebookWeight.family: (CODEBOOK, _codebook_pointers),
-    AffineWeight.family: (AFFINE, _affine_pointers),
-    RowScaledWeight.family: (INT8, _row_scaled_pointers),
+# family -> (KIND, the kernel pointers its record's fields fill): a new family's Triton kernel is an entry here
+FAMILIES = {
+    CodebookWeight.family: (CODEBOOK, codebook_pointers),
+    AffineWeight.family: (AFFINE, affine_pointers),
+    RowScaledWeight.family: (INT8, row_scaled_pointers),
 }
 
 
 def _family(weight) -> tuple:
-    if weight.family not in _FAMILIES:
+    if weight.family not in FAMILIES:
         raise ValueError(f"weight family {weight.family!r} has no weight-only Triton kernel")
-    return _FAMILIES[weight.family]
+    return FAMILIES[weight.family]
 
 
 def _weight_pointers(weight) -> tuple:

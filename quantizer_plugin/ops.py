@@ -120,8 +120,9 @@ def prepare(format_name: str, device: torch.device | str) -> None:
         preparation()
 
 
-def _load_kernels(backend: str) -> None:
-    # Imported on first need: the Triton kernels import triton, which a CPU-only user may not want loaded.
+def load_kernels(backend: str) -> None:
+    """Import `backend`'s kernel package, which registers its kernels (done on first need: the Triton kernels
+    import triton, which a CPU-only user may not want loaded). A registration made after it stands."""
     if backend in _KERNEL_PACKAGES and backend not in _loaded_packages:
         _loaded_packages.add(backend)
         try:
@@ -157,7 +158,7 @@ def select_backend(format_name: str, device: torch.device, activations: str | No
 def _backend_for(family: str, mode: str | None, device: torch.device, format_name: str) -> str:
     forced = forced_backend()
     default = DEFAULT_BACKENDS.get(device.type)
-    _load_kernels(forced or default)
+    load_kernels(forced or default)
     if forced is not None:
         if (family, mode, forced) not in _FORWARD:
             raise RuntimeError(

@@ -3,8 +3,10 @@
     python tests/mutation_check.py                # every breakage (about two minutes; CI runs it too)
     python tests/mutation_check.py NAME [NAME..]  # chosen breakages; --list names them all
 
-Each breakage is a monkeypatch, never an edit of a file: this module is also a pytest plugin, and for each
-breakage the check runs `pytest -x -p mutation_check TESTS` with QUANTIZER_PLUGIN_MUTATION=NAME, so the plugin
+Each breakage is a monkeypatch, never an edit of a file, and patches a public seam where one serves (a kernel
+registered with ops.register_kernel, a registry such as convert.EXPORTERS, the native module native.load returns), so
+that a rename inside the package does not break the check. This module is also a pytest plugin: for each breakage
+the check runs `pytest -x -p mutation_check TESTS` with QUANTIZER_PLUGIN_MUTATION=NAME, so the plugin
 applies the patch when pytest configures itself, before any test runs. Each run is a fresh process forked from one
 that has imported torch and transformers (and nothing of ours), which saves their import (about 8 s on a 2-core
 EPYC) in every run; where fork is unsafe (the parent has started threads) or missing, a plain subprocess per run.
@@ -68,9 +70,12 @@ def dequantize_4bit_returns_zeros():
 
 
 def kernel_4bit_falls_back_to_the_reference():
-    import quantizer_plugin.kernels.layers as layers
+    from quantizer_plugin import ops
 
-    patch(layers, "_fits", lambda layer: False)
+    ops.load_kernels("triton")
+    # through the public registration seam: the 4-bit family's Triton entry points replaced by the references
+    ops.register_kernel("codebook4bit", "triton")(ops.reference_forward)
+    ops.register_kernel("codebook4bit", "triton", backward=True)(ops.reference_backward)
 
 
 def kernel_affine_ignores_the_zero_points():
@@ -79,27 +84,21 @@ def kernel_affine_ignores_the_zero_points():
 
     import quantizer_plugin.kernels.dequant_matmul as kernels
 
-    original = kernels._affine_pointers
+    kind, pointers = kernels.FAMILIES["affine"]
 
     def without_zero_points(weight):
-        return dict(original(weight), zero_ptr=torch.zeros_like(weight.zero))
+        return dict(pointers(weight), zero_ptr=torch.zeros_like(weight.zero))
 
-    patch(kernels, "_FAMILIES", dict(kernels._FAMILIES, affine=(kernels.AFFINE, without_zero_points)))
+    patch(kernels, "FAMILIES", dict(kernels.FAMILIES, affine=(kind, without_zero_points)))
 
 
 def kernel_int8_entry_points_run_the_reference():
     from quantizer_plugin import ops
 
-    ops._load_kernels("triton")
-
-    from quantizer_plugin.formats.base import reference_linear
-
-    def backward(grad_y, weight, compute_dtype):
-        return (grad_y.to(compute_dtype) @ weight.dequantize(compute_dtype)).to(grad_y.dtype)
-
+    ops.load_kernels("triton")
     # through the public registration seam: what a kernel module's own decorators do
-    ops.register_kernel("rowscaled8", "triton", activations="int8")(reference_linear)
-    ops.register_kernel("rowscaled8", "triton", backward=True)(backward)
+    ops.register_kernel("rowscaled8", "triton", activations="int8")(ops.reference_forward)
+    ops.register_kernel("rowscaled8", "triton", backward=True)(ops.reference_backward)
 
 
 def int8_reference_without_outlier_decomposition():
@@ -285,10 +284,19 @@ def cpu_input_gradients_not_ops_under_compile():
 
 def triton_launchers_not_ops_under_compile():
     # the Triton entry points call the launchers' Python while torch.compile traces, not the custom ops wrapping them
-    from quantizer_plugin.kernels import library
+    from quantizer_plugin.formats.records import from_op_arguments
+    from quantizer_plugin.kernels import dequant_matmul, int8_backward, int8_matmul, library
 
-    for name in ("dequant_matmul_op", "dequant_matmul_grad_input_op", "int8_linear_op", "int8_grad_input_op"):
-        patch(library, name, getattr(library, name)._init_fn)  # the function the op was defined from
+    def record(family, tensors, settings):
+        return from_op_arguments(family, tensors, settings)
+
+    patch(library, "dequant_matmul_op", lambda x, family, tensors, settings, bias: dequant_matmul.dequant_matmul(
+        x, record(family, tensors, settings), bias, check_weight=False))  # fmt: skip
+    patch(library, "dequant_matmul_grad_input_op", lambda grad_y, family, tensors, settings: (
+        dequant_matmul.dequant_matmul_grad_input(grad_y, record(family, tensors, settings), check_weight=False)))
+    patch(library, "int8_linear_op", lambda x, weight, scale, bias, threshold: int8_matmul.int8_linear(
+        x, weight, scale, bias, threshold, check_operands=False))  # fmt: skip
+    patch(library, "int8_grad_input_op", int8_backward.int8_grad_input)
 
 
 def kernels_not_prepared_when_layers_load():
@@ -304,20 +312,22 @@ def convert_export_drops_the_nested_offset():
 
     import torch
 
-    from quantizer_plugin.checkpoints import bitsandbytes
+    from quantizer_plugin.checkpoints import bitsandbytes, convert
 
-    original = bitsandbytes._module_to_4bit
+    original = convert.EXPORTERS["bitsandbytes"]
 
-    def without_offset(plan, module, shape, config):
-        original(plan, module, shape, config)
-        key = f"{module}.weight.quant_state.bitsandbytes__{config.weights}"
-        state = json.loads(bytes(plan.entries[key][1]().tolist()).decode())
-        if "nested_offset" in state:
-            state["nested_offset"] = 0.0
-            tensor = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
-            plan.put(key, plan.entries[key][0], lambda: tensor)
+    def without_offset(plan, quantization, shapes):
+        exported = original(plan, quantization, shapes)
+        for key in [key for key in plan.keys() if bitsandbytes.QUANT_STATE in key]:
+            shard, produce = plan.entries[key]
+            state = json.loads(bytes(produce().tolist()).decode())
+            if "nested_offset" in state:
+                state["nested_offset"] = 0.0
+                tensor = torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8)
+                plan.put(key, shard, lambda tensor=tensor: tensor)
+        return exported
 
-    patch(bitsandbytes, "_module_to_4bit", without_offset)
+    patch(convert, "EXPORTERS", dict(convert.EXPORTERS, bitsandbytes=without_offset))  # the exporters by library
 
 
 def cpu_int8_tiles_take_the_columns_shifted():
@@ -353,7 +363,7 @@ def cpu_quantizer_shifts_the_absmax():
 def cpu_int8_runs_the_reference():
     from quantizer_plugin import ops
 
-    ops._load_kernels("cpu")
+    ops.load_kernels("cpu")
     for mode in (None, "int8"):
         ops.register_kernel("rowscaled8", "cpu", activations=mode)(ops.reference_forward)
 
@@ -362,7 +372,7 @@ def cpu_llm_int8_runs_weight_only():
     from quantizer_plugin import ops
     from quantizer_plugin.cpu import int8 as cpu_int8
 
-    ops._load_kernels("cpu")
+    ops.load_kernels("cpu")
     ops.register_kernel("rowscaled8", "cpu", activations="int8")(cpu_int8.linear_forward)
 
 
@@ -382,8 +392,8 @@ def cpu_llm_int8_drops_the_outliers():
 def affine_fit_is_round_to_nearest():
     from quantizer_plugin.formats import affine
 
-    patch(affine, "_HQQ_STEPS", 0)
-    patch(affine, "_LEAST_SQUARES_STEPS", 0)
+    patch(affine, "HQQ_STEPS", 0)
+    patch(affine, "LEAST_SQUARES_STEPS", 0)
 
 
 def codebook_record_always_nf4():
@@ -424,7 +434,7 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_dispatch.py", "tests/test_loading.py::test_dequantize_returns_an_ordinary_model_in_the_source_dtype_unless_asked",
          "tests/test_loading.py::test_save_and_reload_without_config_is_bit_exact")),
     "4bit-kernel-falls-back": Mutation(
-        "the 4-bit Triton entry points silently run the torch reference (_fits returns False)",
+        "the 4-bit Triton entry points silently replaced by the torch reference",
         kernel_4bit_falls_back_to_the_reference,
         ("tests/test_kernels_4bit.py::test_quantized_llama_runs_on_the_kernels",)),
     "int8-kernel-runs-the-reference": Mutation(

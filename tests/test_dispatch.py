@@ -39,7 +39,7 @@ def test_forcing_a_backend_without_a_kernel_for_the_format_fails_clearly(monkeyp
     from quantizer_plugin import ops
 
     monkeypatch.setenv(KERNELS_ENV, "triton")
-    ops._load_kernels("triton")  # registers whatever kernels exist, so that the removal below sticks
+    ops.load_kernels("triton")  # registers whatever kernels exist, so that the removal below sticks
     monkeypatch.delitem(ops._FORWARD, ("rowscaled8", "int8", "triton"), raising=False)
     with pytest.raises(RuntimeError, match="no triton kernel is available for format 'int8'"):
         select_backend("int8", torch.device("cpu"))

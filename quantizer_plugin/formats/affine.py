@@ -22,8 +22,9 @@ from .records import AffineWeight, unpack_codes
 # Rows fitted at a time: the fit's float32 temporaries stay a few tens of megabytes whatever the weight's size.
 _CHUNK_ELEMENTS = 1 << 21
 # HQQ's proximal steps: the lp-norm of the error they shrink, its penalty and the penalty's growth per step.
-_LP_NORM, _BETA, _KAPPA, _HQQ_STEPS = 0.7, 10.0, 1.01, 5
-_LEAST_SQUARES_STEPS = 5  # more steps gained under 1% of squared error on random and outlier-laden weights
+_LP_NORM, _BETA, _KAPPA = 0.7, 10.0, 1.01
+HQQ_STEPS = 5
+LEAST_SQUARES_STEPS = 5  # more steps gained under 1% of squared error on random and outlier-laden weights
 _TINY = torch.finfo(torch.float16).tiny  # smallest normal float16: a smaller scale would lose precision when stored
 
 
@@ -58,7 +59,7 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
     # HQQ: the zero point that best explains the codes once the error's outliers are shrunk away (lp, p < 1).
     beta = _BETA
-    for _ in range(_HQQ_STEPS):
+    for _ in range(HQQ_STEPS):
         q = _codes(w, scale, zero, top)
         error = w - (q - zero) * scale
         shrunk = torch.sign(error) * torch.relu(error.abs() - error.abs().clamp(min=1e-12).pow(_LP_NORM - 1) / beta)
@@ -69,7 +70,7 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     # Least squares: for fixed codes, w ~ a * q + b has a closed-form best a (the scale) and b (-zero * scale);
     # for a fixed scale and zero, rounding gives the best codes. Alternating never raises the squared error.
     scale, zero = best_scale.float(), best_zero.float()
-    for _ in range(_LEAST_SQUARES_STEPS):
+    for _ in range(LEAST_SQUARES_STEPS):
         q = _codes(w, scale, zero, top)
         q_centred = q - q.mean(dim=1, keepdim=True)
         w_centred = w - w.mean(dim=1, keepdim=True)
