@@ -33,6 +33,12 @@ def avx512_bf16_here() -> bool:
     return allowed("avx512_bf16") and avx512_here() and "avx512_bf16" in cpu_flags()
 
 
+def bf16_lookups_here() -> bool:
+    """Whether bfloat16 decode looks the 4-bit codebook up as bfloat16 (vdpbf16ps with AVX512-BF16, vpshufb with AVX2
+    alone): the "fused_bf16" kernel."""
+    return avx512_bf16_here() or (avx2_here() and not avx512_here())
+
+
 def amx_here() -> bool:
     """Whether the AMX-BF16 tile kernels run here."""
     return allowed("amx") and avx512_bf16_here() and {"amx_bf16", "amx_tile"} <= set(cpu_flags())

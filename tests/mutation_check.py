@@ -267,6 +267,11 @@ def cpu_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_bf16_decode_takes_the_columns_shifted():
+    # the 4-bit bfloat16 decode kernel (vdpbf16ps, or AVX2's vpshufb lookups) multiplies x with its columns rotated
+    wrap_native_kernel("gemv_4bit_bf16", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
 def cpu_kernels_called_directly_under_compile():
     # the CPU backend calls its pybind11 kernels even while torch.compile traces (each call breaks the graph)
     from quantizer_plugin.cpu import library
@@ -498,6 +503,9 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-tiles-shifted-columns": Mutation(
         "the AMX tile kernel's activation columns off by one", cpu_tiles_take_the_columns_shifted,
         ("tests/test_cpu_backend.py::test_the_tile_kernels_multiply_exactly_the_references_weights",), needs="amx"),
+    "cpu-bf16-decode-shifted-columns": Mutation(
+        "the 4-bit bfloat16 decode kernel's activation columns off by one", cpu_bf16_decode_takes_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_the_bf16_decode_reads_every_weight_in_its_place",), needs="bf16_lookups"),
     "cpu-quantizer-shifted-absmax": Mutation(
         "the native 4-bit quantizer's absmax one block off", cpu_quantizer_shifts_the_absmax,
         ("tests/test_cpu_backend.py::test_the_native_quantizer_gives_the_formats_own_tensors",)),

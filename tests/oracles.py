@@ -33,13 +33,15 @@ def block_absmax(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def dequantize_4bit(stored: dict[str, torch.Tensor], out_features: int, in_features: int, weights: str,
-                    block_size: int) -> torch.Tensor:  # fmt: skip
+                    block_size: int, codebook_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
+    """Each code's codebook entry (rounded to `codebook_dtype` first: the bfloat16 decode kernels read it so) times its
+    block's absmax, in float32."""
     packed = stored["weight"].reshape(-1).long()
     n = out_features * in_features
     codes = torch.empty(2 * packed.numel(), dtype=torch.long)
     codes[0::2], codes[1::2] = packed // 16, packed % 16  # the first element of a pair sits in the high nibble
     absmax = block_absmax(stored).repeat_interleave(block_size)[:n]
-    return (codebook(weights)[codes[:n]] * absmax).reshape(out_features, in_features)
+    return (codebook(weights).to(codebook_dtype).float()[codes[:n]] * absmax).reshape(out_features, in_features)
 
 
 def dequantize_int8(stored: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from quantizer_plugin.formats import QuantScheme, get_format
 import oracles
 from helpers import outputs_on_one_and_two_threads
 import cpu_caps
-from cpu_caps import amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here
+from cpu_caps import amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, bf16_lookups_here
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -67,8 +67,8 @@ def test_the_amx_kernels_are_used_where_the_cpu_has_them():
 def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
     _, k, block = n_k_block
     if m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0:
-        bf16_dot = dtype == torch.bfloat16 and block % 64 == 0 and avx512_bf16_here()
-        return "fused_bf16" if bf16_dot else "fused"
+        bf16_lookups = dtype == torch.bfloat16 and block % 64 == 0 and bf16_lookups_here()
+        return "fused_bf16" if bf16_lookups else "fused"
     if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"
     return "dequantize_matmul"
@@ -85,6 +85,30 @@ def test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels(weights, do
         assert served == [f"cpu.codebook4bit.{expected_4bit_kernel(m, (n, k, block), dtype)}"], (n, k, m)
         assert y.dtype == dtype and y.shape == (m, n)
         assert_close_to_scale(y, expected_output(x, layer), dtype)
+
+
+@pytest.mark.skipif(not bf16_lookups_here(), reason="this CPU decodes bfloat16 on the float32 codebook")
+@pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
+@pytest.mark.parametrize("n, k, block", [(37, 320, 64), (20, 256, 128)])
+def test_the_bf16_decode_reads_every_weight_in_its_place(weights, double_quant, n, k, block):
+    """The bfloat16 decode kernel (vdpbf16ps, or AVX2's vpshufb lookups and their column order) fed rows of the
+    identity, 1 to 4 at a time: each output is one weight, its codebook entry rounded to bfloat16 as the kernel reads
+    it, times 1.0 plus zeros, times its block's absmax: exact in float32. So y is the oracle's weight with a bfloat16
+    codebook, transposed, bit for bit: every column of every 32 in its place, every absmax applied once."""
+    layer = make_layer(QuantScheme(weights, block, double_quant), n, k, torch.bfloat16, seed=n + k, bias=False)
+    stored = {name: tensor.detach() for name, tensor in layer.quantized_tensors().items()}
+    expected = oracles.dequantize_4bit(stored, n, k, weights, block, codebook_dtype=torch.bfloat16)
+    identity = torch.eye(k, dtype=torch.bfloat16)
+    first = 0
+    for rows in itertools.cycle([1, 2, 3, 4]):
+        if first >= k:
+            break
+        columns = list(range(first, min(k, first + rows)))
+        with ops.record_dispatch() as served:
+            y = layer(identity[columns])
+        assert served == ["cpu.codebook4bit.fused_bf16"]
+        assert torch.equal(y, expected[:, columns].T.to(torch.bfloat16)), columns
+        first += rows
 
 
 @pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])
@@ -489,7 +513,7 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert avx512 == (level >= 2 and "avx512f" in flags)
     assert not amx_bf16 and not amx_int8  # every cap here hides AMX
     assert avx512_bf16 == (level >= 3 and "avx512_bf16" in flags)
-    assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 else "cpu.codebook4bit.fused")
+    assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 or (avx2 and not avx512) else "cpu.codebook4bit.fused")
     assert batch == "cpu.codebook4bit.dequantize_matmul"
     # LLM.int8: AVX2's int8 sums or plain C++'s, the same result as this process gets with every instruction set
     namespace = {}

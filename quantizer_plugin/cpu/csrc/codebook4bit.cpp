@@ -273,6 +273,80 @@ AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, const floa
   }
 }
 
+// The bfloat16 decode for CPUs with AVX2 only, four times the float32 loop's weights per shuffle: the codebook rounded
+// to bfloat16 (as gemv_rows_bf16 rounds it) is looked up one byte plane at a time with vpshufb, 32 codes per lookup,
+// and the two planes interleaved into 16-bit words are float32 values once shifted or masked into the top half of
+// 32-bit lanes. Each 16 bytes of codes (32 weights) so become four float32 vectors whose elements, per 32 columns, are
+//   [0 2 4 6 16 18 20 22] [1 3 5 7 17 19 21 23] [8 10 12 14 24 26 28 30] [9 11 13 15 25 27 29 31],
+// the order xp holds the activations in (permute_for_avx2_lookup). Products and sums in float32, the block's absmax
+// applied once per block, as gemv_rows_avx2. Independent sums per activation row (U) keep the FMAs from waiting on one
+// another's latency while the registers last. Needs block % 32 == 0.
+template <int MT>
+AVX2 void gemv_rows_bf16_avx2(const uint8_t* packed, const Absmax& absmax, const uint8_t* plane_bytes, int64_t block,
+                              int64_t K, const float* xp, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  const __m256i planes[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane_bytes)),
+                             _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane_bytes + 32))};
+  const __m256i low_nibble = _mm256_set1_epi16(0xF), top_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));
+  const int64_t half = K / 2;
+  const int64_t blocks_per_row = K / block;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = packed + n * half;
+    __m256 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < blocks_per_row; ++b) {
+      __m256 part[MT][U];
+      for (int m = 0; m < MT; ++m)
+        for (int u = 0; u < U; ++u) part[m][u] = _mm256_setzero_ps();
+      const int64_t start = b * (block / 2);
+      for (int64_t off = start; off < start + block / 2; off += 16) {
+        if (off % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        // word j holds byte j: its high nibble is column 2j's code, its low nibble column 2j + 1's
+        const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off)));
+        const __m256i codes = _mm256_or_si256(_mm256_srli_epi16(words, 4),
+                                              _mm256_slli_epi16(_mm256_and_si256(words, low_nibble), 8));
+        // byte i of `codes` is column i's code (columns 16-31 in the upper 128 bits, where vpshufb looks up alike)
+        const __m256i low = _mm256_shuffle_epi8(planes[0], codes), high = _mm256_shuffle_epi8(planes[1], codes);
+        const __m256i first = _mm256_unpacklo_epi8(low, high), second = _mm256_unpackhi_epi8(low, high);
+        const __m256 w[4] = {_mm256_castsi256_ps(_mm256_slli_epi32(first, 16)),
+                             _mm256_castsi256_ps(_mm256_and_si256(first, top_half)),
+                             _mm256_castsi256_ps(_mm256_slli_epi32(second, 16)),
+                             _mm256_castsi256_ps(_mm256_and_si256(second, top_half))};
+        const float* x = xp + 2 * off;
+        for (int v = 0; v < 4; ++v)
+          for (int m = 0; m < MT; ++m)
+            part[m][v % U] = _mm256_fmadd_ps(w[v], _mm256_loadu_ps(x + m * K + 8 * v), part[m][v % U]);
+      }
+      const __m256 scale = _mm256_set1_ps(absmax(n * blocks_per_row + b));
+      for (int m = 0; m < MT; ++m) {
+        __m256 total = part[m][0];
+        for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, part[m][u]);
+        acc[m] = _mm256_fmadd_ps(scale, total, acc[m]);
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * N + n] = horizontal_sum(acc[m]);
+  }
+}
+
+// x (M, K) bfloat16 as float32 in gemv_rows_bf16_avx2's column order within each 32 columns (K % 32 == 0).
+at::Tensor permute_for_avx2_lookup(const at::Tensor& x) {
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor xp = at::empty({M, K}, x.options().dtype(at::kFloat));
+  const at::BFloat16* in = x.data_ptr<at::BFloat16>();
+  float* out = xp.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t g = 0; g < K; g += 32) {
+      for (int v = 0; v < 4; ++v) {
+        for (int i = 0; i < 8; ++i) {
+          const int64_t column = g + (i >= 4 ? 16 : 0) + (v >= 2 ? 8 : 0) + 2 * (i % 4) + v % 2;
+          out[m * K + g + 8 * v + i] = static_cast<float>(in[m * K + column]);
+        }
+      }
+    }
+  }
+  return xp;
+}
+
 // The flat weight's elements [begin, end) as float32, 16 (8 bytes) at a time, for CPUs with AVX2 only (the chunks
 // of a float32 compute dtype): each code times its block's absmax, one rounding, as the reference.
 AVX2 void dequantize_avx2(const uint8_t* packed, const Absmax& absmax, const float* lut, int64_t block,
@@ -437,7 +511,7 @@ at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed,
                           const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
                           int64_t N, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kBFloat16 && x.is_contiguous(), "x must be contiguous bf16");
-  TORCH_CHECK(has_avx512_bf16(), "gemv_4bit_bf16 needs a CPU with AVX512-BF16");
+  TORCH_CHECK(has_avx512_bf16() || has_avx2(), "gemv_4bit_bf16 needs a CPU with AVX512-BF16 or AVX2");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
   TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "the codebook must be 16 float32 values");
   const int64_t M = x.size(0), K = x.size(1);
@@ -446,10 +520,23 @@ at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed,
   const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
   uint16_t lut16[32] = {0};
   for (int i = 0; i < 16; ++i) lut16[i] = at::BFloat16(lut.data_ptr<float>()[i]).x;
-  const auto [xe, xo] = split_even_odd(x);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const uint8_t* p = packed.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
+  if (!has_avx512_bf16()) {  // AVX2: the codebook's bfloat16 bytes, low and high planes, in both 128-bit halves
+    uint8_t planes[64];
+    for (int i = 0; i < 32; ++i) {
+      planes[i] = static_cast<uint8_t>(lut16[i % 16] & 0xFF);
+      planes[32 + i] = static_cast<uint8_t>(lut16[i % 16] >> 8);
+    }
+    const at::Tensor xp = permute_for_avx2_lookup(x);
+    const float* x0 = xp.data_ptr<float>();
+    for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+      gemv_rows_bf16_avx2<decltype(rows)::value>(p, a, planes, block, K, x0 + m0 * K, out + m0 * N, N, begin, end);
+    });
+    return y;
+  }
+  const auto [xe, xo] = split_even_odd(x);
   const auto* e0 = reinterpret_cast<const uint16_t*>(xe.data_ptr<at::BFloat16>());
   const auto* o0 = reinterpret_cast<const uint16_t*>(xo.data_ptr<at::BFloat16>());
   for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
