@@ -1,4 +1,5 @@
-"""LowBitLinear: the module that replaces nn.Linear (and GPT-2's Conv1D) in a quantized model."""
+"""LowBitLinear: the module that replaces nn.Linear (and GPT-2's Conv1D) in a quantized model; KeptLinear: the
+class of the layer a quantized model keeps in 16-bit at its output (the head)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,27 @@ def _stored_dtypes_in_state_dict(module: LowBitLinear, state_dict: dict, prefix:
         key = prefix + name
         if key in state_dict and state_dict[key].dtype != dtype:
             state_dict[key] = state_dict[key].to(dtype)
+
+
+class KeptLinear(nn.Linear):
+    """The output head a quantized model keeps in 16-bit (skip_modules), which is then the largest weight a decode
+    step reads: an nn.Linear in every respect (state dict, PEFT, training, save), whose inference runs on the kernel
+    the dispatch seam registers for kept layers on its device (ops.kept_linear; on the CPU one that streams the
+    weight once per step). The quantizer sets it as the class of the model's own head after loading
+    (`keep(module)`), and `release(module)` makes it a plain nn.Linear again (dequantize)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.kept_linear(x, self.weight, self.bias)
+
+    @staticmethod
+    def keep(module: nn.Module) -> bool:
+        """Make an exact nn.Linear a KeptLinear in place (its parameters untouched); False for any other module."""
+        if type(module) is not nn.Linear:
+            return False
+        module.__class__ = KeptLinear
+        return True
+
+    @staticmethod
+    def release(module: nn.Module) -> None:
+        if type(module) is KeptLinear:
+            module.__class__ = nn.Linear

@@ -55,6 +55,9 @@ BackwardKernel = Callable[[torch.Tensor, "WeightRecord", torch.dtype], torch.Ten
 # (family, backend) -> fn(fmt, weight, scheme) -> the stored tensors, equal to fmt.quantize's (used at load)
 Quantizer = Callable[["WeightFormat", torch.Tensor, "QuantScheme"], dict]
 _FORWARD: dict[tuple[str, str | None, str], ForwardKernel] = {}
+# backend -> fn(x, weight, bias) -> y = F.linear(x, weight, bias): the forward of a layer a quantized model keeps in
+# 16-bit (modules.KeptLinear), for inference
+_KEPT: dict[str, Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]] = {}
 _BACKWARD: dict[tuple[str, str], BackwardKernel] = {}
 _QUANTIZE: dict[tuple[str, str], Quantizer] = {}
 _PREPARATIONS: dict[str, Callable[[], object]] = {}  # backend -> its first-use work (see prepare)
@@ -97,6 +100,19 @@ def register_kernel(family: str, backend: str, *, activations: str | None = None
             _BACKWARD[(family, backend)] = fn
         else:
             _FORWARD[(family, activations, backend)] = fn
+        return fn
+
+    return register
+
+
+def register_kept_kernel(backend: str):
+    """Decorator registering `fn(x, weight, bias) -> y` as the inference forward of kept 16-bit layers
+    (modules.KeptLinear) on `backend`: F.linear's function, to within the order of float32 sums."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def register(fn):
+        _KEPT[backend] = fn
         return fn
 
     return register
@@ -257,3 +273,16 @@ def lowbit_linear(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):
         return _FrozenWeightLinear.apply(x, layer.bias, weight, layer.compute_dtype, activations, backend)
     return _FORWARD[(weight.family, mode, backend)](x, weight, layer.bias, layer.compute_dtype, activations)
+
+
+def kept_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kept 16-bit layer's forward (modules.KeptLinear): F.linear when a gradient is needed or no kernel of the
+    backend that x's device takes is registered, that kernel otherwise."""
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return torch.nn.functional.linear(x, weight, bias)
+    backend = forced_backend() or DEFAULT_BACKENDS.get(x.device.type)
+    if backend is None:
+        return torch.nn.functional.linear(x, weight, bias)
+    load_kernels(backend)
+    kernel = _KEPT.get(backend)
+    return torch.nn.functional.linear(x, weight, bias) if kernel is None else kernel(x, weight, bias)

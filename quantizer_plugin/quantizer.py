@@ -15,7 +15,7 @@ from .integrations.peft import register_if_peft_imported
 from .integrations.transformers import keep_in_fp32_modules
 from .loading import LowBitQuantize
 from .model_card import attach_model_card, detach_model_card
-from .modules import LowBitLinear
+from .modules import KeptLinear, LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .parameter_count import attach_parameter_count, detach_parameter_count
 from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules
@@ -89,6 +89,8 @@ class LowBitHfQuantizer(HfQuantizer):
         self._layer_devices = {device.type for _, device in placements}
         for format_name, device in placements:
             ops.prepare(format_name, device)  # kernels ready before a first forward, which torch.compile may trace
+        # The head kept in 16-bit is the largest weight of a decode step: it runs on the kept layers' kernels.
+        KeptLinear.keep(model.get_output_embeddings())
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
         attach_model_card(model, self.quantization_config)
         attach_parameter_count(model)  # num_parameters() counts weights, not packed bytes (parameter_count.py)
@@ -105,6 +107,8 @@ class LowBitHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype=None):
         dequantize_modules(model, dtype)
+        for module in model.modules():
+            KeptLinear.release(module)
         detach_model_card(model, self.quantization_config)
         detach_parameter_count(model)
         # One dtype for all parameters, so that the dequantized layers and the rest run together. Not model.to(dtype):

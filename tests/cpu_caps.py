@@ -22,7 +22,7 @@ def allowed(level: str) -> bool:
 
 
 def avx2_here() -> bool:
-    return allowed("avx2") and {"avx2", "fma"} <= set(cpu_flags())
+    return allowed("avx2") and {"avx2", "fma", "f16c"} <= set(cpu_flags())
 
 
 def avx512_here() -> bool:

@@ -272,6 +272,18 @@ def cpu_bf16_decode_takes_the_columns_shifted():
     wrap_native_kernel("gemv_4bit_bf16", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_kept_layers_take_the_columns_shifted():
+    # the kept 16-bit head's kernel multiplies x with its columns rotated by one
+    wrap_native_kernel("gemv_dense", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
+def head_left_to_torch():
+    # loading leaves the 16-bit head a plain nn.Linear (torch's matmul), not a KeptLinear on our kernels
+    from quantizer_plugin.modules import KeptLinear
+
+    patch(KeptLinear, "keep", staticmethod(lambda module: False))
+
+
 def cpu_kernels_called_directly_under_compile():
     # the CPU backend calls its pybind11 kernels even while torch.compile traces (each call breaks the graph)
     from quantizer_plugin.cpu import library
@@ -506,6 +518,12 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-bf16-decode-shifted-columns": Mutation(
         "the 4-bit bfloat16 decode kernel's activation columns off by one", cpu_bf16_decode_takes_the_columns_shifted,
         ("tests/test_cpu_backend.py::test_the_bf16_decode_reads_every_weight_in_its_place",), needs="bf16_lookups"),
+    "cpu-kept-head-shifted-columns": Mutation(
+        "the kept 16-bit head's kernel reads the activations' columns off by one", cpu_kept_layers_take_the_columns_shifted,
+        ("tests/test_kept_head.py::test_the_kernel_reads_every_weight_in_its_place",), needs="avx2"),
+    "head-left-to-torch": Mutation(
+        "a quantized model's 16-bit head left to torch's matmul", head_left_to_torch,
+        ("tests/test_kept_head.py::test_a_quantized_models_head_decodes_on_the_kernel_and_stays_an_ordinary_linear",)),
     "cpu-quantizer-shifted-absmax": Mutation(
         "the native 4-bit quantizer's absmax one block off", cpu_quantizer_shifts_the_absmax,
         ("tests/test_cpu_backend.py::test_the_native_quantizer_gives_the_formats_own_tensors",)),

@@ -131,12 +131,14 @@ def test_every_native_kernel_and_input_gradient_passes_opcheck(monkeypatch):
         x = torch.randn(m, 256, dtype=dtype, requires_grad=True)
         make_layer(name, dtype)(x).sum().backward()
     make_layer("nf4", torch.float32, k=100)(torch.randn(3, 100))  # blocks that straddle rows: the chunks
+    with torch.no_grad():  # a kept 16-bit head at decode
+        ops.kept_linear(torch.randn(2, 100, dtype=torch.bfloat16), torch.randn(7, 100, dtype=torch.bfloat16), None)
     kernels = native.load()
     expected = {name for name in library.FORWARD_OPS if "amx" not in name or amx_int8_here()} | set(library.GRAD_INPUT_OPS)
     if not kernels.uses_amx_bf16():
         expected -= {"linear_4bit_tiles", "linear_int8_tiles", "linear_affine_tiles"}
-    if not avx2_here():  # int8 and int4/int2 decode take the chunks
-        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16"}
+    if not avx2_here():  # int8 and int4/int2 decode take the chunks, the kept head F.linear
+        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16", "gemv_dense"}
     if not avx512_bf16_here():
         expected -= {"gemv_affine_bf16"}
     if not bf16_lookups_here():

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from quantizer_plugin import LowBitConfig, LowBitLinear
+from quantizer_plugin.modules import KeptLinear
 
 import oracles
 from helpers import cosine, load_quantized, lowbit_modules, read_safetensors
@@ -37,7 +38,8 @@ def test_quantizes_every_linear_but_the_head(llama_dir, reference_logits, token_
     quantized = lowbit_modules(model)
     full_precision = {n for n, m in reference_logits.named_modules() if type(m) is nn.Linear}
     assert set(quantized) == full_precision - {"lm_head"}
-    assert type(model.lm_head) is nn.Linear and model.lm_head.weight.dtype == torch.bfloat16
+    # kept in 16-bit: an nn.Linear whose decode runs on our kernel (modules.KeptLinear)
+    assert type(model.lm_head) is KeptLinear and model.lm_head.weight.dtype == torch.bfloat16
     assert all(layer.fmt.name == config["weights"] for layer in quantized.values())
     with torch.no_grad():
         similarity = cosine(model(token_ids).logits, reference_logits(token_ids).logits)
@@ -127,7 +129,7 @@ def test_default_skips_tied_output_embedding(tmp_path):
 
     LlamaForCausalLM(tiny_llama_config(tie_word_embeddings=True)).save_pretrained(tmp_path)
     model = load_quantized(tmp_path, weights="int8")
-    assert type(model.lm_head) is nn.Linear
+    assert type(model.lm_head) is KeptLinear
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert "lm_head" in model.config.quantization_config.skip_modules
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM, Trainer, TrainingArguments
 
 from quantizer_plugin import LowBitConfig, LowBitLinear
+from quantizer_plugin.modules import KeptLinear
 from quantizer_plugin.lora import LowBitLoraLinear
 
 import oracles
@@ -104,7 +105,7 @@ def test_lora_wraps_every_quantized_layer(base_dir, fmt, batch):
     assert len(wrapped) == n_layers * len(PROJECTIONS)
     assert all(isinstance(layer.get_base_layer(), LowBitLinear) for layer in wrapped.values())
     assert {name.rsplit(".", 1)[-1] for name in wrapped} == set(PROJECTIONS)
-    assert type(peft_model.base_model.model.lm_head) is nn.Linear  # the output head is never a LoRA target
+    assert type(peft_model.base_model.model.lm_head) is KeptLinear  # the output head is never a LoRA target
     # PEFT initialises B to zero: the adapted model starts out as the quantized model, bit for bit.
     assert torch.equal(logits(peft_model, batch), base_logits)
     wrapped_tensors = list(stored_tensors(peft_model).values())

@@ -10,6 +10,7 @@ import transformers
 from transformers import BitsAndBytesConfig
 
 from quantizer_plugin import LowBitConfig, LowBitLinear
+from quantizer_plugin.modules import KeptLinear
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -70,5 +71,5 @@ def test_what_the_last_parameter_names_decides_the_last_module(tmp_path):
     model_class(transformers.RobertaConfig(**MODELS["roberta-mlm"][2])).save_pretrained(tmp_path)
     model = model_class.from_pretrained(tmp_path, quantization_config=LowBitConfig(weights="nf4"))
     assert isinstance(model.lm_head.dense, LowBitLinear)
-    assert type(model.lm_head.decoder) is torch.nn.Linear
+    assert type(model.lm_head.decoder) is KeptLinear  # kept in 16-bit
     assert "lm_head.decoder" in model.config.quantization_config.skip_modules

@@ -6,6 +6,8 @@
   by torch's own GEMM (oneDNN) on the thread that dequantized it (chunks.py).
 - LLM.int8 (int8.py): int8 activations times the int8 weight in exact int32 sums, outlier columns in float, at
   every batch size (csrc/llm_int8.cpp).
+- Kept 16-bit layers (dense.py): the output head a quantized model keeps in 16-bit, streamed once per decode step
+  (csrc/dense.cpp).
 
 ops.py imports this package on the first call with a CPU tensor; importing it registers the kernels and builds
 nothing. The native build happens when quantized layers are made or loaded on the CPU (ops.prepare), or else on
@@ -13,6 +15,6 @@ first use.
 """
 
 from ..ops import register_preparation
-from . import affine, codebook4bit, int8, native  # noqa: F401  (registration side effect)
+from . import affine, codebook4bit, dense, int8, native  # noqa: F401  (registration side effect)
 
 register_preparation("cpu", native.load)

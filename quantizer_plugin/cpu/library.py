@@ -59,6 +59,7 @@ FORWARD_OPS = {
     "gemv_affine_bf16": (_AFFINE, _weight_rows, FLOAT32),
     "linear_affine_tiles": (_AFFINE, _weight_rows, FLOAT32),
     "linear_affine_chunked": (_AFFINE + ", int rows_per_chunk", _weight_rows, CHUNKED),
+    "gemv_dense": ("Tensor x, Tensor weight", _weight_rows, FLOAT32),  # a kept 16-bit layer (dense.py)
 }
 _library = torch.library.Library("quantizer_plugin", "DEF")
 

@@ -36,7 +36,9 @@ Isa max_isa() {
 }  // namespace
 
 bool has_avx2() {
-  static const bool yes = max_isa() >= AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  // F16C too (every AVX2 CPU has it): the kept layers' kernel reads float16 weights with it
+  static const bool yes = max_isa() >= AVX2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                          __builtin_cpu_supports("f16c");
   return yes;
 }
 

@@ -74,6 +74,10 @@ void dequantize_affine(const at::Tensor& packed, const at::Tensor& scale, const 
 at::Tensor linear_affine_chunked(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                                  const at::Tensor& zero, int64_t bits, int64_t block, int64_t rows_per_chunk);
 
+// Kept 16-bit layers (dense.cpp): y (M, N) float32 = x (M, K) float32 @ weight.T for a bfloat16, float16 or float32
+// weight (N, K), each weight row read once per 4 activation rows.
+at::Tensor gemv_dense(const at::Tensor& x, const at::Tensor& weight);
+
 // LLM.int8 (llm_int8.cpp): y (M, N) float32 = the int8 part plus the outlier columns' (rounded to x's dtype), for x
 // (M, K) float32, bfloat16 or float16 in the compute dtype; and the activations' side alone, as the reference's
 // quantize_activations: (int8 codes (M, K), float32 row absmax, bool outlier column mask (K,)).

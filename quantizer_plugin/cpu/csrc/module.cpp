@@ -30,6 +30,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uses_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
   m.def("linear_llm_int8", &linear_llm_int8, "LLM.int8 x @ W.T: int8 activations, outlier columns in float");
   m.def("quantize_activations_int8", &quantize_activations_int8, "LLM.int8's activation codes, row absmax, outliers");
+  m.def("gemv_dense", &gemv_dense, "y = x @ W.T for a few float32 activation rows, a 16-bit or float32 weight");
   m.def("uses_avx2", &has_avx2, "whether the AVX2 kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
 }
