@@ -204,9 +204,11 @@ AVX2 inline void codes_f32_avx2(const uint8_t* bytes, __m256* out) {
   }
 }
 
-// gemv_rows_f32 for CPUs with AVX2 only: the same sums, 8 lanes wide.
+// gemv_rows_f32 for CPUs with AVX2 only: the same sums, 8 lanes wide, in U independent chains per activation row
+// while the registers last (one chain waits on each FMA's latency: 8 in a row per step).
 template <int BITS, int MT>
 AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin, int64_t n_end) {
+  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
   const int64_t row_bytes = a.K * BITS / 8, groups = a.K / a.block;
   std::vector<float> s(groups), z(groups);
   for (int64_t n = n_begin; n < n_end; ++n) {
@@ -218,19 +220,26 @@ AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin
     __m256 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     for (int64_t g = 0, k = 0; g < groups; ++g) {
-      __m256 part[MT];
-      for (int m = 0; m < MT; ++m) part[m] = _mm256_setzero_ps();
+      __m256 part[MT][U];
+      for (int m = 0; m < MT; ++m)
+        for (int u = 0; u < U; ++u) part[m][u] = _mm256_setzero_ps();
       for (const int64_t end = k + a.block; k < end; k += STEP) {
         const uint8_t* bytes = row + k * BITS / 8;
         _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
         __m256 codes[8];
         codes_f32_avx2<BITS>(bytes, codes);
         for (int m = 0; m < MT; ++m) {
-          for (int q = 0; q < 8; ++q) part[m] = _mm256_fmadd_ps(codes[q], _mm256_loadu_ps(x + m * a.K + k + 8 * q), part[m]);
+          for (int q = 0; q < 8; ++q) {
+            part[m][q % U] = _mm256_fmadd_ps(codes[q], _mm256_loadu_ps(x + m * a.K + k + 8 * q), part[m][q % U]);
+          }
         }
       }
       const __m256 scale = _mm256_set1_ps(s[g]);
-      for (int m = 0; m < MT; ++m) acc[m] = _mm256_fmadd_ps(scale, part[m], acc[m]);
+      for (int m = 0; m < MT; ++m) {
+        __m256 total = part[m][0];
+        for (int u = 1; u < U; ++u) total = _mm256_add_ps(total, part[m][u]);
+        acc[m] = _mm256_fmadd_ps(scale, total, acc[m]);
+      }
     }
     for (int m = 0; m < MT; ++m) {
       float share = 0.0f;  // what the row's zero points take off its output
