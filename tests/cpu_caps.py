@@ -47,3 +47,10 @@ def amx_here() -> bool:
 def amx_int8_here() -> bool:
     return amx_here() and "amx_int8" in cpu_flags()
 
+
+def fused_at_every_batch(dtype) -> bool:
+    """Whether the weight-only formats' fused kernels serve every batch size: a 16-bit compute dtype on a CPU with
+    AVX2 alone (torch's 16-bit GEMM has no hardware there; the chunks lose to the fused kernels at every size)."""
+    import torch
+
+    return dtype != torch.float32 and avx2_here() and not avx512_here()

@@ -17,7 +17,8 @@ from quantizer_plugin.formats import QuantScheme, get_format
 import oracles
 from helpers import outputs_on_one_and_two_threads
 import cpu_caps
-from cpu_caps import amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, bf16_lookups_here
+from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, bf16_lookups_here,
+                      fused_at_every_batch)
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -66,7 +67,7 @@ def test_the_amx_kernels_are_used_where_the_cpu_has_them():
 
 def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
     _, k, block = n_k_block
-    if m <= codebook4bit.GEMV_MAX_M and k % block == 0 and block % 32 == 0:
+    if (m <= codebook4bit.GEMV_MAX_M or fused_at_every_batch(dtype)) and k % block == 0 and block % 32 == 0:
         bf16_lookups = dtype == torch.bfloat16 and block % 64 == 0 and bf16_lookups_here()
         return "fused_bf16" if bf16_lookups else "fused"
     if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
@@ -271,7 +272,8 @@ def test_weight_only_int8_matches_the_oracle(dtype, k):
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
         tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
-        assert served == ["cpu.int8.fused" if m <= cpu_int8.GEMV_MAX_M and avx2_here() else large]
+        fused = (m <= cpu_int8.GEMV_MAX_M or fused_at_every_batch(dtype)) and avx2_here()
+        assert served == ["cpu.int8.fused" if fused else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
 
@@ -382,7 +384,7 @@ def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
     with torch.no_grad(), ops.record_dispatch() as served:
         ours_error = (ours(x).float() - exact).abs().mean()
         peer_error = (peer.eval()(x).float() - exact).abs().mean()
-    assert served == ["cpu.int8.dequantize_matmul"]
+    assert served == ["cpu.int8.fused" if fused_at_every_batch(torch.float16) else "cpu.int8.dequantize_matmul"]
     assert ours_error <= peer_error, (ours_error, peer_error)
 
 
@@ -514,7 +516,7 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert not amx_bf16 and not amx_int8  # every cap here hides AMX
     assert avx512_bf16 == (level >= 3 and "avx512_bf16" in flags)
     assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 or (avx2 and not avx512) else "cpu.codebook4bit.fused")
-    assert batch == "cpu.codebook4bit.dequantize_matmul"
+    assert batch == ("cpu.codebook4bit.fused_bf16" if avx2 and not avx512 else "cpu.codebook4bit.dequantize_matmul")
     # LLM.int8: AVX2's int8 sums or plain C++'s, the same result as this process gets with every instruction set
     namespace = {}
     exec(LLM_INT8_RUN, namespace)

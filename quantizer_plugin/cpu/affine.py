@@ -1,6 +1,7 @@
 """Per-group affine integers (int4, int2: the affine family, formats/records.py) on the CPU backend.
 
-- Decode (at most GEMV_MAX_M activation rows, K a multiple of the group and the group of 64 or more): the native
+- Decode (at most GEMV_MAX_M activation rows, every batch in a 16-bit compute dtype on CPUs with AVX2 alone:
+  chunks.fused_rows; K a multiple of the group and the group of 64 or more): the native
   fused kernel reads the packed codes once and multiplies the codes themselves (small integers, exact in bfloat16
   and float32); each group's sum is then scaled, and the zero points' share (s * z times the group's sum of
   activations) taken off. bfloat16 compute on CPUs with AVX512-BF16 multiplies bfloat16 activations by pairs
@@ -24,14 +25,14 @@ from ..formats.records import AffineWeight
 from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, library, native
 
-GEMV_MAX_M = 6  # as for the 4-bit codebooks: past this, the chunks' GEMM is faster
+GEMV_MAX_M = 6  # as for the 4-bit codebooks: past this, the chunks' GEMM is faster where it has 16-bit hardware
 FUSED_STEP = 64  # columns a fused kernel step reads: the group must be a multiple of it
 
 
 def fused_kernel(kernels, m: int, weight: AffineWeight, compute_dtype: torch.dtype) -> str | None:
     """Which fused decode kernel serves `m` activation rows: "fused_bf16", "fused" or None (chunks)."""
     block, k = weight.block_size, weight.in_features
-    if m > GEMV_MAX_M or k % block or block % FUSED_STEP or not kernels.uses_avx2():
+    if m > chunks.fused_rows(kernels, GEMV_MAX_M, compute_dtype) or k % block or block % FUSED_STEP or not kernels.uses_avx2():
         return None
     return "fused_bf16" if compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
 

@@ -1,9 +1,11 @@
 """4-bit codebooks (NF4, FP4, any 16-value code: the codebook4bit family) on the CPU backend.
 
-- Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more): the native fused
-  kernel reads the packed codes once, looks each one up in the codebook in registers, and multiplies (the 16-bit
-  weight is never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations
-  in vdpbf16ps pairs; otherwise in float32. Its output is then rounded to the compute dtype, as the reference's is.
+- Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more; every batch in a
+  16-bit compute dtype on CPUs with AVX2 alone, chunks.fused_rows): the native fused kernel reads the packed codes
+  once per 4 activation rows, looks each one up in the codebook in registers, and multiplies (the 16-bit weight is
+  never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations in
+  vdpbf16ps pairs; with AVX2 alone, the bfloat16 codes looked up with vpshufb and multiplied in float32; otherwise
+  in float32. Its output is then rounded to the compute dtype, as the reference's is.
 - More rows with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the block and of 128, blocks of 64 or
   more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64 rows
   at a time into L1, and the tile unit multiplies it there (the activations packed in the order it writes them).
@@ -40,7 +42,7 @@ def weight_arguments(weight: CodebookWeight) -> tuple:
 def fused_kernel(kernels, m: int, weight: CodebookWeight, compute_dtype: torch.dtype) -> str | None:
     """Which fused decode kernel serves `m` activation rows: "fused_bf16", "fused" or None (chunks)."""
     block, k = weight.block_size, weight.in_features
-    if m > GEMV_MAX_M or k % block or block % 32:
+    if m > chunks.fused_rows(kernels, GEMV_MAX_M, compute_dtype) or k % block or block % 32:
         return None
     # bfloat16 compute: the codebook rounded to bfloat16, as the reference's bfloat16 weights are; vdpbf16ps with
     # AVX512-BF16, and with AVX2 alone vpshufb lookups (4x fewer shuffles per weight than AVX2's float32 lookups)

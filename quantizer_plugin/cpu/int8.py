@@ -8,7 +8,8 @@ result is the reference's to within the order of the outlier columns' float sums
 bitsandbytes' LLM.int8 to within its rounding (tests/test_int8.py). Without the native build, the reference runs.
 
 Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-bit.
-- Decode (at most GEMV_MAX_M activation rows): the native kernel streams the int8 weight once (prefetched) and
+- Decode (at most GEMV_MAX_M activation rows; every batch in a 16-bit compute dtype on CPUs with AVX2 alone:
+  chunks.fused_rows): the native kernel streams the int8 weight once per 4 rows (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.
 - Up to AMX_INT8_MAX_M rows, bfloat16 or float16 compute on CPUs with AMX-INT8 (K a multiple of 64): the int8 tile
   kernel (csrc/int8_amx.cpp) multiplies the weight as stored (no conversion, no copy) by the activations split into
@@ -84,7 +85,7 @@ def linear_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor 
         return reference_forward(x, weight, bias, compute_dtype, activations)
     dtype = compute_dtype
     x2d = x.reshape(-1, weight.in_features)
-    if x2d.shape[0] <= GEMV_MAX_M and kernels.uses_avx2():
+    if x2d.shape[0] <= chunks.fused_rows(kernels, GEMV_MAX_M, dtype) and kernels.uses_avx2():
         y = library.call(kernels, "gemv_int8", x2d.to(dtype).float().contiguous(), weight.values, weight.scale)
         served("cpu.int8.fused")
     elif uses_int8_tiles(kernels, x2d.shape[0], weight, dtype):
