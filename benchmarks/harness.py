@@ -14,6 +14,7 @@ import datetime
 import json
 import platform
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -189,6 +190,19 @@ def cpu_environment() -> dict:
         except metadata.PackageNotFoundError:
             info[package] = None
     return info
+
+
+def read_bandwidth_gb_s(megabytes: int = 512, repeats: int = 7) -> float:
+    """The machine's read bandwidth on torch's threads, in GB/s: the median time of summing a float32 buffer of
+    `megabytes` MiB (far past every cache; a vectorised, threaded sum of it is a pure stream of reads)."""
+    buffer = torch.ones(megabytes * 2**20 // 4, dtype=torch.float32)
+    buffer.sum()  # first touch
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - started)
+    return buffer.nbytes / sorted(times)[repeats // 2] / 1e9
 
 
 def interleaved_medians(

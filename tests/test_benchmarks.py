@@ -140,6 +140,13 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
     report = (tmp_path / "cpu_layers.md").read_text()
     assert "lowbit-nf4: cpu.codebook4bit." in report and "lowbit-int8: cpu.int8." in report and "Targets:" in report
     assert "lowbit-int4: cpu.affine." in report
+    # at M = 1 each layer's stored bytes over its time, against the machine's measured read bandwidth
+    stored = {row["provider"]: row["bytes_moved"] for row in rows if row["m"] == 1}
+    n, k = cpu_layers.SMOKE_SHAPES[0]
+    assert stored["bf16"] == 2 * n * k and n * k // 2 < stored["lowbit-nf4"] < n * k * 5 // 8  # codes and absmax
+    lines = [line for line in report.splitlines() if line.startswith(f"- {n}x{k}, ") and "of it (target" in line]
+    assert [line.split(", ")[1].split(":")[0] for line in lines] == ["bf16", "lowbit-nf4", "lowbit-int8", "lowbit-int4"]
+    assert "Read bandwidth of this machine" in report
 
 
 def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
