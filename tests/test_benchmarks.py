@@ -152,10 +152,33 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
 def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
     _, cpu_decode = cpu_benchmarks
     providers = ["bf16", "lowbit-nf4", "lowbit-nf4-compiled"]
-    assert cpu_decode.main(["--smoke", "--out", str(tmp_path), "--providers", ",".join(providers)]) == 0
+    arguments = ["--smoke", "--out", str(tmp_path), "--providers", ",".join([*providers, "llamacpp-q4_0"])]
+    assert cpu_decode.main(arguments) == 0
     rows = [json.loads(line) for line in (tmp_path / "cpu_decode.jsonl").read_text().splitlines()]
     assert [row["provider"] for row in rows] == providers and all(row["median_ms"] > 0 for row in rows)
-    assert "lowbit-nf4:" in (tmp_path / "cpu_decode.md").read_text()
+    assert all(0 < row["extra"]["prefill_ms_per_prompt_token"] < row["median_ms"] * 2 for row in rows), rows
+    report = (tmp_path / "cpu_decode.md").read_text()
+    assert "lowbit-nf4:" in report
+    # llama.cpp is an optional peer: without its converter's folder it is skipped, and the report says why
+    assert "Skipped: llamacpp-q4_0 (RuntimeError: no --llama-cpp folder given)" in report
+
+
+def test_the_made_up_tokenizer_is_one_the_gguf_converter_reads(monkeypatch, tmp_path):
+    """llama.cpp's converter needs a tokenizer beside the random model: a Llama-style one (BPE with byte fallback and
+    the Sequence decoder, the checks of gguf's LlamaHfVocab) with exactly the model's vocabulary."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import llama_cpp_peer
+
+    llama_cpp_peer.write_made_up_tokenizer(tmp_path, 1000)
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    assert saved["model"]["type"] == "BPE" and saved["model"]["byte_fallback"] and saved["decoder"]["type"] == "Sequence"
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    assert tokenizer.is_fast and len(tokenizer) == 1000 and tokenizer.convert_ids_to_tokens(3) == "<0x00>"
+    ids = tokenizer("é!", add_special_tokens=False)["input_ids"]
+    assert ids[0] == 259 and all(3 <= i < 259 for i in ids[1:])  # the word start, then bytes through the fallback
+    assert tokenizer.decode(ids) == "é!"
 
 
 def test_a_recorded_run_replaces_only_its_own_section_of_the_results(cpu_benchmarks, tmp_path):

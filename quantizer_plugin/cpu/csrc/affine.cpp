@@ -208,7 +208,7 @@ AVX2 inline void codes_f32_avx2(const uint8_t* bytes, __m256* out) {
 // while the registers last (one chain waits on each FMA's latency: 8 in a row per step).
 template <int BITS, int MT>
 AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin, int64_t n_end) {
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  constexpr int U = avx2_chains(MT);
   const int64_t row_bytes = a.K * BITS / 8, groups = a.K / a.block;
   std::vector<float> s(groups), z(groups);
   for (int64_t n = n_begin; n < n_end; ++n) {

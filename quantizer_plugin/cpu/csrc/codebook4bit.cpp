@@ -284,7 +284,7 @@ AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, const floa
 template <int MT>
 AVX2 void gemv_rows_bf16_avx2(const uint8_t* packed, const Absmax& absmax, const uint8_t* plane_bytes, int64_t block,
                               int64_t K, const float* xp, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
-  constexpr int U = MT == 1 ? 4 : (MT == 2 ? 2 : 1);
+  constexpr int U = avx2_chains(MT);
   const __m256i planes[2] = {_mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane_bytes)),
                              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(plane_bytes + 32))};
   const __m256i low_nibble = _mm256_set1_epi16(0xF), top_half = _mm256_set1_epi32(static_cast<int>(0xFFFF0000u));

@@ -23,6 +23,10 @@ namespace quantizer_plugin {
 // hardware prefetcher stops at every 4 KB page; measured here, this halves a cold 4096 x 4096 decode).
 inline constexpr int64_t PREFETCH_BYTES = 4096;
 
+// Independent sum chains per activation row in the AVX2 decode kernels, for MT activation rows at once: enough chains
+// that no FMA waits on the previous one's latency, while 16 ymm registers hold them all (MT * chains accumulators).
+inline constexpr int avx2_chains(int MT) { return MT == 1 ? 4 : (MT == 2 ? 2 : 1); }
+
 template <typename Out>
 inline void store_scalar(Out* out, int64_t i, float value);
 template <>
