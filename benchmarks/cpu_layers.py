@@ -6,7 +6,8 @@
 Providers (each skipped, with the reason in the report, where its library is missing or refuses the layer):
 - bf16: torch.nn.functional.linear on the 16-bit weight (oneDNN; AMX on CPUs that have it);
 - lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8: int8 activations, outlier
-  columns in 16-bit), lowbit-int8-wo (activations=None: weight-only), lowbit-int4, lowbit-int2 (group 64): our LowBitLinear through the dispatch
+  columns in 16-bit), lowbit-int8-wo (activations=None: weight-only), lowbit-int4, lowbit-int2 (group 64),
+  lowbit-nf4-q8_0, lowbit-int4-q8_0, lowbit-int2-q8_0 (activations="q8_0"): our LowBitLinear through the dispatch
   seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
 - quanto-int2, quanto-int4, quanto-int8: optimum-quanto's qint2 / qint4 (group 64) / qint8 weights, bf16 activations;
@@ -43,7 +44,8 @@ BATCH_SIZES = [1, 16, 128]
 SMOKE_SHAPES = [(256, 512)]
 SMOKE_BATCH_SIZES = [1, 16]
 DTYPE = torch.bfloat16
-OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int2"]
+OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int2", "lowbit-nf4-q8_0",
+        "lowbit-int4-q8_0", "lowbit-int2-q8_0"]  # fmt: skip
 PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8", "torch-int4"]
 # At M = 1 a layer streams its weight once: each of ours (and bf16) should read it at this share of the machine's
 # measured read bandwidth (the decode-speed issue's target).
@@ -59,7 +61,11 @@ def scheme_of(provider: str):
     weights = provider.removeprefix("lowbit-")
     if weights == "int8-wo":
         return QuantScheme("int8", activations=None)
-    return QuantScheme(weights, 64, True) if weights in ("nf4", "fp4") else QuantScheme(weights, 64)
+    activations = "q8_0" if weights.endswith("-q8_0") else None  # activations="q8_0"
+    weights = weights.removesuffix("-q8_0")
+    if weights in ("nf4", "fp4"):
+        return QuantScheme(weights, 64, True, activations=activations)
+    return QuantScheme(weights, 64, activations=activations)
 
 
 class TorchInt4(torch.nn.Module):

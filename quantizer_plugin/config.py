@@ -61,8 +61,11 @@ class LowBitConfig(QuantizationConfigMixin):
         weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible), "int4", "int2" (per-group affine
             integers, scales and zero points optimised without calibration data) or "int8" (LLM.int8, or
             weight-only with activations=None).
-        activations: "int8" (LLM.int8's int8 activations; the default for weights="int8", and only there) or
-            None (16-bit activations: weight-only quantization; the default, and the only choice, elsewhere).
+        activations: None (16-bit activations: weight-only quantization; the default except for weights="int8"),
+            "int8" (LLM.int8's int8 activations; the default for weights="int8", and only there) or "q8_0"
+            (nf4/fp4/int4/int2: each activation row rounded to int8 in blocks of 32, as llama.cpp does, so that the
+            CPU multiplies bytes by the weight's codes; a codebook is rounded to int8 steps too. Fastest decode on
+            CPUs without AVX512-BF16, at a small accuracy cost: docs/kernels.md).
         double_quant: nf4/fp4 only (default True): store the per-block absmax as 8-bit codes around their mean.
         block_size: nf4/fp4/int4/int2 (default 64): elements per absmax block or per affine group, a power of two
             from 16 to 4096.

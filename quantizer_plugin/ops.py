@@ -233,8 +233,11 @@ def _register_references() -> None:
     for family in weight_families():
         _FORWARD[(family, None, "torch")] = reference_forward
         _BACKWARD[(family, "torch")] = reference_backward
-    # Each activations mode's reference takes the families it is defined for (LLM.int8: row-scaled 8-bit weights).
+    # Each activations mode's reference takes the families it is defined for (LLM.int8: row-scaled 8-bit weights;
+    # q8_0: 4-bit codebooks and integer codes).
     _FORWARD[("rowscaled8", "int8", "torch")] = reference_forward
+    _FORWARD[("codebook4bit", "q8_0", "torch")] = reference_forward
+    _FORWARD[("affine", "q8_0", "torch")] = reference_forward
 
 
 _register_references()

@@ -42,3 +42,12 @@ def outputs_on_one_and_two_threads(layer: torch.nn.Module, x: torch.Tensor) -> l
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0).item()
+
+
+def identity_row_groups(k: int):
+    """Column lists [0], [1, 2], [3, 4, 5], [6, 7, 8, 9], [10], ... up to k: rows of the k x k identity to feed a layer
+    1 to 4 at a time, so that a decode kernel's every activation-row count reads each weight alone."""
+    first, rows = 0, 1
+    while first < k:
+        yield list(range(first, min(k, first + rows)))
+        first, rows = first + rows, rows % 4 + 1

@@ -277,6 +277,24 @@ def cpu_kept_layers_take_the_columns_shifted():
     wrap_native_kernel("gemv_dense", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_q8_kernels_take_the_columns_shifted():
+    # the q8_0 integer kernels (4-bit codebooks and int4/int2) multiply x with its columns rotated by one
+    for name in ("gemv_4bit_q8", "gemv_affine_q8"):
+        wrap_native_kernel(name, lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
+def q8_reference_keeps_the_exact_codebook():
+    # the q8_0 mode's reference multiplies the codebook as stored, not rounded to int8 steps as the kernels do
+    import torch
+
+    from quantizer_plugin.formats.activations import Q8Activations
+    from quantizer_plugin.formats.records import CodebookWeight
+
+    multiplied = Q8Activations.multiplied_weight
+    patch(Q8Activations, "multiplied_weight", lambda self, weight: weight.dequantize(torch.float32)
+          if isinstance(weight, CodebookWeight) else multiplied(self, weight))  # fmt: skip
+
+
 def head_left_to_torch():
     # loading leaves the 16-bit head a plain nn.Linear (torch's matmul), not a KeptLinear on our kernels
     from quantizer_plugin.modules import KeptLinear
@@ -473,7 +491,7 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_benchmarks.py::test_a_provider_slowed_on_purpose_is_timed_slower",)),
     "benchmarks-zero-error": Mutation(
         "the benchmarks report zero error", benchmarks_report_zero_error,
-        ("tests/test_benchmarks.py::test_gemm_4bit_smoke_run_writes_rows_and_report",)),
+        ("tests/test_benchmarks.py::test_gemm_4bit_smoke_run_writes_rows_and_report_and_results_collects_it",)),
     "find-key-without-fallbacks": Mutation(
         "serialization.find_key without its base_model_prefix fallbacks", serialization_key_without_prefix_fallbacks,
         ("tests/test_bad_checkpoints.py",)),
@@ -521,6 +539,13 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-kept-head-shifted-columns": Mutation(
         "the kept 16-bit head's kernel reads the activations' columns off by one", cpu_kept_layers_take_the_columns_shifted,
         ("tests/test_kept_head.py::test_the_kernel_reads_every_weight_in_its_place",), needs="avx2"),
+    "cpu-q8-shifted-columns": Mutation(
+        "the q8_0 integer kernels read the activations' columns off by one", cpu_q8_kernels_take_the_columns_shifted,
+        ("tests/test_q8_activations.py::test_the_q8_0_kernels_read_every_weight_in_its_place",), needs="avx2"),
+    "q8-reference-exact-codebook": Mutation(
+        "the q8_0 reference multiplies the codebook unrounded (the kernels round it to int8 steps)",
+        q8_reference_keeps_the_exact_codebook,
+        ("tests/test_q8_activations.py::test_the_reference_is_the_oracles_weights_times_the_rounded_activations",)),
     "head-left-to-torch": Mutation(
         "a quantized model's 16-bit head left to torch's matmul", head_left_to_torch,
         ("tests/test_kept_head.py::test_a_quantized_models_head_decodes_on_the_kernel_and_stays_an_ordinary_linear",)),
@@ -544,7 +569,7 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_compile.py::test_a_quantized_layer_traces_without_a_graph_break",)),
     "cpu-input-gradients-not-ops-under-compile": Mutation(
         "the CPU input gradients traced as Python loops of pybind11 calls", cpu_input_gradients_not_ops_under_compile,
-        ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients",)),
+        ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients[int8]",)),
     "triton-launchers-not-ops-under-compile": Mutation(
         "the Triton launchers traced as Python under torch.compile", triton_launchers_not_ops_under_compile,
         ("tests/test_compile_triton.py::test_a_layer_on_the_triton_kernels_traces_whole_and_compiles_to_eager",

@@ -33,15 +33,20 @@ def block_absmax(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def dequantize_4bit(stored: dict[str, torch.Tensor], out_features: int, in_features: int, weights: str,
-                    block_size: int, codebook_dtype: torch.dtype = torch.float32) -> torch.Tensor:  # fmt: skip
-    """Each code's codebook entry (rounded to `codebook_dtype` first: the bfloat16 decode kernels read it so) times its
-    block's absmax, in float32."""
+                    block_size: int, codebook_dtype: torch.dtype = torch.float32,
+                    int8_steps: bool = False) -> torch.Tensor:  # fmt: skip
+    """Each code's codebook entry (rounded to `codebook_dtype` first: the bfloat16 decode kernels read it so; or with
+    `int8_steps` to round(127 c) / 127, as q8_0 activations multiply it, llama.cpp's IQ4_NL's int8 codebook) times
+    its block's absmax, in float32."""
     packed = stored["weight"].reshape(-1).long()
     n = out_features * in_features
     codes = torch.empty(2 * packed.numel(), dtype=torch.long)
     codes[0::2], codes[1::2] = packed // 16, packed % 16  # the first element of a pair sits in the high nibble
     absmax = block_absmax(stored).repeat_interleave(block_size)[:n]
-    return (codebook(weights).to(codebook_dtype).float()[codes[:n]] * absmax).reshape(out_features, in_features)
+    values = codebook(weights).to(codebook_dtype).float()
+    if int8_steps:
+        values = torch.round(values * 127) / 127
+    return (values[codes[:n]] * absmax).reshape(out_features, in_features)
 
 
 def dequantize_int8(stored: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -26,9 +26,20 @@ def gemm_4bit(monkeypatch):
     return gemm_4bit
 
 
-def test_gemm_4bit_smoke_run_writes_rows_and_report(gemm_4bit, tmp_path):
-    assert gemm_4bit.main(["--smoke", "--out", str(tmp_path)]) == 0
-    rows = [json.loads(line) for line in (tmp_path / "gemm_4bit.jsonl").read_text().splitlines()]
+def test_gemm_4bit_smoke_run_writes_rows_and_report_and_results_collects_it(gemm_4bit, monkeypatch, tmp_path):
+    """One real run (the GEMM benchmark's smoke run, through the interpreter), checked twice over: its rows and
+    report, and results.py collecting it into RESULTS.md under its command (the other runs are the same machinery)."""
+    import results
+
+    monkeypatch.setattr(results, "RUNS", results.RUNS[:1])
+    target = tmp_path / "RESULTS.md"
+    assert results.main(["--smoke", "--out", str(tmp_path), "--results", str(target)]) == 0
+    text = target.read_text()
+    assert text.startswith("# Kernel benchmark results") and "not a measurement" in text
+    assert "`python benchmarks/gemm_4bit.py --cuda-graph --smoke`" in text
+    assert "### GEMMs" in text and "### Targets" in text  # the run's report, its headings one level down
+    run = tmp_path / "nf4-bf16-graph"
+    rows = [json.loads(line) for line in (run / "gemm_4bit.jsonl").read_text().splitlines()]
     providers = {row["provider"] for row in rows}
     assert {"bf16", "lowbit"} <= providers
     gemm = [row for row in rows if "rel_error" in row["extra"]]
@@ -47,7 +58,7 @@ def test_gemm_4bit_smoke_run_writes_rows_and_report(gemm_4bit, tmp_path):
             peer = errors.get((shape, m, "bnb"))
             assert peer is None or abs(error - peer) <= 0.1 * peer, (shape, m, error, peer)
     assert any("decoder block" in row["shape"] for row in rows)
-    report = (tmp_path / "gemm_4bit.md").read_text()
+    report = (run / "gemm_4bit.md").read_text()
     assert "## GEMMs" in report and "lowbit speedup vs bf16" in report and rows[0]["torch"] in report
 
 
@@ -78,17 +89,6 @@ def results(gemm_4bit):
     import results
 
     return results
-
-
-def test_results_collects_each_run_under_its_command(results, monkeypatch, tmp_path):
-    monkeypatch.setattr(results, "RUNS", results.RUNS[:1])  # one real run: the others are the same machinery
-    target = tmp_path / "RESULTS.md"
-    assert results.main(["--smoke", "--out", str(tmp_path), "--results", str(target)]) == 0
-    text = target.read_text()
-    assert text.startswith("# Kernel benchmark results") and "not a measurement" in text
-    assert "`python benchmarks/gemm_4bit.py --cuda-graph --smoke`" in text
-    assert "### GEMMs" in text and "### Targets" in text  # the run's report, its headings one level down
-    assert (tmp_path / "nf4-bf16-graph" / "gemm_4bit.jsonl").exists()
 
 
 def test_results_is_not_written_when_a_run_fails(results, monkeypatch, tmp_path):

@@ -32,6 +32,8 @@ SCHEMES = {
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
     "int2": QuantScheme("int2", block_size=32),
+    "nf4-q8_0": QuantScheme("nf4", activations="q8_0"),
+    "int2-q8_0": QuantScheme("int2", block_size=32, activations="q8_0"),
 }
 # decode, AMX-INT8 and tile sizes, and more rows than the int8 tiles take
 M_VALUES = [1, 16, 40, 130]
@@ -81,7 +83,7 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> floa
     return ((a.float() - b.float()).abs() / ulp).max().item()
 
 
-@pytest.mark.parametrize("name", ["nf4", "int8", "int4"])
+@pytest.mark.parametrize("name", ["nf4", "int8", "int4", "nf4-q8_0"])
 def test_compiled_layers_equal_eager_ones(name):
     # M = 1 takes the fused decode kernels; 7, 16 and 40 the AMX tiles where the CPU has AMX, the chunks elsewhere
     layer = make_layer(name, torch.bfloat16)
@@ -137,8 +139,8 @@ def test_every_native_kernel_and_input_gradient_passes_opcheck(monkeypatch):
     expected = {name for name in library.FORWARD_OPS if "amx" not in name or amx_int8_here()} | set(library.GRAD_INPUT_OPS)
     if not kernels.uses_amx_bf16():
         expected -= {"linear_4bit_tiles", "linear_int8_tiles", "linear_affine_tiles"}
-    if not avx2_here():  # int8 and int4/int2 decode take the chunks, the kept head F.linear
-        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16", "gemv_dense"}
+    if not avx2_here():  # int8 and int4/int2 decode take the chunks, the kept head F.linear, q8_0 its reference
+        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16", "gemv_dense", "gemv_4bit_q8", "gemv_affine_q8"}
     if not avx512_bf16_here():
         expected -= {"gemv_affine_bf16"}
     if not bf16_lookups_here():

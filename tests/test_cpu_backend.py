@@ -15,7 +15,7 @@ from quantizer_plugin.cpu import int8 as cpu_int8
 from quantizer_plugin.formats import QuantScheme, get_format
 
 import oracles
-from helpers import outputs_on_one_and_two_threads
+from helpers import identity_row_groups, outputs_on_one_and_two_threads
 import cpu_caps
 from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, bf16_lookups_here,
                       fused_at_every_batch)
@@ -100,16 +100,11 @@ def test_the_bf16_decode_reads_every_weight_in_its_place(weights, double_quant, 
     stored = {name: tensor.detach() for name, tensor in layer.quantized_tensors().items()}
     expected = oracles.dequantize_4bit(stored, n, k, weights, block, codebook_dtype=torch.bfloat16)
     identity = torch.eye(k, dtype=torch.bfloat16)
-    first = 0
-    for rows in itertools.cycle([1, 2, 3, 4]):
-        if first >= k:
-            break
-        columns = list(range(first, min(k, first + rows)))
+    for columns in identity_row_groups(k):
         with ops.record_dispatch() as served:
             y = layer(identity[columns])
         assert served == ["cpu.codebook4bit.fused_bf16"]
         assert torch.equal(y, expected[:, columns].T.to(torch.bfloat16)), columns
-        first += rows
 
 
 @pytest.mark.parametrize("weights, double_quant", SCHEMES_4BIT, ids=[f"{w}-dq{int(d)}" for w, d in SCHEMES_4BIT])

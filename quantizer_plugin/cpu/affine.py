@@ -13,6 +13,8 @@
 - Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
   and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
   chunks.
+With activations="q8_0" (formats/activations.py), every batch on CPUs with AVX2 takes the integer kernel: the activations
+rounded to int8 in blocks of 32, the codes multiplied as bytes with vpmaddubsw into exact int32 sums.
 Decode on CPUs with AVX2 only takes the float32 fused kernel, 8 lanes wide; without AVX2 every batch size takes the
 native chunks (plain C++ dequantize, torch's GEMM); without the native build the plain-torch reference runs.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.activations import Q8Activations
 from ..formats.records import AffineWeight
 from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, library, native
@@ -74,6 +77,23 @@ def linear_forward(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor | N
         y = y + bias.to(y.dtype)
     served(f"cpu.affine.{kernel}")
     return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_kernel(AffineWeight.family, "cpu", activations=Q8Activations.mode)
+def linear_forward_q8(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                      activations: Q8Activations) -> torch.Tensor:  # fmt: skip
+    """activations="q8_0": every batch through the native integer kernel on CPUs with AVX2, for groups of 32 or more
+    that tile the rows; the mode's reference otherwise."""
+    kernels = native.load()
+    n, k, block = weight.out_features, weight.in_features, weight.block_size
+    if kernels is None or not kernels.uses_avx2() or k % block or block % activations.block:
+        return reference_forward(x, weight, bias, compute_dtype, activations)
+    x2d = x.reshape(-1, k).to(compute_dtype).float().contiguous()
+    y = library.call(kernels, "gemv_affine_q8", x2d, *weight_arguments(weight))
+    if bias is not None:
+        y += bias.float()
+    served("cpu.affine.q8_0")
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @library.grad_input_op("grad_input_affine", library.AFFINE_WEIGHT)

@@ -15,6 +15,8 @@
   When K is a multiple of 32 the chunks are written group-permuted (each 32 columns as their 16 even, then 16 odd
   ones: no interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product
   as it is.
+With activations="q8_0" (formats/activations.py), every batch on CPUs with AVX2 takes the integer kernel: the activations
+rounded to int8 in blocks of 32, the codebook to int8 steps, bytes multiplied with vpmaddubsw into exact int32 sums.
 Loading quantizes each weight with the native quantizer (the format's own codes and absmax, one pass). If the native
 kernels cannot be built, everything runs the plain-torch reference (native.py warns once).
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..formats import QuantScheme
+from ..formats.activations import Q8Activations
 from ..formats.base import NonFiniteWeightError
 from ..formats.codebook4bit import Codebook4BitFormat
 from ..formats.records import CodebookWeight
@@ -104,6 +107,23 @@ def linear_forward(x: torch.Tensor, weight: CodebookWeight, bias: torch.Tensor |
         y = y + bias.to(compute_dtype)
     served("cpu.codebook4bit.dequantize_matmul")
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+@register_kernel(CodebookWeight.family, "cpu", activations=Q8Activations.mode)
+def linear_forward_q8(x: torch.Tensor, weight: CodebookWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                      activations: Q8Activations) -> torch.Tensor:  # fmt: skip
+    """activations="q8_0": every batch through the native integer kernel (csrc/q8_0.cpp) on CPUs with AVX2, for
+    blocks of 32 or more that tile the rows; the mode's reference otherwise."""
+    kernels = native.load()
+    n, k, block = weight.out_features, weight.in_features, weight.block_size
+    if kernels is None or not kernels.uses_avx2() or k % block or block % activations.block:
+        return reference_forward(x, weight, bias, compute_dtype, activations)
+    x2d = x.reshape(-1, k).to(compute_dtype).float().contiguous()
+    y = library.call(kernels, "gemv_4bit_q8", x2d, *weight_arguments(weight), n, block)
+    if bias is not None:
+        y += bias.float()
+    served("cpu.codebook4bit.q8_0")
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 
 @register_kernel(CodebookWeight.family, "cpu", quantize=True)

@@ -48,6 +48,7 @@ FLOAT32, CHUNKED = "float32", "chunked"
 FORWARD_OPS = {
     "gemv_4bit": (_CODEBOOK, _n_argument, FLOAT32),
     "gemv_4bit_bf16": (_CODEBOOK, _n_argument, FLOAT32),
+    "gemv_4bit_q8": (_CODEBOOK, _n_argument, FLOAT32),  # activations="q8_0"
     "linear_4bit_tiles": (_CODEBOOK, _n_argument, FLOAT32),
     "linear_4bit_chunked": (_CODEBOOK + ", bool grouped, int rows_per_chunk", _n_argument, CHUNKED),
     "gemv_int8": (_INT8, _weight_rows, FLOAT32),
@@ -57,6 +58,7 @@ FORWARD_OPS = {
     "linear_llm_int8": (_INT8 + ", float threshold", _weight_rows, FLOAT32),
     "gemv_affine": (_AFFINE, _weight_rows, FLOAT32),
     "gemv_affine_bf16": (_AFFINE, _weight_rows, FLOAT32),
+    "gemv_affine_q8": (_AFFINE, _weight_rows, FLOAT32),  # activations="q8_0"
     "linear_affine_tiles": (_AFFINE, _weight_rows, FLOAT32),
     "linear_affine_chunked": (_AFFINE + ", int rows_per_chunk", _weight_rows, CHUNKED),
     "gemv_dense": ("Tensor x, Tensor weight", _weight_rows, FLOAT32),  # a kept 16-bit layer (dense.py)

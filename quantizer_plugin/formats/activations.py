@@ -7,14 +7,15 @@ in quantizer_plugin.ops; a backend with no kernel for a mode runs this reference
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
 
-from .records import INT8_MAX, RowScaledWeight
+from .records import INT8_MAX, AffineWeight, CodebookWeight, RowScaledWeight
 
-__all__ = ["INT8_MAX", "Int8Activations", "outlier_columns", "quantize_activations", "quantize_rows"]
+__all__ = ["INT8_MAX", "Int8Activations", "Q8Activations", "outlier_columns", "quantize_activations", "quantize_blocks",
+           "quantize_rows"]  # fmt: skip
 
 
 def quantize_rows(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,4 +82,60 @@ class Int8Activations:
         return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
-ActivationRecord = Int8Activations
+def quantize_blocks(x2d: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row of a 2-D tensor in blocks of `block` columns (the last one zero-padded), each block as int8 codes
+    round(x * 127 / absmax) with its float32 scale absmax / 127, computed in that order in float32, rounded half to
+    even: llama.cpp's q8_0 with a float32 scale. Returns (codes (M, blocks, block), scales (M, blocks)). A block
+    holding a NaN or an infinity gets codes 0 and a NaN scale: every product it reaches is NaN, as it would be in 16
+    bits, never a silent number."""
+    x = x2d.float()
+    x = torch.nn.functional.pad(x, (0, -x.shape[1] % block)).unflatten(1, (-1, block))
+    absmax = x.abs().amax(dim=2)
+    finite = torch.isfinite(x).all(dim=2)
+    inverse = INT8_MAX / absmax.clamp(min=torch.finfo(torch.float32).tiny)
+    codes = (x * inverse[..., None]).clamp(-INT8_MAX, INT8_MAX).round()
+    codes = codes.masked_fill(~finite[..., None], 0).to(torch.int8)
+    return codes, (absmax / INT8_MAX).masked_fill(~finite, float("nan"))
+
+
+def int8_steps(code: torch.Tensor) -> torch.Tensor:
+    """A codebook rounded to int8 steps, round(127 c) / 127: what the q8_0 kernels multiply in integers."""
+    return (code.float() * INT8_MAX).round() / INT8_MAX
+
+
+@dataclass(frozen=True)
+class Q8Activations:
+    """The activations rounded as llama.cpp rounds them for its 4-bit and 2-bit dot products (q8_0): each row in blocks
+    of 32 columns, each block int8 with one scale, so that the kernels multiply bytes by the weight's codes, 32 at a
+    time, in exact integer sums (`activations="q8_0"`, for the 4-bit codebooks and the integer formats). A codebook's
+    values are rounded to int8 steps too (round(127 c) / 127, as llama.cpp's IQ4_NL stores its codebook); integer codes
+    are multiplied as they are. Both roundings are far below the 4-bit weight's own error (a step of NF4 is 1/15 to
+    1/6 of the absmax; an int8 step, 1/127), and they trade exactness for speed where the CPU lacks 16-bit dot
+    products (AVX2 alone: docs/kernels.md)."""
+
+    mode: ClassVar[str] = "q8_0"
+    block: ClassVar[int] = 32
+
+    def multiplied_weight(self, weight) -> torch.Tensor:
+        """The float32 weight the mode multiplies: the codebook in int8 steps, integer codes as they are."""
+        if isinstance(weight, CodebookWeight):
+            return replace(weight, code=int8_steps(weight.code)).dequantize(torch.float32)
+        if isinstance(weight, AffineWeight):
+            return weight.dequantize(torch.float32)
+        raise TypeError(f"activations={self.mode!r} takes 4-bit codebook or integer weights, not {type(weight).__name__}")
+
+    def reference_linear(
+        self, x: torch.Tensor, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """y = q8_0(x) @ W.T + bias in plain torch (float64 sums), returned in x's dtype through the compute dtype."""
+        k = weight.in_features
+        x2d = x.reshape(-1, k).to(compute_dtype)
+        codes, scales = quantize_blocks(x2d, self.block)
+        rounded = (codes.double() * scales.double()[..., None]).flatten(1)[:, :k]
+        y = (rounded @ self.multiplied_weight(weight).double().T).float()
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+ActivationRecord = Int8Activations | Q8Activations

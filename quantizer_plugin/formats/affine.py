@@ -84,7 +84,7 @@ def fit_groups(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 class IntAffineFormat(WeightFormat):
     family = AffineWeight.family
-    settings = {None: {"block_size": 64}}
+    settings = {None: {"block_size": 64}, "q8_0": {"block_size": 64}}
 
     def __init__(self, name: str, bits: int):
         if 8 % bits:

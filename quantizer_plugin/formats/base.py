@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activations import ActivationRecord
+from .activations import ActivationRecord, Q8Activations
 
 
 # The on-disk layout version (tensor names, shapes, codebooks); LowBitConfig.format_version records it in config.json.
@@ -104,10 +104,13 @@ class WeightFormat(ABC):
         """The stored tensors (as `tensor_specs` names them, in their stored dtypes) as the family's typed record."""
 
     def activations(self, scheme: QuantScheme) -> ActivationRecord | None:
-        """The record of the scheme's activations mode: None for 16-bit activations (every format's default)."""
-        if scheme.activations is not None:
-            raise ValueError(f"weights={self.name!r} takes no activations mode, got {scheme.activations!r}")
-        return None
+        """The record of the scheme's activations mode: None for 16-bit activations (every format's default); q8_0
+        where the format's settings name it."""
+        if scheme.activations is None:
+            return None
+        if scheme.activations == Q8Activations.mode and Q8Activations.mode in self.settings:
+            return Q8Activations()
+        raise ValueError(f"weights={self.name!r} takes activations in {list(self.settings)}, got {scheme.activations!r}")
 
     def conform(
         self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme

@@ -36,7 +36,7 @@ _CHUNK_ELEMENTS = 1 << 22
 class Codebook4BitFormat(WeightFormat):
     bits = 4
     family = CodebookWeight.family
-    settings = {None: {"block_size": 64, "double_quant": True}}
+    settings = {None: {"block_size": 64, "double_quant": True}, "q8_0": {"block_size": 64, "double_quant": True}}
 
     def __init__(self, name: str, code: torch.Tensor):
         if code.shape != (16,) or code.dtype != torch.float32:

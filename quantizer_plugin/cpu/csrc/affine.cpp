@@ -249,6 +249,69 @@ AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin
   }
 }
 
+// The q8_0 decode (activations mode "q8_0", q8_0.cpp): 32 codes at a time as bytes, in the order quantize_q8_0(x,
+// 8 / BITS) writes the activations in (int4: a row's 16 bytes' high nibbles, then their low ones; int2: the 8 bytes'
+// top bit pairs, then the next, and so on), multiplied as unsigned bytes by the signed activation bytes
+// (vpmaddubsw: at most 2 * 15 * 127 per 16-bit sum) and summed exactly into int32 (vpmaddwd); each 32 columns' sum
+// times its activation scale, each group's times s, and the zero points' share, s * z times the group's sum of the
+// rounded activations (`sums`), taken off at the end. Needs block % 32 == 0.
+// One 32 columns of gemv_rows_q8_avx2: their codes (16 bytes of int4, 8 of int2) against each activation row's 32
+// bytes, into `part`.
+template <int BITS, int MT>
+AVX2 inline __attribute__((always_inline)) void q8_step(const uint8_t* bytes, const int8_t* x, const float* d,
+                                                         int64_t K, int64_t steps, __m256 (&part)[MT]) {
+  __m256i codes;
+  if constexpr (BITS == 4) {
+    const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes));
+    codes = _mm256_set_m128i(pairs, _mm_srli_epi16(pairs, 4));
+  } else {
+    const __m128i quads = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes));
+    codes = _mm256_set_m128i(_mm_unpacklo_epi64(_mm_srli_epi16(quads, 2), quads),
+                             _mm_unpacklo_epi64(_mm_srli_epi16(quads, 6), _mm_srli_epi16(quads, 4)));
+  }
+  codes = _mm256_and_si256(codes, _mm256_set1_epi8(BITS == 4 ? 0x0F : 0x03));
+  for (int m = 0; m < MT; ++m) {
+    const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K));
+    const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xm), _mm256_set1_epi16(1));
+    part[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_set1_ps(d[m * steps]), part[m]);
+  }
+}
+
+template <int BITS, int MT>
+AVX2 void gemv_rows_q8_avx2(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin, int64_t n_end) {
+  constexpr int64_t step_bytes = Q8_BLOCK * BITS / 8;
+  const int64_t groups = a.K / a.block, steps = a.K / Q8_BLOCK, chunks = a.block / Q8_BLOCK;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* bytes = a.packed + n * (a.K * BITS / 8);
+    const int8_t* x = x8;
+    const float* d = xd;
+    __m256 acc[MT];
+    float share[MT] = {0.0f};
+    for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256 even[MT], odd[MT];  // two chains of sums, so that each FMA need not wait for the last
+      for (int m = 0; m < MT; ++m) even[m] = odd[m] = _mm256_setzero_ps();
+      int64_t c = 0;
+      for (; c + 2 <= chunks; c += 2, bytes += 2 * step_bytes, x += 2 * Q8_BLOCK, d += 2) {
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        q8_step<BITS, MT>(bytes, x, d, a.K, steps, even);
+        q8_step<BITS, MT>(bytes + step_bytes, x + Q8_BLOCK, d + 1, a.K, steps, odd);
+      }
+      if (c < chunks) {  // a group of 32
+        q8_step<BITS, MT>(bytes, x, d, a.K, steps, even);
+        bytes += step_bytes, x += Q8_BLOCK, d += 1;
+      }
+      const float s = static_cast<float>(a.scale[n * groups + g]), z = static_cast<float>(a.zero[n * groups + g]);
+      const __m256 scale = _mm256_set1_ps(s);
+      for (int m = 0; m < MT; ++m) {
+        acc[m] = _mm256_fmadd_ps(scale, _mm256_add_ps(even[m], odd[m]), acc[m]);
+        share[m] += s * z * a.sums[m * groups + g];
+      }
+    }
+    for (int m = 0; m < MT; ++m) a.y[m * a.N + n] = horizontal_sum(acc[m]) - share[m];
+  }
+}
+
 // --- dequantize rows ----------------------------------------------------------------------------------------------
 
 struct Rows {
@@ -500,6 +563,33 @@ at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::
       bits == 4 ? gemv_rows_f32_avx2<4, MT>(part, x0 + m0 * a.K, begin, end)
                 : gemv_rows_f32_avx2<2, MT>(part, x0 + m0 * a.K, begin, end);
     }
+  });
+  return y;
+}
+
+// y (M, N) float32 = q8_0(x) (M, K) @ dequant(W).T for x float32, on CPUs with AVX2 (see gemv_rows_q8_avx2).
+at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
+                          const at::Tensor& zero, int64_t bits, int64_t block) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
+  TORCH_CHECK(has_avx2(), "gemv_affine_q8 needs a CPU with AVX2");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(block % Q8_BLOCK == 0 && K % block == 0, "gemv_affine_q8 needs K a multiple of the block and the block "
+              "of ", Q8_BLOCK, ", not K = ", K, ", block = ", block);
+  const Rows r = check_rows(packed, scale, zero, bits, block, K);
+  const auto [x8, xd] = quantize_q8_0(x, 8 / bits);
+  // each group's sum of the rounded activations: its blocks' integer sums times their scales
+  const at::Tensor sums = (x8.to(at::kFloat).reshape({M, K / Q8_BLOCK, Q8_BLOCK}).sum(2) * xd)
+                              .reshape({M, K / block, block / Q8_BLOCK}).sum(2).contiguous();
+  at::Tensor y = at::empty({M, packed.size(0)}, x.options());
+  const FusedArgs a{r.packed, r.scale, r.zero, block, K, packed.size(0), nullptr, nullptr};
+  for_row_groups(M, a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    FusedArgs part = a;
+    part.sums = sums.data_ptr<float>() + m0 * sums.size(1);
+    part.y = y.data_ptr<float>() + m0 * a.N;
+    constexpr int MT = decltype(rows)::value;
+    const int8_t* x0 = x8.data_ptr<int8_t>() + m0 * K;
+    const float* d0 = xd.data_ptr<float>() + m0 * (K / Q8_BLOCK);
+    bits == 4 ? gemv_rows_q8_avx2<4, MT>(part, x0, d0, begin, end) : gemv_rows_q8_avx2<2, MT>(part, x0, d0, begin, end);
   });
   return y;
 }

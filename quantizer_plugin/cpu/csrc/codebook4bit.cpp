@@ -328,6 +328,73 @@ AVX2 void gemv_rows_bf16_avx2(const uint8_t* packed, const Absmax& absmax, const
   }
 }
 
+// The q8_0 decode (activations mode "q8_0", q8_0.cpp): the codebook rounded to int8 steps (round(127 c), llama.cpp's
+// IQ4_NL's arithmetic) and looked up with one vpshufb per 32 codes, each 16 bytes of a row split into their high
+// nibbles (the 16 even columns of 32) in the lower 128 bits and their low nibbles (the odd ones) in the upper, the
+// order quantize_q8_0(x, 2) writes the activations in. vpmaddubsw multiplies unsigned by signed bytes: |w| by x
+// carrying w's sign (vpsignb), two products per 16-bit sum (at most 2 * 127 * 127, no saturation), vpmaddwd adds
+// them into 8 exact int32 sums; each 32 columns' sum times the activations' block scale in float32, and the block's
+// absmax / 127 once per block. Needs block % 32 == 0.
+// R weight rows from n0 of gemv_rows_q8_avx2, 32 columns at a time: each row's 16 bytes of codes looked up, and
+// each activation row's 32 bytes loaded once for all R of them. R rows in flight are R streams from memory and R
+// independent chains of sums.
+template <int MT, int R>
+AVX2 inline __attribute__((always_inline)) void q8_rows(const uint8_t* packed, const Absmax& absmax, __m256i table,
+                                                         int64_t block, int64_t K, const int8_t* x8, const float* xd,
+                                                         float* y, int64_t N, int64_t n0) {
+  const int64_t blocks_per_row = K / block, steps = K / Q8_BLOCK, chunks = block / Q8_BLOCK;
+  const uint8_t* bytes[R];
+  for (int r = 0; r < R; ++r) bytes[r] = packed + (n0 + r) * (K / 2);
+  const int8_t* x = x8;
+  const float* d = xd;
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    __m256 part[MT][R];
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) part[m][r] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < chunks; ++c, x += Q8_BLOCK, ++d) {
+      __m256i w[R], magnitude[R];
+      for (int r = 0; r < R; ++r) {
+        if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes[r]));
+        bytes[r] += 16;
+        const __m256i codes = _mm256_and_si256(_mm256_set_m128i(pairs, _mm_srli_epi16(pairs, 4)),
+                                               _mm256_set1_epi8(0x0F));
+        w[r] = _mm256_shuffle_epi8(table, codes);
+        magnitude[r] = _mm256_sign_epi8(w[r], w[r]);
+      }
+      for (int m = 0; m < MT; ++m) {
+        const __m256i xm = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + m * K));
+        const __m256 scale = _mm256_set1_ps(d[m * steps]);
+        for (int r = 0; r < R; ++r) {
+          const __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(magnitude[r], _mm256_sign_epi8(xm, w[r])),
+                                                 _mm256_set1_epi16(1));
+          part[m][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, part[m][r]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 scale = _mm256_set1_ps(absmax((n0 + r) * blocks_per_row + b) * (1.0f / 127.0f));
+      for (int m = 0; m < MT; ++m) acc[m][r] = _mm256_fmadd_ps(scale, part[m][r], acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = horizontal_sum(acc[m][r]);
+}
+
+template <int MT>
+AVX2 void gemv_rows_q8_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
+                            int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
+                            int64_t n_end) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table16)));
+  constexpr int R = q8_weight_rows(MT);
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) q8_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
+  for (; n < n_end; ++n) q8_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
+}
+
 // x (M, K) bfloat16 as float32 in gemv_rows_bf16_avx2's column order within each 32 columns (K % 32 == 0).
 at::Tensor permute_for_avx2_lookup(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1);
@@ -542,6 +609,32 @@ at::Tensor gemv_4bit_bf16(const at::Tensor& x, const at::Tensor& packed,
   for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
     gemv_rows_bf16<decltype(rows)::value>(p, a, lut16, block, K, e0 + m0 * (K / 2), o0 + m0 * (K / 2), out + m0 * N,
                                           N, begin, end);
+  });
+  return y;
+}
+
+// y (M, N) float32 = q8_0(x) (M, K) @ dequant(W with the codebook in int8 steps).T, for x float32 contiguous, on CPUs
+// with AVX2 (see gemv_rows_q8_avx2).
+at::Tensor gemv_4bit_q8(const at::Tensor& x, const at::Tensor& packed,
+                        const OptionalTensor& absmax, const OptionalTensor& codes, const OptionalTensor& scales,
+                        const OptionalTensor& offset, const OptionalTensor& code8, const at::Tensor& lut,
+                        int64_t N, int64_t block) {
+  TORCH_CHECK(has_avx2(), "gemv_4bit_q8 needs a CPU with AVX2");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous(), "packed must be contiguous uint8");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat && lut.numel() == 16, "the codebook must be 16 float32 values");
+  const int64_t M = x.size(0), K = x.size(1);
+  TORCH_CHECK(block % Q8_BLOCK == 0 && K % block == 0, "gemv_4bit_q8 needs K a multiple of the block and the block of 32");
+  TORCH_CHECK(packed.numel() * 2 >= N * K, "packed holds fewer than N * K codes");
+  const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
+  int8_t table16[16];
+  for (int i = 0; i < 16; ++i) table16[i] = static_cast<int8_t>(std::nearbyint(lut.data_ptr<float>()[i] * 127.0f));
+  const auto [x8, xd] = quantize_q8_0(x, 2);
+  at::Tensor y = at::empty({M, N}, x.options());
+  const uint8_t* p = packed.data_ptr<uint8_t>();
+  float* out = y.data_ptr<float>();
+  for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+    gemv_rows_q8_avx2<decltype(rows)::value>(p, a, table16, block, K, x8.data_ptr<int8_t>() + m0 * K,
+                                             xd.data_ptr<float>() + m0 * (K / Q8_BLOCK), out + m0 * N, N, begin, end);
   });
   return y;
 }

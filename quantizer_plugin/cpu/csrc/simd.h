@@ -27,6 +27,10 @@ inline constexpr int64_t PREFETCH_BYTES = 4096;
 // that no FMA waits on the previous one's latency, while 16 ymm registers hold them all (MT * chains accumulators).
 inline constexpr int avx2_chains(int MT) { return MT == 1 ? 4 : (MT == 2 ? 2 : 1); }
 
+// Weight rows the q8_0 kernels take at once for MT activation rows: as many streams from memory as the accumulators
+// (MT * rows of them) leave registers for.
+inline constexpr int q8_weight_rows(int MT) { return MT == 1 ? 4 : (MT == 2 ? 2 : 1); }
+
 template <typename Out>
 inline void store_scalar(Out* out, int64_t i, float value);
 template <>
