@@ -16,6 +16,13 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 import quantizer_plugin  # noqa: F401  (registers "lowbit" with transformers)
 
+import background
+
+
+def pytest_collection_finish(session):
+    """Start the slow self-contained jobs the collected tests need (tests/background.py), to run beside them."""
+    background.start_needed([item.nodeid for item in session.items])
+
 
 def available_devices() -> list[str]:
     """The same tests run on CPU in CI and on CUDA when there is one."""

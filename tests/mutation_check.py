@@ -44,6 +44,13 @@ class Mutation:
     # The CPU feature (cpu_caps) the mutated kernel needs; on a machine without it the kernel never runs, so the
     # breakage cannot be caught there (the kernel's tests skip).
     needs: str | None = None
+    # Its tests compile with torch.compile (tens of seconds each): CI's fast subset leaves it out (SUBSET_ENV).
+    slow: bool = False
+
+
+# CI sets this to "fast" to keep the whole suite within its time: the slow breakages then run before resolving an
+# issue that touches what they break (`python tests/mutation_check.py` runs every one).
+SUBSET_ENV = "QUANTIZER_PLUGIN_MUTATIONS"
 
 
 def patch(owner, name: str, value) -> None:
@@ -569,14 +576,16 @@ MUTATIONS: dict[str, Mutation] = {
         ("tests/test_compile.py::test_a_quantized_layer_traces_without_a_graph_break",)),
     "cpu-input-gradients-not-ops-under-compile": Mutation(
         "the CPU input gradients traced as Python loops of pybind11 calls", cpu_input_gradients_not_ops_under_compile,
-        ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients[int8]",)),
+        ("tests/test_compile.py::test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients[int8]",),
+        slow=True),
     "triton-launchers-not-ops-under-compile": Mutation(
         "the Triton launchers traced as Python under torch.compile", triton_launchers_not_ops_under_compile,
         ("tests/test_compile_triton.py::test_a_layer_on_the_triton_kernels_traces_whole_and_compiles_to_eager",
-         "tests/test_compile_triton.py::test_a_compiled_lora_training_step_on_the_triton_kernels_gives_eager_gradients")),
+         "tests/test_compile_triton.py::test_a_compiled_lora_training_step_on_the_triton_kernels_gives_eager_gradients"),
+        slow=True),
     "kernels-not-prepared-on-load": Mutation(
         "the native build left to the first forward after loading", kernels_not_prepared_when_layers_load,
-        ("tests/test_compile.py::test_a_prequantized_checkpoint_compiles_whole_on_its_first_forward",)),
+        ("tests/test_compile.py::test_a_prequantized_checkpoint_compiles_whole_on_its_first_forward",), slow=True),
     "convert-export-drops-nested-offset": Mutation(
         "the bitsandbytes export writes double quant's offset as 0", convert_export_drops_the_nested_offset,
         ("tests/test_convert.py::test_our_checkpoint_exports_to_one_bitsandbytes_loads",)),

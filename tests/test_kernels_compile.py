@@ -8,23 +8,14 @@ in a fresh process without TRITON_INTERPRET, so that the kernels are defined for
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-REPORT = """
-import dataclasses, json
-from quantizer_plugin.kernels.compile_report import compile_all
-print(json.dumps([dataclasses.asdict(report) for report in compile_all()]))
-"""
+import background
 
 
 def test_every_gpu_candidate_compiles_for_sm90_without_spilling():
-    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # triton 3.9 warns when the default is left implicit
-    result = subprocess.run([sys.executable, "-c", REPORT], env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    reports = json.loads(result.stdout.splitlines()[-1])
+    # a fresh process without TRITON_INTERPRET, running beside the suite since collection (tests/background.py)
+    stdout = (background.result("compile-report") / "stdout").read_text()
+    reports = json.loads(stdout.splitlines()[-1])
 
     kernels = {report["build"].split(" (")[0].split(" BLOCK")[0] for report in reports}
     expected = {"int8 tiled", "int8 streaming", "int8 grad_input", "int8 row quantize"}

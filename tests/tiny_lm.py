@@ -4,6 +4,7 @@ hidden 128, 4 layers, MLP 384: 0.9M parameters) on the English text of Python's 
 fixed batches).
 
     python tests/tiny_lm.py [--seed N]   # trains it and prints the accuracy table of benchmarks/RESULTS.md
+    python tests/tiny_lm.py --save PATH  # only trains it and saves it (the tests, beside the suite: background.py)
 
 Both measures use the whole held-out text (the last tenth of the corpus, never trained on: 364 windows of 128
 bytes, 46k predictions):
@@ -112,7 +113,12 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of benchmarks/RESULTS.md.")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the tests use 0)")
-    seed = parser.parse_args().seed
+    parser.add_argument("--save", type=Path, default=None, help="only train, and save the model there (the tests)")
+    arguments = parser.parse_args()
+    seed = arguments.seed
+    if arguments.save is not None:
+        train(arguments.save, seed)
+        return 0
     with tempfile.TemporaryDirectory() as folder:
         path = train(Path(folder) / "tiny-lm", seed)
         full = LlamaForCausalLM.from_pretrained(path)

@@ -109,8 +109,8 @@ class Q8Activations:
     of 32 columns, each block int8 with one scale, so that the kernels multiply bytes by the weight's codes, 32 at a
     time, in exact integer sums (`activations="q8_0"`, for the 4-bit codebooks and the integer formats). A codebook's
     values are rounded to int8 steps too (round(127 c) / 127, as llama.cpp's IQ4_NL stores its codebook); integer codes
-    are multiplied as they are. Both roundings are far below the 4-bit weight's own error (a step of NF4 is 1/15 to
-    1/6 of the absmax; an int8 step, 1/127), and they trade exactness for speed where the CPU lacks 16-bit dot
+    are multiplied as they are. Both roundings are far below the 4-bit weight's own error (a step of NF4 is 0.08 to
+    0.30 of the absmax; an int8 step, 0.008), and they trade exactness for speed where the CPU lacks 16-bit dot
     products (AVX2 alone: docs/kernels.md)."""
 
     mode: ClassVar[str] = "q8_0"

@@ -249,12 +249,6 @@ AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin
   }
 }
 
-// The q8_0 decode (activations mode "q8_0", q8_0.cpp): 32 codes at a time as bytes, in the order quantize_q8_0(x,
-// 8 / BITS) writes the activations in (int4: a row's 16 bytes' high nibbles, then their low ones; int2: the 8 bytes'
-// top bit pairs, then the next, and so on), multiplied as unsigned bytes by the signed activation bytes
-// (vpmaddubsw: at most 2 * 15 * 127 per 16-bit sum) and summed exactly into int32 (vpmaddwd); each 32 columns' sum
-// times its activation scale, each group's times s, and the zero points' share, s * z times the group's sum of the
-// rounded activations (`sums`), taken off at the end. Needs block % 32 == 0.
 // One 32 columns of gemv_rows_q8_avx2: their codes (16 bytes of int4, 8 of int2) against each activation row's 32
 // bytes, into `part`.
 template <int BITS, int MT>
@@ -277,6 +271,12 @@ AVX2 inline __attribute__((always_inline)) void q8_step(const uint8_t* bytes, co
   }
 }
 
+// The q8_0 decode (activations mode "q8_0", q8_0.cpp): 32 codes at a time as bytes, in the order quantize_q8_0(x,
+// 8 / BITS) writes the activations in (int4: a row's 16 bytes' high nibbles, then their low ones; int2: the 8 bytes'
+// top bit pairs, then the next, and so on), multiplied as unsigned bytes by the signed activation bytes
+// (vpmaddubsw: at most 2 * 15 * 127 per 16-bit sum) and summed exactly into int32 (vpmaddwd); each 32 columns' sum
+// times its activation scale, each group's times s, and the zero points' share, s * z times the group's sum of the
+// rounded activations (`sums`), taken off at the end. Needs block % 32 == 0.
 template <int BITS, int MT>
 AVX2 void gemv_rows_q8_avx2(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin, int64_t n_end) {
   constexpr int64_t step_bytes = Q8_BLOCK * BITS / 8;

@@ -328,13 +328,6 @@ AVX2 void gemv_rows_bf16_avx2(const uint8_t* packed, const Absmax& absmax, const
   }
 }
 
-// The q8_0 decode (activations mode "q8_0", q8_0.cpp): the codebook rounded to int8 steps (round(127 c), llama.cpp's
-// IQ4_NL's arithmetic) and looked up with one vpshufb per 32 codes, each 16 bytes of a row split into their high
-// nibbles (the 16 even columns of 32) in the lower 128 bits and their low nibbles (the odd ones) in the upper, the
-// order quantize_q8_0(x, 2) writes the activations in. vpmaddubsw multiplies unsigned by signed bytes: |w| by x
-// carrying w's sign (vpsignb), two products per 16-bit sum (at most 2 * 127 * 127, no saturation), vpmaddwd adds
-// them into 8 exact int32 sums; each 32 columns' sum times the activations' block scale in float32, and the block's
-// absmax / 127 once per block. Needs block % 32 == 0.
 // R weight rows from n0 of gemv_rows_q8_avx2, 32 columns at a time: each row's 16 bytes of codes looked up, and
 // each activation row's 32 bytes loaded once for all R of them. R rows in flight are R streams from memory and R
 // independent chains of sums.
@@ -384,6 +377,13 @@ AVX2 inline __attribute__((always_inline)) void q8_rows(const uint8_t* packed, c
     for (int r = 0; r < R; ++r) y[m * N + n0 + r] = horizontal_sum(acc[m][r]);
 }
 
+// The q8_0 decode (activations mode "q8_0", q8_0.cpp): the codebook rounded to int8 steps (round(127 c), llama.cpp's
+// IQ4_NL's arithmetic) and looked up with one vpshufb per 32 codes, each 16 bytes of a row split into their high
+// nibbles (the 16 even columns of 32) in the lower 128 bits and their low nibbles (the odd ones) in the upper, the
+// order quantize_q8_0(x, 2) writes the activations in. vpmaddubsw multiplies unsigned by signed bytes: |w| by x
+// carrying w's sign (vpsignb), two products per 16-bit sum (at most 2 * 127 * 127, no saturation), vpmaddwd adds
+// them into 8 exact int32 sums; each 32 columns' sum times the activations' block scale in float32, and the block's
+// absmax / 127 once per block. Needs block % 32 == 0.
 template <int MT>
 AVX2 void gemv_rows_q8_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
                             int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
