@@ -202,6 +202,7 @@ def test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients(ll
     model = load_quantized(llama_dir, weights=weights)
     model.get_input_embeddings().weight.requires_grad_(True)  # a gradient that crosses every quantized layer
     config = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, init_lora_weights=False)
+    torch.manual_seed(0)  # the adapters' random init: the same whatever ran before (the bound below was measured on it)
     model = get_peft_model(model, config)
     trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
 
@@ -224,10 +225,12 @@ def test_a_compiled_lora_training_step_has_no_graph_break_and_eager_gradients(ll
     traced = gradients(torch.compile(loss, fullgraph=True, backend="aot_eager"))
     for name in eager:
         assert torch.equal(traced[name], eager[name]), name
-    # inductor: attention, norms and the loss fused into other kernels sum in other orders (float32: measured 4e-8
-    # relative at most); our ops are the same
+    # inductor: attention, norms and the loss fused into other kernels sum in other orders and keep some values in
+    # float32 that eager rounds to the bfloat16 compute dtype (one bfloat16 step is 4e-3), so the gradients move by
+    # 1e-5 to 1.4e-3 of their norm depending on the adapters' init (measured); our ops are the same, and a wrong op
+    # moves them by their whole size
     if weights == "nf4":
         with torch._inductor.config.patch(emulate_precision_casts=True):
             compiled = gradients(torch.compile(loss, fullgraph=True))
         for name in eager:
-            assert (compiled[name] - eager[name]).norm() <= 1e-5 * eager[name].norm(), name
+            assert (compiled[name] - eager[name]).norm() <= 1e-2 * eager[name].norm(), name
