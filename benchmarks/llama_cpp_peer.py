@@ -2,10 +2,10 @@
 llama-cpp-python in the same process, with the same prompt and greedy tokens.
 
 Neither llama.cpp nor its converter is a dependency. Build both from the llama-cpp-python sdist (ggml compiled for
-this CPU: about 20 minutes on 2 cores):
+this CPU: 12 minutes on the 2-core AMD EPYC of benchmarks/RESULTS.md); the converter also needs sentencepiece:
 
     pip download --no-deps --no-binary :all: llama-cpp-python && tar xzf llama_cpp_python-*.tar.gz
-    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install ./llama_cpp_python-*/
+    CMAKE_ARGS="-DGGML_NATIVE=ON" pip install ./llama_cpp_python-*/ sentencepiece
     python benchmarks/cpu_decode.py --llama-cpp ./llama_cpp_python-*/vendor/llama.cpp
 
 The sdist's `convert_hf_to_gguf.py` writes the bf16 GGUF; llama.cpp's own quantizer (`llama_model_quantize`, the
