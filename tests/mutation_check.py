@@ -290,6 +290,12 @@ def cpu_q8_kernels_take_the_columns_shifted():
         wrap_native_kernel(name, lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def q8_rounding_ignores_the_span():
+    # the native q8_0 rounding writes every span's codes in the 32-column order (the 64- and 128-column kernels'
+    # order lost)
+    wrap_native_kernel("quantize_q8_0", lambda kernel: lambda x, per_byte, span: kernel(x, per_byte, 32))
+
+
 def q8_reference_keeps_the_exact_codebook():
     # the q8_0 mode's reference multiplies the codebook as stored, not rounded to int8 steps as the kernels do
     import torch
@@ -549,6 +555,10 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-q8-shifted-columns": Mutation(
         "the q8_0 integer kernels read the activations' columns off by one", cpu_q8_kernels_take_the_columns_shifted,
         ("tests/test_q8_activations.py::test_the_q8_0_kernels_read_every_weight_in_its_place",), needs="avx2"),
+    "q8-rounding-ignores-the-span": Mutation(
+        "the native q8_0 rounding writes the codes of 64 and 128 columns in the order of 32", q8_rounding_ignores_the_span,
+        ("tests/test_q8_activations.py::test_the_native_rounding_is_the_references_in_the_kernels_order",),
+        needs="avx2"),
     "q8-reference-exact-codebook": Mutation(
         "the q8_0 reference multiplies the codebook unrounded (the kernels round it to int8 steps)",
         q8_reference_keeps_the_exact_codebook,

@@ -77,20 +77,23 @@ def test_the_rounding_is_llama_cpps_q8_0():
 
 
 @needs_avx2
-@pytest.mark.parametrize("per_byte", [1, 2, 4])
-def test_the_native_rounding_is_the_references_in_the_kernels_order(per_byte):
-    torch.manual_seed(per_byte)
+@pytest.mark.parametrize("per_byte, span", [(1, 32), (2, 32), (4, 32), (2, 64), (4, 128)])
+def test_the_native_rounding_is_the_references_in_the_kernels_order(per_byte, span):
+    torch.manual_seed(per_byte + span)
     x = torch.randn(5, 256) * 3
     x[1, 40] = float("nan")
     x[4, 200] = float("inf")
-    codes, scales = native.load().quantize_q8_0(x.contiguous(), per_byte)
+    codes, scales, sums = native.load().quantize_q8_0(x.contiguous(), per_byte, span)
     expected_codes, expected_scales = quantize_blocks(x, 32)
-    # within each 32: the codes the kernels read together (a byte's first code, then its second, ...)
-    order = expected_codes.unflatten(-1, (32 // per_byte, per_byte)).transpose(-1, -2).flatten(-3)
+    # within each span: the codes the kernels read together (every byte's first code, then their second, ...)
+    order = expected_codes.flatten(-2).unflatten(-1, (-1, span // per_byte, per_byte)).transpose(-1, -2).flatten(-3)
     assert torch.equal(codes, order)
     assert torch.equal(scales.nan_to_num(-1.0), expected_scales.nan_to_num(-1.0))
     assert torch.equal(scales.isnan(), expected_scales.isnan()) and scales.isnan().sum() == 2
-    assert codes[1, 32:64].eq(0).all() and codes[4, 192:224].eq(0).all()
+    # each block's sum of the rounded activations (the affine kernels' zero points take it off)
+    expected_sums = expected_codes.double().sum(-1) * expected_scales.double()
+    assert torch.allclose(sums.double().nan_to_num(-1.0), expected_sums.nan_to_num(-1.0), rtol=1e-6)
+    assert expected_codes[1, 1].eq(0).all() and expected_codes[4, 6].eq(0).all()  # the NaN blocks' codes, equal above
 
 
 @pytest.mark.parametrize("weights", FORMATS)

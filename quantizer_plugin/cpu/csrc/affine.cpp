@@ -272,7 +272,7 @@ AVX2 inline __attribute__((always_inline)) void q8_step(const uint8_t* bytes, co
 }
 
 // The q8_0 decode (activations mode "q8_0", q8_0.cpp): 32 codes at a time as bytes, in the order quantize_q8_0(x,
-// 8 / BITS) writes the activations in (int4: a row's 16 bytes' high nibbles, then their low ones; int2: the 8 bytes'
+// 8 / BITS, 32) writes the activations in (int4: a row's 16 bytes' high nibbles, then their low ones; int2: the 8 bytes'
 // top bit pairs, then the next, and so on), multiplied as unsigned bytes by the signed activation bytes
 // (vpmaddubsw: at most 2 * 15 * 127 per 16-bit sum) and summed exactly into int32 (vpmaddwd); each 32 columns' sum
 // times its activation scale, each group's times s, and the zero points' share, s * z times the group's sum of the
@@ -310,6 +310,89 @@ AVX2 void gemv_rows_q8_avx2(const FusedArgs& a, const int8_t* x8, const float* x
     }
     for (int m = 0; m < MT; ++m) a.y[m * a.N + n] = horizontal_sum(acc[m]) - share[m];
   }
+}
+
+// The same decode a row's 32 bytes at a time (64 int4 columns, 128 int2), R rows at once, for groups of 64 or more:
+// code plane p of the bytes (their high nibbles, then their low ones; int2: bits 7-6, 5-4, 3-2, 1-0) against the
+// activations written in that order per span (quantize_q8_0(x, 8 / BITS, 32 * 8 / BITS)). Each int32 lane sums
+// columns of one activation block and one group, so that a vector of the span's activation scales and one of its
+// group scales (an int2 span of 128 covers two groups of 64) scale all lanes at once: one conversion and one FMA per
+// span and row, where the 32-at-a-time loop spends them per 32 columns. The zero points' share, 8 groups at a time.
+template <int BITS, int MT, int R>
+AVX2_F16C inline __attribute__((always_inline)) void q8_span_rows(
+    const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n0) {
+  constexpr int PLANES = 8 / BITS;
+  constexpr int64_t SPAN = 32 * PLANES, BLOCKS = SPAN / Q8_BLOCK;  // columns of a span, activation blocks in it
+  const int64_t groups = a.K / a.block, steps = a.K / Q8_BLOCK, row_bytes = a.K * BITS / 8;
+  const __m256i mask = _mm256_set1_epi8((1 << BITS) - 1), ones = _mm256_set1_epi16(1);
+  // lane l (bytes 4l to 4l + 3) holds columns [4l, 4l + 4) * PLANES of the span: activation block l * PLANES / 8
+  const __m256i block_of_lane = BITS == 4 ? _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)
+                                          : _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3);
+  const bool two_groups = a.block < SPAN;  // int2 with groups of 64: lanes 0-3 one group, lanes 4-7 the next
+  const uint16_t* scale_bits = reinterpret_cast<const uint16_t*>(a.scale);
+  const uint8_t* bytes[R];
+  for (int r = 0; r < R; ++r) bytes[r] = a.packed + (n0 + r) * row_bytes;
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t s = 0; s < a.K / SPAN; ++s) {
+    const int64_t g = s * SPAN / a.block;
+    __m256i codes[R][PLANES];
+    __m256 group_scale[R];
+    for (int r = 0; r < R; ++r) {
+      if (s % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes[r]));
+      bytes[r] += 32;
+      for (int p = 0; p < PLANES; ++p)
+        codes[r][p] = _mm256_and_si256(_mm256_srli_epi16(raw, 8 - BITS * (p + 1)), mask);
+      const uint16_t* row_scales = scale_bits + (n0 + r) * groups + g;
+      group_scale[r] = two_groups ? _mm256_setr_m128(_mm_set1_ps(_cvtsh_ss(row_scales[0])),
+                                                     _mm_set1_ps(_cvtsh_ss(row_scales[1])))
+                                  : _mm256_set1_ps(_cvtsh_ss(row_scales[0]));
+    }
+    for (int m = 0; m < MT; ++m) {
+      const int8_t* x = x8 + m * a.K + s * SPAN;
+      __m256i xp[PLANES];
+      for (int p = 0; p < PLANES; ++p) xp[p] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32 * p));
+      const float* d = xd + m * steps + s * BLOCKS;  // the span's BLOCKS scales, read no further (2 for int4)
+      const __m128 span_scales = BLOCKS == 4 ? _mm_loadu_ps(d)
+                                             : _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(d)));
+      const __m256 scales = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(span_scales), block_of_lane);
+      for (int r = 0; r < R; ++r) {
+        __m256i sums = _mm256_madd_epi16(_mm256_maddubs_epi16(codes[r][0], xp[0]), ones);
+        for (int p = 1; p < PLANES; ++p)
+          sums = _mm256_add_epi32(sums, _mm256_madd_epi16(_mm256_maddubs_epi16(codes[r][p], xp[p]), ones));
+        acc[m][r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scales), group_scale[r], acc[m][r]);
+      }
+    }
+  }
+  const uint16_t* zero_bits = reinterpret_cast<const uint16_t*>(a.zero);
+  for (int r = 0; r < R; ++r) {
+    const uint16_t* s = scale_bits + (n0 + r) * groups;
+    const uint16_t* z = zero_bits + (n0 + r) * groups;
+    for (int m = 0; m < MT; ++m) {
+      const float* sums = a.sums + m * groups;
+      __m256 share8 = _mm256_setzero_ps();
+      int64_t g = 0;
+      for (; g + 8 <= groups; g += 8) {
+        const __m256 sz = _mm256_mul_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + g))),
+                                        _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z + g))));
+        share8 = _mm256_fmadd_ps(sz, _mm256_loadu_ps(sums + g), share8);
+      }
+      float share = horizontal_sum(share8);
+      for (; g < groups; ++g) share += _cvtsh_ss(s[g]) * _cvtsh_ss(z[g]) * sums[g];
+      a.y[m * a.N + n0 + r] = horizontal_sum(acc[m][r]) - share;
+    }
+  }
+}
+
+template <int BITS, int MT>
+AVX2_F16C void gemv_rows_q8_span_avx2(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin,
+                                 int64_t n_end) {
+  constexpr int R = q8_weight_rows(MT);
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) q8_span_rows<BITS, MT, R>(a, x8, xd, n);
+  for (; n < n_end; ++n) q8_span_rows<BITS, MT, 1>(a, x8, xd, n);
 }
 
 // --- dequantize rows ----------------------------------------------------------------------------------------------
@@ -576,10 +659,16 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(block % Q8_BLOCK == 0 && K % block == 0, "gemv_affine_q8 needs K a multiple of the block and the block "
               "of ", Q8_BLOCK, ", not K = ", K, ", block = ", block);
   const Rows r = check_rows(packed, scale, zero, bits, block, K);
-  const auto [x8, xd] = quantize_q8_0(x, 8 / bits);
-  // each group's sum of the rounded activations: its blocks' integer sums times their scales
-  const at::Tensor sums = (x8.to(at::kFloat).reshape({M, K / Q8_BLOCK, Q8_BLOCK}).sum(2) * xd)
-                              .reshape({M, K / block, block / Q8_BLOCK}).sum(2).contiguous();
+  // a row's 32 bytes at a time (q8_span_rows) where a span of them lies within one group, or two of 64; else 32
+  const int64_t span = 32 * (8 / bits);
+  const bool by_span = K % span == 0 && (block % span == 0 || (bits == 2 && block == 64));
+  const auto [x8, xd, block_sums] = quantize_q8_0(x, 8 / bits, by_span ? span : Q8_BLOCK);
+  // each group's sum of the rounded activations, from its blocks'
+  const int64_t groups = K / block, blocks_per_group = block / Q8_BLOCK;
+  at::Tensor sums = at::zeros({M, groups}, x.options());
+  const float* from = block_sums.data_ptr<float>();
+  float* to = sums.data_ptr<float>();
+  for (int64_t i = 0; i < M * groups * blocks_per_group; ++i) to[i / blocks_per_group] += from[i];
   at::Tensor y = at::empty({M, packed.size(0)}, x.options());
   const FusedArgs a{r.packed, r.scale, r.zero, block, K, packed.size(0), nullptr, nullptr};
   for_row_groups(M, a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
@@ -589,7 +678,13 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
     constexpr int MT = decltype(rows)::value;
     const int8_t* x0 = x8.data_ptr<int8_t>() + m0 * K;
     const float* d0 = xd.data_ptr<float>() + m0 * (K / Q8_BLOCK);
-    bits == 4 ? gemv_rows_q8_avx2<4, MT>(part, x0, d0, begin, end) : gemv_rows_q8_avx2<2, MT>(part, x0, d0, begin, end);
+    if (by_span) {
+      bits == 4 ? gemv_rows_q8_span_avx2<4, MT>(part, x0, d0, begin, end)
+                : gemv_rows_q8_span_avx2<2, MT>(part, x0, d0, begin, end);
+    } else {
+      bits == 4 ? gemv_rows_q8_avx2<4, MT>(part, x0, d0, begin, end)
+                : gemv_rows_q8_avx2<2, MT>(part, x0, d0, begin, end);
+    }
   });
   return y;
 }

@@ -380,7 +380,7 @@ AVX2 inline __attribute__((always_inline)) void q8_rows(const uint8_t* packed, c
 // The q8_0 decode (activations mode "q8_0", q8_0.cpp): the codebook rounded to int8 steps (round(127 c), llama.cpp's
 // IQ4_NL's arithmetic) and looked up with one vpshufb per 32 codes, each 16 bytes of a row split into their high
 // nibbles (the 16 even columns of 32) in the lower 128 bits and their low nibbles (the odd ones) in the upper, the
-// order quantize_q8_0(x, 2) writes the activations in. vpmaddubsw multiplies unsigned by signed bytes: |w| by x
+// order quantize_q8_0(x, 2, 32) writes the activations in. vpmaddubsw multiplies unsigned by signed bytes: |w| by x
 // carrying w's sign (vpsignb), two products per 16-bit sum (at most 2 * 127 * 127, no saturation), vpmaddwd adds
 // them into 8 exact int32 sums; each 32 columns' sum times the activations' block scale in float32, and the block's
 // absmax / 127 once per block. Needs block % 32 == 0.
@@ -393,6 +393,69 @@ AVX2 void gemv_rows_q8_avx2(const uint8_t* packed, const Absmax& absmax, const i
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R) q8_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
   for (; n < n_end; ++n) q8_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
+}
+
+// The same decode 64 columns at a time, for blocks of 64 or more: a row's 32 bytes in one load, their high nibbles
+// (the 32 even columns) and low nibbles (the odd ones) each looked up whole, against the activations written in
+// that order per 64 columns (quantize_q8_0(x, 2, 64)). Lanes 0-3 of each int32 sum hold columns of the span's first
+// block of 32 and lanes 4-7 of its second, so one vector of the two activation scales scales both halves at once,
+// and one conversion and one FMA serve 64 weights, where the 32-at-a-time loop spends them per 32.
+template <int MT, int R>
+AVX2 inline __attribute__((always_inline)) void q8_span_rows(const uint8_t* packed, const Absmax& absmax,
+                                                              __m256i table, int64_t block, int64_t K,
+                                                              const int8_t* x8, const float* xd, float* y, int64_t N,
+                                                              int64_t n0) {
+  constexpr int64_t SPAN = 2 * Q8_BLOCK;
+  const int64_t blocks_per_row = K / block, steps = K / Q8_BLOCK, spans_per_block = block / SPAN;
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+  const uint8_t* bytes[R];
+  for (int r = 0; r < R; ++r) bytes[r] = packed + (n0 + r) * (K / 2);
+  __m256 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks_per_row; ++b) {
+    float block_scale[R];
+    for (int r = 0; r < R; ++r) block_scale[r] = absmax((n0 + r) * blocks_per_row + b) * (1.0f / 127.0f);
+    for (int64_t s = b * spans_per_block; s < (b + 1) * spans_per_block; ++s) {
+      __m256i even[R], odd[R];
+      for (int r = 0; r < R; ++r) {
+        if (s % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+        const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes[r]));
+        bytes[r] += 32;
+        even[r] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibble));
+        odd[r] = _mm256_shuffle_epi8(table, _mm256_and_si256(raw, low_nibble));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = x8 + m * K + s * SPAN;
+        const __m256i x_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+        const __m256i x_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + Q8_BLOCK));
+        const float* d = xd + m * steps + 2 * s;
+        const __m256 scales = _mm256_setr_m128(_mm_set1_ps(d[0]), _mm_set1_ps(d[1]));
+        for (int r = 0; r < R; ++r) {
+          const __m256i sums = _mm256_add_epi32(
+              _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(even[r], even[r]),
+                                                     _mm256_sign_epi8(x_even, even[r])), ones),
+              _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(odd[r], odd[r]),
+                                                     _mm256_sign_epi8(x_odd, odd[r])), ones));
+          acc[m][r] = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(sums), scales),
+                                      _mm256_set1_ps(block_scale[r]), acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) y[m * N + n0 + r] = horizontal_sum(acc[m][r]);
+}
+
+template <int MT>
+AVX2 void gemv_rows_q8_span_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
+                                 int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
+                                 int64_t n_end) {
+  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table16)));
+  constexpr int R = q8_weight_rows(MT);
+  int64_t n = n_begin;
+  for (; n + R <= n_end; n += R) q8_span_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
+  for (; n < n_end; ++n) q8_span_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
 }
 
 // x (M, K) bfloat16 as float32 in gemv_rows_bf16_avx2's column order within each 32 columns (K % 32 == 0).
@@ -628,13 +691,17 @@ at::Tensor gemv_4bit_q8(const at::Tensor& x, const at::Tensor& packed,
   const Absmax a = make_absmax(absmax, codes, scales, offset, code8);
   int8_t table16[16];
   for (int i = 0; i < 16; ++i) table16[i] = static_cast<int8_t>(std::nearbyint(lut.data_ptr<float>()[i] * 127.0f));
-  const auto [x8, xd] = quantize_q8_0(x, 2);
+  const bool by_span = block % (2 * Q8_BLOCK) == 0;  // 64 columns at a time (q8_span_rows), else 32
+  const auto [x8, xd, block_sums] = quantize_q8_0(x, 2, by_span ? 2 * Q8_BLOCK : Q8_BLOCK);
   at::Tensor y = at::empty({M, N}, x.options());
   const uint8_t* p = packed.data_ptr<uint8_t>();
   float* out = y.data_ptr<float>();
   for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
-    gemv_rows_q8_avx2<decltype(rows)::value>(p, a, table16, block, K, x8.data_ptr<int8_t>() + m0 * K,
-                                             xd.data_ptr<float>() + m0 * (K / Q8_BLOCK), out + m0 * N, N, begin, end);
+    constexpr int MT = decltype(rows)::value;
+    const int8_t* x0 = x8.data_ptr<int8_t>() + m0 * K;
+    const float* d0 = xd.data_ptr<float>() + m0 * (K / Q8_BLOCK);
+    if (by_span) gemv_rows_q8_span_avx2<MT>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
+    else gemv_rows_q8_avx2<MT>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
   });
   return y;
 }

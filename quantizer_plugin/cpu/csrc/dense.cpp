@@ -11,9 +11,7 @@
 namespace quantizer_plugin {
 namespace {
 
-// AVX2 and F16C (every AVX2 CPU has it; has_avx2 checks both): float16 weights convert with vcvtph2ps.
-#define AVX2_F16C __attribute__((target("avx2,fma,f16c")))
-
+// AVX2_F16C (simd.h): float16 weights convert with vcvtph2ps.
 // Eight consecutive weights as float32 (exact), for the AVX2 loop.
 AVX2_F16C inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 AVX2_F16C inline __m256 load8(const at::BFloat16* w) {
