@@ -108,6 +108,7 @@ def build_config(args) -> LowBitConfig:
         "compute_dtype": args.compute_dtype,
         "outlier_threshold": args.outlier_threshold,
         "skip_modules": [name for names in args.skip for name in names] if args.skip else None,
+        "head": args.head,
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
     if args.activations:
@@ -242,6 +243,8 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--skip", action="append", type=lambda text: [name for name in text.split(",") if name],
                           help="module names (or patterns) to keep in full precision: repeat it or separate them "
                                "with commas (--skip lm_head --skip pooler, or --skip lm_head,pooler)")  # fmt: skip
+    quantize.add_argument("--head", choices=format_names(),
+                          help="quantize the output head too, in this format (default: kept in 16-bit)")
     quantize.add_argument("--max-shard-size", default="5GB", help="shard size of the written checkpoint")
     quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -16,7 +16,9 @@ QUANT_METHOD = "lowbit"
 # an older one loads and is brought to the current layout (serialization.upgrade_layout).
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
-_FIELDS = ("weights", "activations", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules")
+_FIELDS = (
+    "weights", "activations", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules", "head"
+)
 
 
 def _resolve_compute_dtype(value: Any) -> torch.dtype:
@@ -74,6 +76,11 @@ class LowBitConfig(QuantizationConfigMixin):
             16-bit; 0 turns the decomposition off.
         skip_modules: module names (or patterns) kept in full precision. Default: the output embedding, tied
             weights and the last module, as transformers' bitsandbytes integration does.
+        head: None (default: the output head stays in 16-bit, as bitsandbytes keeps it) or a weight format for it,
+            e.g. "int8" or "int4": the head is the largest single weight a decode step reads. It takes the
+            format's weight-only mode (activations="q8_0" when this config has it and the format offers it) and
+            this config's block_size and double_quant where they apply. A head tied to the input embeddings is
+            refused (quantizing both as one weight is not built yet).
     """
 
     def __init__(
@@ -87,6 +94,7 @@ class LowBitConfig(QuantizationConfigMixin):
         format_version: int = FORMAT_VERSION,
         quant_method: str = QUANT_METHOD,
         activations: str | None = _UNSET,
+        head: str | None = None,
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LowBitConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -127,6 +135,9 @@ class LowBitConfig(QuantizationConfigMixin):
                 raise TypeError(f"LowBitConfig.skip_modules must be a list of module names, got {skip_modules!r}")
             skip_modules = list(skip_modules)
         self.skip_modules = skip_modules
+        if head is not None and head not in format_names():
+            raise ValueError(f"LowBitConfig.head: unknown format {head!r}; expected None or one of {format_names()}")
+        self.head = head
 
     @property
     def scheme(self) -> QuantScheme:
@@ -134,6 +145,19 @@ class LowBitConfig(QuantizationConfigMixin):
         applicable = get_format(self.weights).settings[self.activations]
         settings = {field: getattr(self, field) for field in applicable}
         return QuantScheme(self.weights, **settings, activations=self.activations, format_version=self.format_version)
+
+    @property
+    def head_scheme(self) -> QuantScheme | None:
+        """The output head's settings when `head` names a format: its weight-only mode, or q8_0 activations where this
+        config uses them and the head's format offers them; block_size and double_quant from this config where they
+        apply to both, else the head format's defaults."""
+        if self.head is None:
+            return None
+        modes = get_format(self.head).settings
+        mode = "q8_0" if self.activations == "q8_0" and "q8_0" in modes else None
+        settings = {field: getattr(self, field) if getattr(self, field) is not None else default
+                    for field, default in modes[mode].items()}  # fmt: skip
+        return QuantScheme(self.head, **settings, activations=mode, format_version=self.format_version)
 
     # --- serialization -------------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -147,6 +171,8 @@ class LowBitConfig(QuantizationConfigMixin):
             "compute_dtype": str(self.compute_dtype).removeprefix("torch."),
             "outlier_threshold": self.outlier_threshold,
             "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
+            # written only when set, so that a config without it stays readable by versions that predate the field
+            **({"head": self.head} if self.head is not None else {}),
         }
 
     def __iter__(self):

@@ -3,8 +3,8 @@
 transformers merges the two in `AutoHfQuantizer.merge_quantization_configs`: it keeps the checkpoint's config and
 only warns that the one passed is ignored. So a user who asked for int8 on an nf4 checkpoint silently got nf4. We
 wrap that one function, for lowbit checkpoints only:
-- what the checkpoint stores (the format, its activations mode, block size, double quant) cannot change on load, so
-  a passed config that disagrees is an error naming the fields and both values;
+- what the checkpoint stores (the format, its activations mode, block size, double quant, the head's format) cannot
+  change on load, so a passed config that disagrees is an error naming the fields and both values;
 - what only decides how the stored weights run (compute_dtype, LLM.int8's outlier_threshold) is taken from the passed
   config, as transformers does for the loading attributes of GPTQ or AWQ;
 - which layers are quantized is the checkpoint's: skip_modules of the passed config does not apply to a saved model.
@@ -16,7 +16,7 @@ from __future__ import annotations
 from .config import QUANT_METHOD, LowBitConfig
 from .integrations.transformers import wrap_config_merge
 
-STORED_FIELDS = ("weights", "activations", "double_quant", "block_size")
+STORED_FIELDS = ("weights", "activations", "double_quant", "block_size", "head")
 LOADING_FIELDS = ("compute_dtype", "outlier_threshold")
 
 

@@ -18,7 +18,13 @@ from .model_card import attach_model_card, detach_model_card
 from .modules import KeptLinear, LowBitLinear
 from .offload import check_device_map, repack_offloaded_weights
 from .parameter_count import attach_parameter_count, detach_parameter_count
-from .replace import check_skip_patterns, dequantize_modules, replace_linear_modules
+from .replace import (
+    check_skip_patterns,
+    dequantize_modules,
+    output_head_name,
+    replace_linear_modules,
+    replace_output_head,
+)
 from .serialization import check_prequantized_checkpoint, upgrade_layout
 
 
@@ -59,7 +65,17 @@ class LowBitHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = sorted(
             self.get_modules_to_not_convert(model, config.skip_modules, keep_in_fp32_modules(model))
         )
-        replaced = replace_linear_modules(model, config.scheme, config.compute_dtype, self.modules_to_not_convert)
+        # LowBitConfig.head: the output head in a format of its own, never in the other layers' (a saved config's
+        # skip_modules then leaves it out, so it is excluded here whatever the list says).
+        head = output_head_name(model, None if self.pre_quantized else config.skip_modules) if config.head else None
+        if head is not None:
+            self.modules_to_not_convert = [name for name in self.modules_to_not_convert if name != head]
+        replaced = replace_linear_modules(
+            model, config.scheme, config.compute_dtype, self.modules_to_not_convert + ([head] if head else [])
+        )
+        if head is not None:
+            replace_output_head(model, head, config.head_scheme, config.compute_dtype)
+            replaced.append(head)
         if not replaced:
             raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D module to quantize outside skip_modules")
         register_if_peft_imported()  # a safety net: normally done at plugin import or when peft's __init__ runs

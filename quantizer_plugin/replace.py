@@ -38,6 +38,48 @@ def check_skip_patterns(model: nn.Module, patterns: list[str]) -> None:
         )
 
 
+def output_head_name(model: nn.Module, skip_patterns: list[str] | None) -> str:
+    """The name of the output head `LowBitConfig.head` quantizes, checked: an exact nn.Linear, not tied to the input
+    embeddings, not named by the user's skip_modules."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    name = next((name for name, module in model.named_modules() if head is not None and module is head), None)
+    if name is None or type(head) is not nn.Linear:
+        raise ValueError(
+            f"LowBitConfig.head: {type(model).__name__} has no nn.Linear output head to quantize "
+            f"(get_output_embeddings() gives {type(head).__name__}); pass head=None"
+        )
+    tied_keys = getattr(model, "all_tied_weights_keys", None) or {}  # tied parameter -> its source, as transformers ties
+    tied = set(tied_keys) | set(tied_keys.values())
+    if f"{name}.weight" in tied:
+        raise ValueError(
+            f"LowBitConfig.head: {type(model).__name__}'s head {name!r} is tied to its input embeddings "
+            "(tie_word_embeddings), and quantizing the two as one weight is not supported yet; pass head=None"
+        )
+    if skip_patterns and is_skipped(name, skip_patterns):
+        raise ValueError(
+            f"LowBitConfig.head quantizes the output head {name!r}, which skip_modules {skip_patterns} keeps in "
+            "16-bit: set one or the other"
+        )
+    return name
+
+
+def replace_output_head(model: nn.Module, name: str, scheme: QuantScheme, compute_dtype: torch.dtype) -> None:
+    """Swap the output head `name` (see output_head_name) for a LowBitLinear in its own scheme."""
+    module = model.get_submodule(name)
+    _swap(model, name, module, module.in_features, module.out_features, scheme, compute_dtype, is_conv1d=False)
+
+
+def _swap(model, name, module, in_features, out_features, scheme, compute_dtype, is_conv1d) -> None:
+    """Put a LowBitLinear on the meta device in place of `module` (its bias, if any, to be loaded too)."""
+    with torch.device("meta"):
+        new_module = LowBitLinear(
+            in_features, out_features, module.bias is not None, scheme, compute_dtype, source_is_conv1d=is_conv1d
+        )
+    if module.bias is not None:
+        new_module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
+    model.set_submodule(name, new_module)
+
+
 def replace_linear_modules(
     model: nn.Module, scheme: QuantScheme, compute_dtype: torch.dtype, modules_to_not_convert: list[str] | None
 ) -> list[str]:
@@ -53,13 +95,7 @@ def replace_linear_modules(
             (in_features, out_features), is_conv1d = module.weight.shape, True
         else:
             continue
-        with torch.device("meta"):
-            new_module = LowBitLinear(
-                in_features, out_features, module.bias is not None, scheme, compute_dtype, source_is_conv1d=is_conv1d
-            )
-        if module.bias is not None:
-            new_module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
-        model.set_submodule(name, new_module)
+        _swap(model, name, module, in_features, out_features, scheme, compute_dtype, is_conv1d)
         replaced.append(name)
     return replaced
 

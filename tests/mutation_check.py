@@ -296,6 +296,13 @@ def q8_rounding_ignores_the_span():
     wrap_native_kernel("quantize_q8_0", lambda kernel: lambda x, per_byte, span: kernel(x, per_byte, 32))
 
 
+def head_quantized_as_the_other_layers():
+    # LowBitConfig.head's format ignored: the head quantized in the other layers' scheme
+    from quantizer_plugin import LowBitConfig
+
+    patch(LowBitConfig, "head_scheme", property(lambda self: None if self.head is None else self.scheme))
+
+
 def q8_reference_keeps_the_exact_codebook():
     # the q8_0 mode's reference multiplies the codebook as stored, not rounded to int8 steps as the kernels do
     import torch
@@ -559,6 +566,9 @@ MUTATIONS: dict[str, Mutation] = {
         "the native q8_0 rounding writes the codes of 64 and 128 columns in the order of 32", q8_rounding_ignores_the_span,
         ("tests/test_q8_activations.py::test_the_native_rounding_is_the_references_in_the_kernels_order",),
         needs="avx2"),
+    "head-in-the-layers-format": Mutation(
+        "LowBitConfig.head's format ignored: the head quantized as the other layers", head_quantized_as_the_other_layers,
+        ("tests/test_quantized_head.py::test_the_head_holds_its_formats_rounding_and_the_logits_come_from_it",)),
     "q8-reference-exact-codebook": Mutation(
         "the q8_0 reference multiplies the codebook unrounded (the kernels round it to int8 steps)",
         q8_reference_keeps_the_exact_codebook,

@@ -151,7 +151,7 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
 
 def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
     _, cpu_decode = cpu_benchmarks
-    providers = ["bf16", "lowbit-nf4", "lowbit-nf4-compiled"]
+    providers = ["bf16", "lowbit-nf4", "lowbit-nf4-q8_0-head=int4", "lowbit-nf4-compiled"]
     arguments = ["--smoke", "--out", str(tmp_path), "--providers", ",".join([*providers, "llamacpp-q4_0"])]
     assert cpu_decode.main(arguments) == 0
     rows = [json.loads(line) for line in (tmp_path / "cpu_decode.jsonl").read_text().splitlines()]

@@ -46,6 +46,16 @@ def test_integer_formats_and_activations_from_the_command_line(llama_dir, tmp_pa
     assert torch.isfinite(model(token_ids).logits).all()
 
 
+def test_head_quantizes_the_output_head_in_its_own_format(llama_dir, tmp_path, token_ids):
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), str(out), "--no-fidelity", "--head", "int8"]) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["head"] == "int8"
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert isinstance(model.lm_head, LowBitLinear) and model.lm_head.fmt.name == "int8"
+    assert model.model.layers[0].mlp.down_proj.fmt.name == "nf4"
+    assert torch.isfinite(model(token_ids).logits).all()
+
+
 @pytest.mark.parametrize("weights, low, high", [("nf4", 0.25, 0.27), ("int8", 0.50, 0.52)])
 def test_size_report_uses_the_source_checkpoints_dtype(llama_dir, tmp_path, capsys, weights, low, high):
     # llama_dir is saved in bfloat16 (config.json says "dtype": "bfloat16"): 2 bytes per source weight

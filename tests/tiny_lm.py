@@ -114,6 +114,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of benchmarks/RESULTS.md.")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the tests use 0)")
     parser.add_argument("--save", type=Path, default=None, help="only train, and save the model there (the tests)")
+    parser.add_argument("--tables", nargs="+", choices=["formats", "head"], default=["formats", "head"],
+                        help="the formats table, and the output head quantized too (LowBitConfig.head)")
     arguments = parser.parse_args()
     seed = arguments.seed
     if arguments.save is not None:
@@ -129,6 +131,15 @@ def main() -> int:
             return f"{perplexity(log_probs):.4f} / {1000 * kl_divergence(log_probs, reference):.2f}"
 
         print("perplexity / KL divergence from float32 (1e-3 nats)\n")
+        if "head" in arguments.tables:  # the decoder linears in nf4, the head in 16-bit (the default) or quantized
+            print("| decoder linears | head | ours |\n|---|---|---|")
+            for head in (None, "int8", "nf4", "int4"):
+                config = LowBitConfig(weights="nf4", compute_dtype="float32", head=head)
+                model = LlamaForCausalLM.from_pretrained(path, quantization_config=config)
+                print(f"| nf4 | {head or 'float32 (kept)'} | {measured(model)} |")
+            print()
+        if "formats" not in arguments.tables:
+            return 0
         print(f"| format | group | ours | HQQ | round-to-nearest |\n|---|---|---|---|---|\n| float32 | | {measured(full)} | | |")
         for weights in ("int8", "nf4"):
             activations = {"activations": None} if weights == "int8" else {}  # weight-only int8
