@@ -38,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from harness import RESULTS, Row, cpu_environment, record_section, write_rows  # noqa: E402
+from harness import RESULTS, Row, cpu_environment, publish, write_rows  # noqa: E402
 from llama_cpp_peer import FILE_TYPES, LlamaCppModel, gguf_file  # noqa: E402
 
 PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8", "bf16-compiled", "lowbit-nf4-compiled",
@@ -141,6 +141,15 @@ def prefill_ms_per_token(times: list[float], prompt_tokens: int) -> float:
     return (times[1] - times[0]) / prompt_tokens * 1e3
 
 
+def run_settings(out: Path, smoke: bool, rounds: int | None) -> tuple[Path, int, int, torch.Tensor]:
+    """The checkpoint (built in `out` the first time), the rounds, the new tokens per sample and the prompt."""
+    path = out / ("llama-smoke" if smoke else "llama-0.4b")
+    if not (path / "config.json").exists():
+        build_model(path, SMOKE_MODEL if smoke else MODEL)
+    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    return path, rounds or (2 if smoke else 5), 4 if smoke else NEW_TOKENS, prompt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -158,12 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    path = out / ("llama-smoke" if args.smoke else "llama-0.4b")
-    if not (path / "config.json").exists():
-        build_model(path, SMOKE_MODEL if args.smoke else MODEL)
-    rounds = args.rounds or (2 if args.smoke else 5)
-    new_tokens = 4 if args.smoke else NEW_TOKENS
-    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    path, rounds, new_tokens, prompt = run_settings(out, args.smoke, args.rounds)
 
     models, skipped, load_s = {}, {}, {}
     for provider in args.providers.split(","):
@@ -192,12 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     env = cpu_environment()
     write_rows(rows, out / "cpu_decode.jsonl", env)
     lines = report(rows, prefill, skipped, env, rounds, new_tokens, args.smoke)
-    (out / "cpu_decode.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    if args.record:
-        name = "cpu_decode" + (" (smoke run, not a measurement)" if args.smoke else "")
-        key = record_section(name, "\n".join(lines[2:]), env, Path(args.record))
-        print(f"recorded in {args.record}: {key}")
+    publish("cpu_decode", lines, env, out, args.record, args.smoke)
     return 0
 
 

@@ -36,7 +36,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from harness import (  # noqa: E402
-    RESULTS, Row, cpu_environment, interleaved_medians, markdown_table, read_bandwidth_gb_s, record_section, write_rows,
+    RESULTS, Row, cpu_environment, interleaved_medians, markdown_table, read_bandwidth_gb_s, publish, write_rows,
 )
 
 SHAPES = [(4096, 4096), (14336, 4096)]
@@ -248,12 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         *bandwidth(rows, read_gb_s, probe_megabytes),
     ]
-    (out / "cpu_layers.md").write_text("\n".join(report) + "\n")
-    print("\n".join(report))
-    if args.record:
-        name = "cpu_layers" + (" (smoke run, not a measurement)" if args.smoke else "")
-        key = record_section(name, "\n".join(report[2:]), env, Path(args.record))
-        print(f"recorded in {args.record}: {key}")
+    publish("cpu_layers", report, env, out, args.record, args.smoke)
     return 0
 
 

@@ -260,6 +260,19 @@ def markdown_table(rows: Sequence[Row], baseline: str, ours: Sequence[str]) -> s
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def publish(benchmark: str, lines: list[str], env: dict, out: Path, record: str | None, smoke: bool) -> None:
+    """A benchmark's report: written to out/<benchmark>.md and printed, and with `record` (a path) also written into
+    that results file as this machine's section (record_section), without its title and environment lines (the
+    section's heading gives them)."""
+    text = "\n".join(lines)
+    (out / f"{benchmark}.md").write_text(text + "\n")
+    print(text)
+    if record:
+        name = benchmark + (" (smoke run, not a measurement)" if smoke else "")
+        key = record_section(name, "\n".join(lines[2:]), env, Path(record))
+        print(f"recorded in {record}: {key}")
+
+
 def record_section(benchmark: str, report: str, env: dict, results: Path = RESULTS) -> str:
     """Write `report` into results (benchmarks/RESULTS.md) as the section of this benchmark on this machine, in place of
     the one it had there, and return its key; other benchmarks' and other machines' sections are left as they are.

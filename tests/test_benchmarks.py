@@ -163,6 +163,21 @@ def test_cpu_decode_benchmark_smoke_run(cpu_benchmarks, tmp_path):
     assert "Skipped: llamacpp-q4_0 (RuntimeError: no --llama-cpp folder given)" in report
 
 
+def test_decode_overhead_smoke_run_times_the_step_with_and_without_the_layers(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    monkeypatch.delenv("QUANTIZER_PLUGIN_KERNELS", raising=False)
+    import decode_overhead
+    from quantizer_plugin import ops
+
+    real = ops.lowbit_linear, ops.kept_linear
+    assert decode_overhead.main(["--smoke", "--out", str(tmp_path), "--providers", "lowbit-nf4"]) == 0
+    assert (ops.lowbit_linear, ops.kept_linear) == real  # the stand-ins are gone once it returns
+    row = next(line for line in (tmp_path / "decode_overhead.md").read_text().splitlines() if line.startswith("| lowbit"))
+    whole, overhead, layers = (float(cell) for cell in row.strip("|").split("|")[1:])
+    assert 0 < overhead < whole and layers == pytest.approx(whole - overhead, abs=0.11)
+    assert "lowbit-nf4: " in (tmp_path / "decode_overhead.md").read_text()
+
+
 def test_the_made_up_tokenizer_is_one_the_gguf_converter_reads(monkeypatch, tmp_path):
     """llama.cpp's converter needs a tokenizer beside the random model: a Llama-style one (BPE with byte fallback and
     the Sequence decoder, the checks of gguf's LlamaHfVocab) with exactly the model's vocabulary."""
