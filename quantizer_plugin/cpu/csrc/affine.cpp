@@ -388,7 +388,7 @@ AVX2_F16C inline __attribute__((always_inline)) void q8_span_rows(
 
 template <int BITS, int MT>
 AVX2_F16C void gemv_rows_q8_span_avx2(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin,
-                                 int64_t n_end) {
+                                      int64_t n_end) {
   constexpr int R = q8_weight_rows(MT);
   int64_t n = n_begin;
   for (; n + R <= n_end; n += R) q8_span_rows<BITS, MT, R>(a, x8, xd, n);
