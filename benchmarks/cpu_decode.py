@@ -150,6 +150,12 @@ def run_settings(out: Path, smoke: bool, rounds: int | None) -> tuple[Path, int,
     return path, rounds or (2 if smoke else 5), 4 if smoke else NEW_TOKENS, prompt
 
 
+def settings_line(env: dict, new_tokens: int, rounds: int) -> str:
+    """A decode report's second line: the machine and versions, then what each sample measured."""
+    return (", ".join(f"{key} {value}" for key, value in env.items())
+            + f"; prompt {PROMPT_TOKENS} tokens, {new_tokens - 1} decode steps per sample, {rounds} interleaved rounds.")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true")
@@ -206,8 +212,7 @@ def report(rows: list[Row], prefill: dict, skipped: dict, env: dict, rounds: int
     lines = [
         "# Greedy decode on the CPU" + (" (smoke run: a tiny model, not a measurement)" if smoke else ""),
         "",
-        ", ".join(f"{key} {value}" for key, value in env.items())
-        + f"; prompt {PROMPT_TOKENS} tokens, {new_tokens - 1} decode steps per sample, {rounds} interleaved rounds.",
+        settings_line(env, new_tokens, rounds),
         "",
         "| provider | ms per token (median) | p20-p80 | tokens/s | vs bf16 tokens/s | prefill ms per prompt token | load s |",
         "|---|---|---|---|---|---|---|",

@@ -23,7 +23,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from cpu_decode import COMPILED, PROMPT_TOKENS, decode_ms_per_token, load, push_times, run_settings  # noqa: E402
+from cpu_decode import COMPILED, PROMPT_TOKENS, decode_ms_per_token, load, push_times, run_settings, settings_line  # noqa: E402
 from harness import RESULTS, cpu_environment, publish  # noqa: E402
 
 PROVIDERS = ["lowbit-nf4", "lowbit-nf4-compiled", "lowbit-nf4-q8_0-compiled", "lowbit-int8-compiled"]
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         "# Decode step overhead" + (" (smoke run: a tiny model, not a measurement)" if args.smoke else ""),
         "",
-        ", ".join(f"{key} {value}" for key, value in env.items())
-        + f"; prompt {PROMPT_TOKENS} tokens, {new_tokens - 1} decode steps per sample, {rounds} interleaved rounds.",
+        settings_line(env, new_tokens, rounds),
         "",
         "| provider | ms per token | with the layers stood in (overhead) | the layers and the head |",
         "|---|---|---|---|",

@@ -384,17 +384,6 @@ AVX2 inline __attribute__((always_inline)) void q8_rows(const uint8_t* packed, c
 // carrying w's sign (vpsignb), two products per 16-bit sum (at most 2 * 127 * 127, no saturation), vpmaddwd adds
 // them into 8 exact int32 sums; each 32 columns' sum times the activations' block scale in float32, and the block's
 // absmax / 127 once per block. Needs block % 32 == 0.
-template <int MT>
-AVX2 void gemv_rows_q8_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
-                            int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
-                            int64_t n_end) {
-  const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table16)));
-  constexpr int R = q8_weight_rows(MT);
-  int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) q8_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
-  for (; n < n_end; ++n) q8_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
-}
-
 // The same decode 64 columns at a time, for blocks of 64 or more: a row's 32 bytes in one load, their high nibbles
 // (the 32 even columns) and low nibbles (the odd ones) each looked up whole, against the activations written in
 // that order per 64 columns (quantize_q8_0(x, 2, 64)). Lanes 0-3 of each int32 sum hold columns of the span's first
@@ -447,15 +436,23 @@ AVX2 inline __attribute__((always_inline)) void q8_span_rows(const uint8_t* pack
     for (int r = 0; r < R; ++r) y[m * N + n0 + r] = horizontal_sum(acc[m][r]);
 }
 
-template <int MT>
-AVX2 void gemv_rows_q8_span_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
-                                 int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
-                                 int64_t n_end) {
+// Rows [n_begin, n_end) of the q8_0 decode, R at a time and the rest one by one: 64 columns at a time (q8_span_rows)
+// or 32 (q8_rows), against activations quantize_q8_0 wrote for that span.
+template <int MT, bool BY_SPAN>
+AVX2 void gemv_rows_q8_avx2(const uint8_t* packed, const Absmax& absmax, const int8_t* table16, int64_t block,
+                            int64_t K, const int8_t* x8, const float* xd, float* y, int64_t N, int64_t n_begin,
+                            int64_t n_end) {
   const __m256i table = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(table16)));
   constexpr int R = q8_weight_rows(MT);
+  // (no lambda for the two loops: GCC compiles one without the target, and then will not inline these into it)
   int64_t n = n_begin;
-  for (; n + R <= n_end; n += R) q8_span_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
-  for (; n < n_end; ++n) q8_span_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
+  if constexpr (BY_SPAN) {
+    for (; n + R <= n_end; n += R) q8_span_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
+    for (; n < n_end; ++n) q8_span_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
+  } else {
+    for (; n + R <= n_end; n += R) q8_rows<MT, R>(packed, absmax, table, block, K, x8, xd, y, N, n);
+    for (; n < n_end; ++n) q8_rows<MT, 1>(packed, absmax, table, block, K, x8, xd, y, N, n);
+  }
 }
 
 // x (M, K) bfloat16 as float32 in gemv_rows_bf16_avx2's column order within each 32 columns (K % 32 == 0).
@@ -700,8 +697,8 @@ at::Tensor gemv_4bit_q8(const at::Tensor& x, const at::Tensor& packed,
     constexpr int MT = decltype(rows)::value;
     const int8_t* x0 = x8.data_ptr<int8_t>() + m0 * K;
     const float* d0 = xd.data_ptr<float>() + m0 * (K / Q8_BLOCK);
-    if (by_span) gemv_rows_q8_span_avx2<MT>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
-    else gemv_rows_q8_avx2<MT>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
+    if (by_span) gemv_rows_q8_avx2<MT, true>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
+    else gemv_rows_q8_avx2<MT, false>(p, a, table16, block, K, x0, d0, out + m0 * N, N, begin, end);
   });
   return y;
 }
