@@ -61,11 +61,12 @@ def scheme_of(provider: str):
     weights = provider.removeprefix("lowbit-")
     if weights == "int8-wo":
         return QuantScheme("int8", activations=None)
-    activations = "q8_0" if weights.endswith("-q8_0") else None  # activations="q8_0"
+    # activations="q8_0" where named; otherwise the format's default (LLM.int8's int8 activations for int8)
+    modes = {"activations": "q8_0"} if weights.endswith("-q8_0") else {}
     weights = weights.removesuffix("-q8_0")
     if weights in ("nf4", "fp4"):
-        return QuantScheme(weights, 64, True, activations=activations)
-    return QuantScheme(weights, 64, activations=activations)
+        return QuantScheme(weights, 64, True, **modes)
+    return QuantScheme(weights, 64, **modes)
 
 
 class TorchInt4(torch.nn.Module):

@@ -29,6 +29,10 @@ def avx512_here() -> bool:
     return allowed("avx512") and avx2_here() and {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(cpu_flags())
 
 
+def avx512_vnni_here() -> bool:
+    return avx512_here() and "avx512_vnni" in cpu_flags()
+
+
 def avx512_bf16_here() -> bool:
     return allowed("avx512_bf16") and avx512_here() and "avx512_bf16" in cpu_flags()
 
@@ -46,6 +50,15 @@ def amx_here() -> bool:
 
 def amx_int8_here() -> bool:
     return amx_here() and "amx_int8" in cpu_flags()
+
+
+def llm_int8_kernel(m: int, k: int) -> str:
+    """The CPU kernel LLM.int8 of m activation rows and k input features runs here (quantizer_plugin/cpu/int8.py)."""
+    from quantizer_plugin.cpu import int8
+
+    if m >= int8.LLM_INT8_TILES_MIN_M and k % 64 == 0 and amx_int8_here():
+        return "cpu.int8.llm_int8_tiles"
+    return "cpu.int8.llm_int8_vnni" if avx512_vnni_here() else "cpu.int8.llm_int8"
 
 
 def fused_at_every_batch(dtype) -> bool:

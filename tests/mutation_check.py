@@ -389,6 +389,16 @@ def cpu_int8_tiles_take_the_columns_shifted():
     wrap_native_kernel("linear_int8_amx", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
 
 
+def cpu_llm_int8_takes_the_columns_shifted():
+    # LLM.int8's register tiles (VNNI, AVX2 or plain C++) multiply x with its columns rotated by one
+    wrap_native_kernel("linear_llm_int8", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
+def cpu_llm_int8_tiles_take_the_columns_shifted():
+    wrap_native_kernel("linear_llm_int8_tiles",
+                       lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
 def cpu_affine_fused_drops_the_zero_points():
     # the int4/int2 fused kernel handed zero points of 0 (as if the format were symmetric)
     import torch
@@ -437,7 +447,7 @@ def cpu_llm_int8_drops_the_outliers():
     original = library.call
 
     def call(kernels, name, *args):
-        if name == "linear_llm_int8":
+        if name in ("linear_llm_int8", "linear_llm_int8_tiles"):
             args = (*args[:-1], 0.0)  # the threshold: no column is an outlier
         return original(kernels, name, *args)
 
@@ -612,6 +622,13 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-int8-tiles-shifted-columns": Mutation(
         "the AMX-INT8 kernel's activation columns off by one", cpu_int8_tiles_take_the_columns_shifted,
         ("tests/test_cpu_backend.py::test_the_int8_tile_kernel_is_within_its_activation_split_of_the_exact_product",), needs="amx_int8"),
+    "cpu-llm-int8-shifted-columns": Mutation(
+        "LLM.int8's register-tile kernel takes the activation columns off by one", cpu_llm_int8_takes_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_llm_int8_is_the_references_and_the_oracles",)),
+    "cpu-llm-int8-tiles-shifted-columns": Mutation(
+        "LLM.int8's AMX-INT8 tile kernel takes the activation columns off by one",
+        cpu_llm_int8_tiles_take_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_llm_int8_on_the_int8_tiles_is_the_register_tiles_bit_for_bit",), needs="amx_int8"),
     "kernel-affine-ignores-zero-points": Mutation(
         "the Triton kernel reads int4/int2 with zero points of 0", kernel_affine_ignores_the_zero_points,
         ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),

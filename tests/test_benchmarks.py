@@ -138,7 +138,7 @@ def test_cpu_layer_benchmark_smoke_run_measures_our_cpu_kernels(cpu_benchmarks, 
         assert error["bf16", m] < 1e-2 and 1e-3 < error["lowbit-int8", m] < 3e-2
         assert abs(error["lowbit-nf4", m] - error["bnb-nf4", m]) <= 0.2 * error["bnb-nf4", m]
     report = (tmp_path / "cpu_layers.md").read_text()
-    assert "lowbit-nf4: cpu.codebook4bit." in report and "lowbit-int8: cpu.int8." in report and "Targets:" in report
+    assert "lowbit-nf4: cpu.codebook4bit." in report and "lowbit-int8: cpu.int8.llm_int8" in report and "Targets:" in report
     assert "lowbit-int4: cpu.affine." in report
     # at M = 1 each layer's stored bytes over its time, against the machine's measured read bandwidth
     stored = {row["provider"]: row["bytes_moved"] for row in rows if row["m"] == 1}

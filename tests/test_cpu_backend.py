@@ -17,8 +17,8 @@ from quantizer_plugin.formats import QuantScheme, get_format
 import oracles
 from helpers import identity_row_groups, outputs_on_one_and_two_threads
 import cpu_caps
-from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, bf16_lookups_here,
-                      fused_at_every_batch)
+from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, avx512_vnni_here,
+                      bf16_lookups_here, fused_at_every_batch, llm_int8_kernel)
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
@@ -57,6 +57,7 @@ def test_the_native_kernels_build_here():
     assert kernels is not None, "the native CPU kernels did not build on this machine"
     assert kernels.uses_avx2() == avx2_here()
     assert kernels.uses_avx512() == avx512_here()
+    assert kernels.uses_avx512_vnni() == avx512_vnni_here()
     assert kernels.uses_avx512_bf16() == avx512_bf16_here()
 
 
@@ -122,7 +123,7 @@ def test_native_dequantize_is_the_references_weight_bit_for_bit(weights, double_
             assert torch.equal(out, reference[begin:end]), (n, k, begin, end)
         if k % 32 == 0 and avx512_here():  # whole rows in the grouped order: each 32 as their evens, then their odds
             out = torch.empty(2 * k, dtype=dtype)
-            kernels.dequantize_4bit(layer.weight.reshape(-1), *args, block, k, 3 * k, out, True)
+            kernels.dequantize_4bit(packed, *statistics, block, k, 3 * k, out, True)
             grouped = reference[k : 3 * k].view(2, k // 32, 16, 2).transpose(-1, -2).reshape(-1)
             assert torch.equal(out, grouped), (n, k)
 
@@ -146,7 +147,7 @@ def test_the_tile_kernels_multiply_exactly_the_references_weights(weights, doubl
 @pytest.mark.skipif(not amx_here(), reason="this CPU has no AMX: the tile kernels are not built for it")
 def test_the_int8_bf16_tile_kernel_multiplies_exactly_the_references_weights():
     n, k, m = 83, 416, cpu_int8.AMX_INT8_MAX_M + 2  # K a multiple of 32, not of the 128-column chunk
-    layer = make_layer(QuantScheme("int8"), n, k, torch.bfloat16, seed=11, bias=False)
+    layer = make_layer(QuantScheme("int8", activations=None), n, k, torch.bfloat16, seed=11, bias=False)
     x = torch.eye(k, dtype=torch.bfloat16)[k - m :]
     with ops.record_dispatch() as served:
         y = layer(x)
@@ -283,7 +284,9 @@ def llm_int8_input(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tenso
     return x.to(dtype)
 
 
-@pytest.mark.parametrize("n, k", [(37, 128), (41, 100), (23, 75), (130, 17)], ids=lambda v: str(v))
+# K a multiple of 64 (the AMX-INT8 tiles past decode; one 64-byte step of VNNI), K with a masked last step, K below
+# one step, and a weight past four blocks of 16 rows (the tiles' last block cut short).
+@pytest.mark.parametrize("n, k", [(37, 128), (41, 100), (23, 75), (130, 17), (77, 192)], ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_llm_int8_is_the_references_and_the_oracles(dtype, n, k):
     """The CPU's LLM.int8 against the independent float64 oracle (tests/oracles.py), and against the reference: its
@@ -293,7 +296,7 @@ def test_llm_int8_is_the_references_and_the_oracles(dtype, n, k):
         x = llm_int8_input(m, k, dtype, seed=m)
         with ops.record_dispatch() as served:
             y = layer(x)
-        assert served == ["cpu.int8.llm_int8"]
+        assert served == [llm_int8_kernel(m, k)]
         stored = layer.quantized_tensors()
         expected = oracles.llm_int8_linear(x, stored["weight"], stored["weight_scale"], 6.0) + layer.bias.double()
         assert_close_to_scale(y, expected, dtype)
@@ -322,22 +325,39 @@ def test_native_llm_int8_activations_are_the_references_bit_for_bit(dtype):
         assert ours[1][-1].isnan()
 
 
+@pytest.mark.parametrize("m, k", [(3, 96), (20, 128)], ids=["register_tiles", "int8_tiles"])
 @pytest.mark.parametrize("threshold", [6.0, 0.0])
-def test_llm_int8_never_hides_a_nan_or_an_infinity(threshold):
-    layer = make_layer(QuantScheme("int8", outlier_threshold=threshold), 40, 96, torch.bfloat16, seed=1)
-    x = torch.randn(3, 96, dtype=torch.bfloat16)
+def test_llm_int8_never_hides_a_nan_or_an_infinity(threshold, m, k):
+    layer = make_layer(QuantScheme("int8", outlier_threshold=threshold), 40, k, torch.bfloat16, seed=1)
+    x = torch.randn(m, k, dtype=torch.bfloat16)
     x[0, 5], x[2, 9] = float("nan"), float("inf")
     with ops.record_dispatch() as served:
         y = layer(x)
-    assert served == ["cpu.int8.llm_int8"]
+    assert served == [llm_int8_kernel(m, k)]
     assert not y[0].isfinite().any() and y[1].isfinite().all() and not y[2].isfinite().all()
+    assert y[3:].isfinite().all()
 
 
-def test_llm_int8_gives_the_same_result_on_any_number_of_threads():
+@pytest.mark.parametrize("m", [3, 37])
+def test_llm_int8_gives_the_same_result_on_any_number_of_threads(m):
     layer = make_layer(QuantScheme("int8"), 301, 256, torch.bfloat16, seed=5)
-    x = llm_int8_input(37, 256, torch.bfloat16, seed=5)
+    x = llm_int8_input(m, 256, torch.bfloat16, seed=5)
     one, two = outputs_on_one_and_two_threads(layer, x)
     assert torch.equal(one, two)
+
+
+@pytest.mark.skipif(not amx_int8_here(), reason="this CPU has no AMX-INT8 (or QUANTIZER_PLUGIN_MAX_ISA hides it)")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_llm_int8_on_the_int8_tiles_is_the_register_tiles_bit_for_bit(dtype):
+    """Past decode the AMX-INT8 tiles sum what the register tiles (VNNI or AVX2) sum, exactly, and both end in the
+    same epilogue: the same bytes, outliers and all, over row counts around whole tiles and a last block of weight
+    rows cut short."""
+    kernels = native.load()
+    for m, n, k in [(5, 37, 64), (16, 70, 128), (17, 16, 256), (33, 130, 192)]:
+        layer = make_layer(QuantScheme("int8"), n, k, dtype, seed=m)
+        x = llm_int8_input(m, k, dtype, seed=n)
+        args = (x, layer.weight, layer.weight_scale, 6.0)
+        assert torch.equal(kernels.linear_llm_int8_tiles(*args), kernels.linear_llm_int8(*args)), (m, n, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -357,7 +377,7 @@ def test_int8_input_gradient_runs_the_native_chunks(activations):
     grad_y = torch.randn(3, 37, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
         layer(x).backward(grad_y)
-    forward = "cpu.int8.llm_int8" if activations else "cpu.int8.fused" if avx2_here() else "cpu.int8.dequantize_matmul"
+    forward = llm_int8_kernel(3, 96) if activations else "cpu.int8.fused" if avx2_here() else "cpu.int8.dequantize_matmul"
     assert served == [forward, "cpu.int8.grad_input"]
     assert_close_to_scale(x.grad, grad_y.double() @ oracles.weight_of(layer).double(), torch.bfloat16)
 
@@ -448,19 +468,23 @@ def run_with_max_isa(value: str, script: str, threads: int | None = None):
 
 
 CAPS = ["scalar", "avx2", "avx512", "avx512_bf16"]
-# LLM.int8 on a layer and input every capped run (and the test itself) builds alike: its int8 sums are exact and its
-# float part is the same plain C++ on every path, so every instruction set gives the same bytes.
+# LLM.int8 on layers and inputs every capped run (and the test itself) builds alike: its int8 sums are exact and its
+# float part is the same plain C++ on every path, so every instruction set gives the same bytes. K = 200 takes the
+# register tiles everywhere; K = 256 with 20 rows the AMX-INT8 tiles where the test itself runs on AMX.
 LLM_INT8_RUN = (
     "import hashlib, torch; from quantizer_plugin import LowBitLinear, ops; from quantizer_plugin.formats import QuantScheme\n"
     "def llm_int8_run():\n"
-    "    torch.manual_seed(0); x = torch.randn(5, 200, dtype=torch.bfloat16); x[:, 7] *= 30\n"
-    "    layer = LowBitLinear.from_float(torch.nn.Linear(200, 41), QuantScheme('int8'), compute_dtype=torch.bfloat16)\n"
-    "    with ops.record_dispatch() as served: y = layer(x)\n"
-    "    return served[0], hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest()\n"
+    "    results = []\n"
+    "    for m, k in ((5, 200), (20, 256)):\n"
+    "        torch.manual_seed(0); x = torch.randn(m, k, dtype=torch.bfloat16); x[:, 7] *= 30\n"
+    "        layer = LowBitLinear.from_float(torch.nn.Linear(k, 41), QuantScheme('int8'), compute_dtype=torch.bfloat16)\n"
+    "        with ops.record_dispatch() as served: y = layer(x)\n"
+    "        results += [served[0], hashlib.sha256(y.view(torch.int16).numpy().tobytes()).hexdigest()]\n"
+    "    return results\n"
 )
 CAPPED_SCRIPT = LLM_INT8_RUN + (
     "from quantizer_plugin.cpu import native; k = native.load(); "
-    "print(k.uses_avx2(), k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8()); "
+    "print(k.uses_avx2(), k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8(), k.uses_avx512_vnni()); "
     "torch.manual_seed(0); "
     "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
     "for m in (1, 40):\n"
@@ -505,17 +529,23 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert result.returncode == 0, result.stderr[-3000:]
     features, decode, batch, llm_int8, decodes, dequantized = result.stdout.split("\n")[:6]
     level, flags = cpu_caps.LEVELS.index(cap), cpu_caps.cpu_flags()
-    avx2, avx512, avx512_bf16, amx_bf16, amx_int8 = [flag == "True" for flag in features.split()]
+    avx2, avx512, avx512_bf16, amx_bf16, amx_int8, vnni = [flag == "True" for flag in features.split()]
     assert avx2 == (level >= 1 and "avx2" in flags)
     assert avx512 == (level >= 2 and "avx512f" in flags)
+    assert vnni == (level >= 2 and "avx512_vnni" in flags)
     assert not amx_bf16 and not amx_int8  # every cap here hides AMX
     assert avx512_bf16 == (level >= 3 and "avx512_bf16" in flags)
     assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 or (avx2 and not avx512) else "cpu.codebook4bit.fused")
     assert batch == ("cpu.codebook4bit.fused_bf16" if avx2 and not avx512 else "cpu.codebook4bit.dequantize_matmul")
-    # LLM.int8: AVX2's int8 sums or plain C++'s, the same result as this process gets with every instruction set
+    # LLM.int8: VNNI's, AVX2's or plain C++'s int8 sums, the same bytes as this process gets with every instruction
+    # set (the AMX-INT8 tiles too, where it has them)
     namespace = {}
     exec(LLM_INT8_RUN, namespace)
-    assert llm_int8.split() == list(namespace["llm_int8_run"]()) and llm_int8.startswith("cpu.int8.llm_int8 ")
+    here = namespace["llm_int8_run"]()
+    served_here, hashes_here = here[::2], here[1::2]
+    assert llm_int8.split()[1::2] == hashes_here
+    assert llm_int8.split()[::2] == ["cpu.int8.llm_int8_vnni" if vnni else "cpu.int8.llm_int8"] * 2
+    assert served_here == [llm_int8_kernel(5, 200), llm_int8_kernel(20, 256)]
     # the decode kernels: fused wherever there is AVX2 (int8 and int4 take the chunks in plain C++)
     served, errors = decodes.split()[::2], [float(error) for error in decodes.split()[1::2]]
     assert served == ["cpu.codebook4bit.fused"] + (["cpu.int8.fused", "cpu.affine.fused"] if avx2

@@ -12,14 +12,15 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from conftest import tiny_llama_config
-from cpu_caps import avx2_here
+from cpu_caps import avx2_here, avx512_bf16_here
 from helpers import load_quantized, lowbit_modules, read_safetensors
 from oracles import weight_of
 from quantizer_plugin import LowBitConfig, LowBitLinear, ops
 
 HEADS = ["int8", "int4", "nf4"]
 # the kernel each head format's decode runs on this CPU when no other layer of the model has that format
-HEAD_KERNELS = {"int8": "cpu.int8.fused", "int4": "cpu.affine.fused"}
+# bfloat16 decode: int4's codes in bf16 pairs where the CPU has AVX512-BF16
+HEAD_KERNELS = {"int8": "cpu.int8.fused", "int4": "cpu.affine.fused_bf16" if avx512_bf16_here() else "cpu.affine.fused"}
 
 
 def checkpoint_head(llama_dir) -> torch.Tensor:

@@ -2,9 +2,11 @@
 
 LLM.int8 (activations="int8", the default): the native kernel (csrc/llm_int8.cpp) quantizes each activation row to
 int8 with its absmax exactly as the reference does, finds the outlier columns (any |x| >= the threshold), sums the
-int8 products exactly in int32 (AVX2's 16-bit multiply-adds, or plain C++ without AVX2), scales them as the reference
-does, and adds the outlier columns' products in float, the weight dequantized as the reference dequantizes it. Its
-result is the reference's to within the order of the outlier columns' float sums (tests/test_cpu_backend.py), and
+int8 products exactly in int32, scales them as the reference does, and adds the outlier columns' products in float,
+the weight dequantized as the reference dequantizes it. The int32 sums come from AVX512-VNNI's byte dot products
+("llm_int8_vnni"), else AVX2's 16-bit multiply-adds, else plain C++ ("llm_int8"); past LLM_INT8_TILES_MIN_M rows, on
+CPUs with AMX-INT8 and K a multiple of 64, from the int8 tiles ("llm_int8_tiles"). Every path gives the same bytes.
+Its result is the reference's to within the order of the outlier columns' float sums (tests/test_cpu_backend.py), and
 bitsandbytes' LLM.int8 to within its rounding (tests/test_int8.py). Without the native build, the reference runs.
 
 Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-bit.
@@ -40,12 +42,21 @@ GEMV_MAX_M = 6  # above this, dequantizing row chunks for a 16-bit GEMM is faste
 # Above this the int8 tiles re-read each weight row from L2 once per 16 activation rows, and the bfloat16 tiles win
 # (measured at 4096 x 4096 and 14336 x 4096: int8 tiles 1.7-2.7x bf16 at M = 16, 1.2-1.5x at 48, 0.9-1.0x at 96).
 AMX_INT8_MAX_M = 48
+# LLM.int8 from this many activation rows on the AMX-INT8 tiles (16 rows a tile) rather than the VNNI register tiles
+# (4 rows; they re-read the weight from L2 per 4 rows): on the Xeon with AMX, 2 threads, 4096 x 4096, 0.79 ms against
+# the tiles' 0.91 at M = 5, 1.06 against 0.99 at 8, 1.89 against 1.16 at 16 (14336 x 4096: 5.7 against 5.3 at 8).
+LLM_INT8_TILES_MIN_M = 8
 
 
 def uses_int8_tiles(kernels, m: int, weight: RowScaledWeight, compute_dtype: torch.dtype) -> bool:
     """Whether `m` activation rows run on the AMX-INT8 kernel (past decode, up to AMX_INT8_MAX_M rows)."""
     sixteen_bit = compute_dtype in (torch.bfloat16, torch.float16)
     return GEMV_MAX_M < m <= AMX_INT8_MAX_M and sixteen_bit and weight.in_features % 64 == 0 and kernels.uses_amx_int8()
+
+
+def uses_llm_int8_tiles(kernels, m: int, weight: RowScaledWeight) -> bool:
+    """Whether LLM.int8 of `m` activation rows runs on the AMX-INT8 tiles."""
+    return m >= LLM_INT8_TILES_MIN_M and weight.in_features % 64 == 0 and kernels.uses_amx_int8()
 
 
 @register_kernel(RowScaledWeight.family, "cpu", quantize=True)
@@ -69,8 +80,13 @@ def llm_int8_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tenso
     if kernels is None:
         return reference_forward(x, weight, bias, compute_dtype, activations)
     x2d = x.reshape(-1, weight.in_features).to(compute_dtype).contiguous()
-    y = library.call(kernels, "linear_llm_int8", x2d, weight.values, weight.scale, float(activations.outlier_threshold))
-    served("cpu.int8.llm_int8")
+    threshold = float(activations.outlier_threshold)
+    if uses_llm_int8_tiles(kernels, x2d.shape[0], weight):
+        y = library.call(kernels, "linear_llm_int8_tiles", x2d, weight.values, weight.scale, threshold)
+        served("cpu.int8.llm_int8_tiles")
+    else:  # the kernel takes VNNI, AVX2 or plain C++, as the CPU has them
+        y = library.call(kernels, "linear_llm_int8", x2d, weight.values, weight.scale, threshold)
+        served("cpu.int8.llm_int8_vnni" if kernels.uses_avx512_vnni() else "cpu.int8.llm_int8")
     if bias is not None:
         y = y + bias.float()  # as the reference: the bias added in float32, one rounding to the compute dtype
     return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)

@@ -125,7 +125,7 @@ def _import_library(path: Path) -> ModuleType:
     return module
 
 
-CPU_CHECKS = ("uses_avx2", "uses_avx512", "uses_avx512_bf16", "uses_amx_bf16", "uses_amx_int8")
+CPU_CHECKS = ("uses_avx2", "uses_avx512", "uses_avx512_vnni", "uses_avx512_bf16", "uses_amx_bf16", "uses_amx_int8")
 
 
 def _answer_checks_once(module: ModuleType) -> None:

@@ -1,4 +1,4 @@
-// What this CPU can run, asked once per process: AVX2 (with FMA), AVX-512 (F, BW, VL, DQ), AVX512-BF16, AMX-BF16 and
+// What this CPU can run, asked once per process: AVX2 (with FMA), AVX-512 (F, BW, VL, DQ), AVX512-VNNI, AVX512-BF16, AMX-BF16 and
 // AMX-INT8 (the tile state granted by Linux). Every kernel choice, in C++ and in Python, goes through these answers.
 //
 // QUANTIZER_PLUGIN_MAX_ISA caps them, so that a machine with AMX can run the paths a CPU without it takes:
@@ -46,6 +46,11 @@ bool has_avx512() {
   static const bool yes = max_isa() >= AVX512 && has_avx2() && __builtin_cpu_supports("avx512f") &&
                           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+
+bool has_avx512_vnni() {  // every AVX-512 CPU since Cascade Lake and Zen 4; capped with AVX-512
+  static const bool yes = has_avx512() && __builtin_cpu_supports("avx512vnni");
   return yes;
 }
 

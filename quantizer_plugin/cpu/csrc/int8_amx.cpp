@@ -15,6 +15,7 @@
 #include <cmath>
 
 #include "amx.h"
+#include "int8_tiles.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -24,7 +25,7 @@ namespace quantizer_plugin {
 
 namespace {
 
-constexpr int64_t K_STEP = 64;        // bytes of K per tile row
+constexpr int64_t K_STEP = INT8_TILE_K;
 constexpr int64_t HALF_GROUP = 8;     // activation rows per group of 16 tile rows (their high, then low pieces)
 constexpr int64_t WEIGHT_AHEAD = 512;  // bytes of each weight row prefetched ahead of the tile loads
 
@@ -94,18 +95,12 @@ AMX_INT8 void multiply_rows(int64_t blocks, int64_t pair, const int8_t* const* r
   }
 }
 
-struct Operands {
-  const int8_t* weight;      // (N, K)
-  const float* row_scale;    // (N,) the weight's row absmax
-  const int8_t* xp;          // packed activation pieces (K / 64, groups, 16, 16, 4)
-  const float* x_scale;      // (M,)
-  int64_t M, N, K, groups;
-  float* y;                  // (M, N)
-};
+}  // namespace
 
 // One thread's weight rows [n_begin, n_end), four blocks of 16 at a time. A last block cut short is copied into a
 // zero-padded buffer first, so that no tile load reads past the weight.
-AMX_INT8 void int8_tile_rows(const Operands& o, int64_t n_begin, int64_t n_end) {
+AMX_INT8 void int8_tile_products(const int8_t* weight, int64_t K, const int8_t* xp, int64_t groups, int64_t n_begin,
+                                 int64_t n_end, const Int8TileFinish& finish) {
   configure_tiles();
   std::vector<int8_t> padded;
   alignas(64) int32_t products[4 * 256];
@@ -115,34 +110,22 @@ AMX_INT8 void int8_tile_rows(const Operands& o, int64_t n_begin, int64_t n_end) 
     const int8_t* block_rows[BLOCKS];
     for (int64_t i = 0; i < blocks; ++i) {
       const int64_t first = n0 + i * TILE_ROWS, count = std::min(TILE_ROWS, n0 + rows - first);
-      block_rows[i] = o.weight + first * o.K;
+      block_rows[i] = weight + first * K;
       if (count < TILE_ROWS) {
-        padded.assign(TILE_ROWS * o.K, 0);
-        std::memcpy(padded.data(), block_rows[i], count * o.K);
+        padded.assign(TILE_ROWS * K, 0);
+        std::memcpy(padded.data(), block_rows[i], count * K);
         block_rows[i] = padded.data();
       }
     }
-    for (int64_t g0 = 0; g0 < o.groups; g0 += 2) {
-      const int64_t pair = std::min<int64_t>(2, o.groups - g0), per_pass = 4 / pair;
+    for (int64_t g0 = 0; g0 < groups; g0 += 2) {
+      const int64_t pair = std::min<int64_t>(2, groups - g0), per_pass = 4 / pair;
       for (int64_t i0 = 0; i0 < blocks; i0 += per_pass) {
         const int64_t count = std::min(per_pass, blocks - i0);
-        multiply_rows(count, pair, block_rows + i0, o.K, o.xp, o.groups, g0, products);
+        multiply_rows(count, pair, block_rows + i0, K, xp, groups, g0, products);
         for (int64_t i = 0; i < count; ++i) {
+          const int64_t first_n = n0 + (i0 + i) * TILE_ROWS;
           for (int64_t g = 0; g < pair; ++g) {
-            const int32_t* p = products + (i * pair + g) * 256;
-            const int64_t first_n = n0 + (i0 + i) * TILE_ROWS;
-            for (int64_t r = 0; r < TILE_ROWS && first_n + r < n0 + rows; ++r) {
-              const float weight_scale = o.row_scale[first_n + r] / 127.0f;
-              for (int64_t c = 0; c < HALF_GROUP; ++c) {
-                const int64_t m = (g0 + g) * HALF_GROUP + c;
-                if (m >= o.M) break;
-                const float sum = static_cast<float>(p[r * 16 + c]) + static_cast<float>(p[r * 16 + c + 8]) / 254.0f;
-                // a row holding a NaN or an infinity has a non-finite scale and meaningless pieces: its outputs are
-                // NaN, as a 16-bit product's would be (never a finite number)
-                const float x_scale = o.x_scale[m];
-                o.y[m * o.N + first_n + r] = std::isfinite(x_scale) ? sum * x_scale * weight_scale : NAN;
-              }
-            }
+            finish(products + (i * pair + g) * 256, first_n, std::min(TILE_ROWS, n0 + rows - first_n), g0 + g);
           }
         }
       }
@@ -151,7 +134,12 @@ AMX_INT8 void int8_tile_rows(const Operands& o, int64_t n_begin, int64_t n_end) 
   _tile_release();
 }
 
-}  // namespace
+at::Tensor pack_int8_tile_rows(const at::Tensor& rows) {
+  const int64_t R = rows.size(0), K = rows.size(1);
+  TORCH_CHECK(rows.scalar_type() == at::kChar && R % TILE_ROWS == 0 && K % K_STEP == 0,
+              "int8 tile rows must be (a multiple of 16, a multiple of 64) int8");
+  return rows.view({R / TILE_ROWS, TILE_ROWS, K / K_STEP, K_STEP / 4, 4}).permute({2, 0, 3, 1, 4}).contiguous();
+}
 
 at::Tensor linear_int8_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
   TORCH_CHECK(has_amx_int8(), "linear_int8_amx needs a CPU with AMX-INT8 and the tile state granted");
@@ -177,12 +165,29 @@ at::Tensor linear_int8_amx(const at::Tensor& x, const at::Tensor& weight, const 
                                        at::constant_pad_nd(low, {0, 0, 0, padded_m - M}).view({groups, HALF_GROUP, K})},
                                       1)
                                 .to(at::kChar);  // (groups, 2, 8, K)
-  const at::Tensor xp = pieces.view({groups, TILE_ROWS, K / K_STEP, K_STEP / 4, 4}).permute({2, 0, 3, 1, 4}).contiguous();
+  const at::Tensor xp = pack_int8_tile_rows(pieces.view({groups * TILE_ROWS, K}));
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const Operands operands{weight.data_ptr<int8_t>(), scale.data_ptr<float>(), xp.data_ptr<int8_t>(),
-                          x_scale.data_ptr<float>(), M, N, K, groups, y.data_ptr<float>()};
+  const float* row_scale = scale.data_ptr<float>();
+  const float* x_scales = x_scale.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const Int8TileFinish finish = [&](const int32_t* p, int64_t first_n, int64_t rows, int64_t group) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float weight_scale = row_scale[first_n + r] / 127.0f;
+      for (int64_t c = 0; c < HALF_GROUP; ++c) {
+        const int64_t m = group * HALF_GROUP + c;
+        if (m >= M) break;
+        const float sum = static_cast<float>(p[r * 16 + c]) + static_cast<float>(p[r * 16 + c + 8]) / 254.0f;
+        // a row holding a NaN or an infinity has a non-finite scale and meaningless pieces: its outputs are NaN, as a
+        // 16-bit product's would be (never a finite number)
+        const float x_scale_m = x_scales[m];
+        out[m * N + first_n + r] = std::isfinite(x_scale_m) ? sum * x_scale_m * weight_scale : NAN;
+      }
+    }
+  };
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const int8_t* packed = xp.data_ptr<int8_t>();
   at::parallel_for(0, (N + TILE_ROWS - 1) / TILE_ROWS, 1, [&](int64_t first_block, int64_t last_block) {
-    int8_tile_rows(operands, first_block * TILE_ROWS, std::min(N, last_block * TILE_ROWS));
+    int8_tile_products(w, K, packed, groups, first_block * TILE_ROWS, std::min(N, last_block * TILE_ROWS), finish);
   });
   return y;
 }

@@ -82,6 +82,9 @@ at::Tensor gemv_dense(const at::Tensor& x, const at::Tensor& weight);
 // (M, K) float32, bfloat16 or float16 in the compute dtype; and the activations' side alone, as the reference's
 // quantize_activations: (int8 codes (M, K), float32 row absmax, bool outlier column mask (K,)).
 at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold);
+// The same on the AMX-INT8 tiles (past decode), K a multiple of 64; the same bytes.
+at::Tensor linear_llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                 double threshold);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const at::Tensor& x, double threshold);
 
 // Activations mode "q8_0" (q8_0.cpp): each row of x (M, K) float32 in blocks of Q8_BLOCK, int8 codes and a float32
@@ -100,6 +103,7 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
 
 bool has_avx2();
 bool has_avx512();
+bool has_avx512_vnni();
 bool has_avx512_bf16();
 bool has_amx_bf16();
 bool has_amx_int8();

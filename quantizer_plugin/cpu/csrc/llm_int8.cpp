@@ -8,12 +8,23 @@
 // easily), the int32 sums exact for K up to 2^31 / 127^2. The tile's epilogue scales its sums as the reference does (in
 // float64, one rounding to float32) and adds the outlier columns' products with the weight dequantized as the
 // reference dequantizes it, while the weight rows are still in cache. Without AVX2 the same tiles run in plain C++.
+//
+// With AVX512-VNNI the same tiles take 64 weights per step with vpdpbusd, which multiplies unsigned bytes by signed
+// ones: the activation codes are stored offset by 128 (1 to 255), and each weight row's sum times 128 (one more
+// vpdpbusd per weight step, shared by the tile's activation rows) is taken off at the end. The int32 lanes wrap, and
+// the true sum fits int32, so the difference is exact. A row's last K % 64 weights are a masked load (zeros past K).
+//
+// Past decode, with AMX-INT8 (linear_llm_int8_tiles), the codes of 16 activation rows are one tile, multiplied with
+// the stored weight by the int8 tile loop (int8_tiles.h), whose exact int32 tiles get the same epilogue.
+//
+// Every path gives the same bytes: the int8 sums are exact, and the epilogue is this file's one function.
 
 #include <cfloat>
 #include <cmath>
 #include <limits>
 #include <tuple>
 
+#include "int8_tiles.h"
 #include "kernels.h"
 #include "simd.h"
 
@@ -22,6 +33,7 @@ namespace quantizer_plugin {
 namespace {
 
 constexpr int64_t K_STEP = 16;  // int16 lanes of one AVX2 register: the codes' row stride is a multiple of this
+constexpr int64_t VNNI_K_STEP = 64;  // bytes of one AVX-512 register: the offset codes' row stride is a multiple of this
 constexpr int MAX_TILE_M = 4, MAX_TILE_N = 4;
 
 // The activations' side: codes (M, K_padded) int16, zero past K and in the outlier columns; the float32 row absmax
@@ -31,7 +43,22 @@ struct Activations {
   std::vector<int64_t> outlier_columns;
   std::vector<float> outlier_values;  // (M, outlier columns), x as given (already in the compute dtype)
   int64_t padded_k;
+  at::Tensor offset_codes;  // for AVX512-VNNI only: codes + 128 as uint8 (M, offset_k), 128 past K
+  int64_t offset_k = 0;
 };
+
+enum class DotPath { PLAIN, PMADDWD, VPDPBUSD };
+
+DotPath dot_path() {
+  if (has_avx512_vnni()) return DotPath::VPDPBUSD;
+  return has_avx2() ? DotPath::PMADDWD : DotPath::PLAIN;
+}
+
+// The codes as vpdpbusd reads them (unsigned), for the VNNI path.
+void add_offset_codes(Activations& a, int64_t K) {
+  a.offset_k = (K + VNNI_K_STEP - 1) / VNNI_K_STEP * VNNI_K_STEP;
+  a.offset_codes = at::constant_pad_nd(a.codes.narrow(1, 0, K), {0, a.offset_k - K}).add(128).to(at::kByte);
+}
 
 template <typename In>
 Activations prepare_activations(const In* x, int64_t M, int64_t K, float threshold) {
@@ -123,21 +150,59 @@ void dot_tile_scalar(const int16_t* codes, int64_t padded_k, const int8_t* weigh
   }
 }
 
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
+
+// As dot_tile_avx2, from the offset codes (stride offset_k): 64 products a step, (code + 128) * w, and 128 * the
+// weight row's sum taken off at the end.
 template <int TM, int TN>
-void dot_tile(bool avx2, const int16_t* codes, int64_t padded_k, const int8_t* weight, int64_t K, int32_t* sums) {
-  if (avx2) return dot_tile_avx2<TM, TN>(codes, padded_k, weight, K, sums);
-  dot_tile_scalar<TM, TN>(codes, padded_k, weight, K, sums);
+AVX512_VNNI void dot_tile_vnni(const uint8_t* offset_codes, int64_t offset_k, const int8_t* weight, int64_t K,
+                               int32_t* sums) {
+  __m512i acc[TM][TN], offset[TN];
+  for (int j = 0; j < TN; ++j) {
+    offset[j] = _mm512_setzero_si512();
+    for (int i = 0; i < TM; ++i) acc[i][j] = _mm512_setzero_si512();
+  }
+  const __m512i one_twenty_eight = _mm512_set1_epi8(static_cast<char>(128));
+  for (int64_t k = 0; k < K; k += VNNI_K_STEP) {
+    const int64_t left = K - k;
+    const __mmask64 mask = left >= VNNI_K_STEP ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
+    __m512i w[TN];
+    for (int j = 0; j < TN; ++j) {
+      _mm_prefetch(reinterpret_cast<const char*>(weight + j * K + k + PREFETCH_BYTES), _MM_HINT_T0);
+      w[j] = _mm512_maskz_loadu_epi8(mask, weight + j * K + k);
+      offset[j] = _mm512_dpbusd_epi32(offset[j], one_twenty_eight, w[j]);
+    }
+    for (int i = 0; i < TM; ++i) {
+      const __m512i x = _mm512_loadu_si512(offset_codes + i * offset_k + k);
+      for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x, w[j]);
+    }
+  }
+  for (int i = 0; i < TM; ++i) {
+    for (int j = 0; j < TN; ++j) sums[i * TN + j] = _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[i][j], offset[j]));
+  }
+}
+
+// sums (TM, TN) for the activation rows from m0 and the weight rows from `weight`, on the path chosen.
+template <int TM, int TN>
+void dot_tile(DotPath path, const Activations& a, int64_t m0, const int8_t* weight, int64_t K, int32_t* sums) {
+  switch (path) {
+    case DotPath::VPDPBUSD:
+      return dot_tile_vnni<TM, TN>(a.offset_codes.data_ptr<uint8_t>() + m0 * a.offset_k, a.offset_k, weight, K, sums);
+    case DotPath::PMADDWD:
+      return dot_tile_avx2<TM, TN>(a.codes.data_ptr<int16_t>() + m0 * a.padded_k, a.padded_k, weight, K, sums);
+    default: return dot_tile_scalar<TM, TN>(a.codes.data_ptr<int16_t>() + m0 * a.padded_k, a.padded_k, weight, K, sums);
+  }
 }
 
 // The tile's sums for `tm` activation rows by `tn` weight rows, template arguments chosen at run time.
 template <int TN>
-void dot_tile_rows(int64_t tm, bool avx2, const int16_t* codes, int64_t padded_k, const int8_t* weight, int64_t K,
+void dot_tile_rows(int64_t tm, DotPath path, const Activations& a, int64_t m0, const int8_t* weight, int64_t K,
                    int32_t* sums) {
   switch (tm) {
-    case 4: return dot_tile<4, TN>(avx2, codes, padded_k, weight, K, sums);
-    case 3: return dot_tile<3, TN>(avx2, codes, padded_k, weight, K, sums);
-    case 2: return dot_tile<2, TN>(avx2, codes, padded_k, weight, K, sums);
-    default: return dot_tile<1, TN>(avx2, codes, padded_k, weight, K, sums);
+    case 4: return dot_tile<4, TN>(path, a, m0, weight, K, sums);
+    case 3: return dot_tile<3, TN>(path, a, m0, weight, K, sums);
+    case 2: return dot_tile<2, TN>(path, a, m0, weight, K, sums);
+    default: return dot_tile<1, TN>(path, a, m0, weight, K, sums);
   }
 }
 
@@ -146,12 +211,50 @@ float round_to(float value) {
   return static_cast<float>(In(value));
 }
 
-// Weight rows [n_begin, n_end) of y: the int8 part, then the outlier columns'.
+// Rows [n0, n1) of the weight in the outlier columns, as the reference dequantizes them: out (n1 - n0, outliers).
+template <typename In>
+void dequantize_outliers(const Activations& a, const int8_t* weight, const float* weight_absmax, int64_t K, int64_t n0,
+                         int64_t n1, float* out) {
+  const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
+  for (int64_t n = n0; n < n1; ++n) {
+    const float step = weight_absmax[n] / 127.0f;
+    for (int64_t j = 0; j < outliers; ++j) {
+      out[(n - n0) * outliers + j] = round_to<In>(static_cast<float>(weight[n * K + a.outlier_columns[j]]) * step);
+    }
+  }
+}
+
+// y[m0 + i, n0 + j] (i < tm, j < tn) from the exact sums of their int8 parts, sums[i * m_stride + j * n_stride], as
+// the reference computes it: the scales' product in float64 over 127^2, times the sum, rounded once; plus the outlier
+// columns' products with `dequantized` (row j: weight row n0 + j's outlier columns), rounded to the compute dtype as
+// the reference's matmul. Every path ends here.
+template <typename In>
+void store_outputs(const Activations& a, const int32_t* sums, int64_t m_stride, int64_t n_stride, int64_t tm,
+                   int64_t tn, int64_t m0, int64_t n0, const float* weight_absmax, const float* dequantized, float* y,
+                   int64_t N) {
+  const float* x_absmax = a.absmax.data_ptr<float>() + m0;
+  const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
+  for (int64_t j = 0; j < tn; ++j) {
+    const double w_absmax = static_cast<double>(weight_absmax[n0 + j]);
+    const float* w = dequantized + j * outliers;
+    for (int64_t i = 0; i < tm; ++i) {
+      const double scale = static_cast<double>(x_absmax[i]) * w_absmax / 16129.0;
+      float value = static_cast<float>(static_cast<double>(sums[i * m_stride + j * n_stride]) * scale);
+      if (outliers) {
+        const float* x = a.outlier_values.data() + (m0 + i) * outliers;
+        float product = 0.0f;
+        for (int64_t c = 0; c < outliers; ++c) product += x[c] * w[c];
+        value += round_to<In>(product);
+      }
+      y[(m0 + i) * N + n0 + j] = value;
+    }
+  }
+}
+
+// Weight rows [n_begin, n_end) of y on the register tiles (VNNI, AVX2 or plain C++).
 template <typename In>
 void llm_int8_rows(const Activations& a, const int8_t* weight, const float* weight_absmax, int64_t M, int64_t N,
-                   int64_t K, bool avx2, float* y, int64_t n_begin, int64_t n_end) {
-  const int16_t* codes = a.codes.data_ptr<int16_t>();
-  const float* x_absmax = a.absmax.data_ptr<float>();
+                   int64_t K, DotPath path, float* y, int64_t n_begin, int64_t n_end) {
   const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
   // Decode keeps four weight rows in flight; a batch two, by four activation rows (eight accumulators).
   const int64_t tile_n = M == 1 ? 4 : 2;
@@ -161,38 +264,17 @@ void llm_int8_rows(const Activations& a, const int8_t* weight, const float* weig
   int32_t sums[MAX_TILE_M * MAX_TILE_N];
   for (int64_t n0 = n_begin; n0 < n_end; n0 += block) {
     const int64_t n1 = std::min(n_end, n0 + block);
-    for (int64_t n = n0; n < n1; ++n) {
-      const float step = weight_absmax[n] / 127.0f;
-      for (int64_t j = 0; j < outliers; ++j) {
-        dequantized[(n - n0) * outliers + j] = round_to<In>(static_cast<float>(weight[n * K + a.outlier_columns[j]]) * step);
-      }
-    }
+    dequantize_outliers<In>(a, weight, weight_absmax, K, n0, n1, dequantized.data());
     for (int64_t m0 = 0; m0 < M; m0 += MAX_TILE_M) {
       const int64_t tm = std::min<int64_t>(MAX_TILE_M, M - m0);
       for (int64_t n = n0, tn = 0; n < n1; n += tn) {
         const int64_t left = n1 - n;
         tn = tile_n == 4 && left >= 4 ? 4 : left >= 2 ? 2 : 1;  // the tile widths built
-        const int16_t* tile_codes = codes + m0 * a.padded_k;
         const int8_t* rows = weight + n * K;
-        if (tn == 4) dot_tile_rows<4>(tm, avx2, tile_codes, a.padded_k, rows, K, sums);
-        else if (tn == 2) dot_tile_rows<2>(tm, avx2, tile_codes, a.padded_k, rows, K, sums);
-        else dot_tile_rows<1>(tm, avx2, tile_codes, a.padded_k, rows, K, sums);
-        for (int64_t i = 0; i < tm; ++i) {
-          const int64_t m = m0 + i;
-          for (int64_t j = 0; j < tn; ++j) {
-            // as the reference: the scales' product in float64 over 127^2, times the exact sum, rounded once
-            const double scale = static_cast<double>(x_absmax[m]) * static_cast<double>(weight_absmax[n + j]) / 16129.0;
-            float value = static_cast<float>(static_cast<double>(sums[i * tn + j]) * scale);
-            if (outliers) {  // the outlier columns' products, rounded to the compute dtype as the reference's matmul
-              const float* w = dequantized.data() + (n + j - n0) * outliers;
-              const float* x = a.outlier_values.data() + m * outliers;
-              float product = 0.0f;
-              for (int64_t c = 0; c < outliers; ++c) product += x[c] * w[c];
-              value += round_to<In>(product);
-            }
-            y[m * N + n + j] = value;
-          }
-        }
+        if (tn == 4) dot_tile_rows<4>(tm, path, a, m0, rows, K, sums);
+        else if (tn == 2) dot_tile_rows<2>(tm, path, a, m0, rows, K, sums);
+        else dot_tile_rows<1>(tm, path, a, m0, rows, K, sums);
+        store_outputs<In>(a, sums, tn, 1, tm, tn, m0, n, weight_absmax, dequantized.data() + (n - n0) * outliers, y, N);
       }
     }
   }
@@ -201,14 +283,41 @@ void llm_int8_rows(const Activations& a, const int8_t* weight, const float* weig
 template <typename In>
 at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax, float threshold) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  const Activations a = prepare_activations(x.data_ptr<In>(), M, K, threshold);
+  Activations a = prepare_activations(x.data_ptr<In>(), M, K, threshold);
+  const DotPath path = dot_path();
+  if (path == DotPath::VPDPBUSD) add_offset_codes(a, K);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  const bool avx2 = has_avx2();
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* absmax = weight_absmax.data_ptr<float>();
   float* out = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    llm_int8_rows<In>(a, w, absmax, M, N, K, avx2, out, begin, end);
+    llm_int8_rows<In>(a, w, absmax, M, N, K, path, out, begin, end);
+  });
+  return y;
+}
+
+// The same on the AMX-INT8 tiles: the codes of each 16 activation rows one tile, the weight as stored.
+template <typename In>
+at::Tensor llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax,
+                          float threshold) {
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), groups = (M + 15) / 16;
+  const Activations a = prepare_activations(x.data_ptr<In>(), M, K, threshold);
+  const at::Tensor packed = pack_int8_tile_rows(
+      at::constant_pad_nd(a.codes.narrow(1, 0, K), {0, 0, 0, groups * 16 - M}).to(at::kChar));
+  at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const int8_t* w = weight.data_ptr<int8_t>();
+  const float* absmax = weight_absmax.data_ptr<float>();
+  float* out = y.data_ptr<float>();
+  const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
+  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t first_block, int64_t last_block) {
+    std::vector<float> dequantized(16 * outliers);
+    const Int8TileFinish finish = [&](const int32_t* tile, int64_t first_n, int64_t rows, int64_t group) {
+      dequantize_outliers<In>(a, w, absmax, K, first_n, first_n + rows, dequantized.data());
+      // the tile holds weight row first_n + r . activation row group * 16 + c at r * 16 + c
+      const int64_t m0 = group * 16;
+      store_outputs<In>(a, tile, 1, 16, std::min<int64_t>(16, M - m0), rows, m0, first_n, absmax, dequantized.data(), out, N);
+    };
+    int8_tile_products(w, K, packed.data_ptr<int8_t>(), groups, first_block * 16, std::min(N, last_block * 16), finish);
   });
   return y;
 }
@@ -217,6 +326,17 @@ void check_activations(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "x must be a contiguous matrix (M, K)");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
               "x must be float32, bfloat16 or float16, not ", x.scalar_type());
+}
+
+void check_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
+  check_activations(x);
+  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
+              "weight must be a contiguous int8 matrix");
+  TORCH_CHECK(weight.size(1) == x.size(1), "x and weight disagree on K");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
+              "scale must be contiguous float32, one per row");
+  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max() / (127 * 127), "K = ", x.size(1),
+              " could overflow the int32 sums");
 }
 
 }  // namespace
@@ -234,19 +354,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const a
 }
 
 at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold) {
-  check_activations(x);
-  TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
-              "weight must be a contiguous int8 matrix");
-  TORCH_CHECK(weight.size(1) == x.size(1), "x and weight disagree on K");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.is_contiguous() && scale.numel() == weight.size(0),
-              "scale must be contiguous float32, one per row");
-  TORCH_CHECK(x.size(1) <= std::numeric_limits<int32_t>::max() / (127 * 127), "K = ", x.size(1),
-              " could overflow the int32 sums");
+  check_llm_int8(x, weight, scale);
   const float cut = static_cast<float>(threshold);
   switch (x.scalar_type()) {
     case at::kBFloat16: return llm_int8<at::BFloat16>(x, weight, scale, cut);
     case at::kHalf: return llm_int8<at::Half>(x, weight, scale, cut);
     default: return llm_int8<float>(x, weight, scale, cut);
+  }
+}
+
+at::Tensor linear_llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
+                                 double threshold) {
+  TORCH_CHECK(has_amx_int8(), "linear_llm_int8_tiles needs a CPU with AMX-INT8 and the tile state granted");
+  check_llm_int8(x, weight, scale);
+  TORCH_CHECK(x.size(1) % INT8_TILE_K == 0, "linear_llm_int8_tiles needs K a multiple of ", INT8_TILE_K, ", not ",
+              x.size(1));
+  const float cut = static_cast<float>(threshold);
+  switch (x.scalar_type()) {
+    case at::kBFloat16: return llm_int8_tiles<at::BFloat16>(x, weight, scale, cut);
+    case at::kHalf: return llm_int8_tiles<at::Half>(x, weight, scale, cut);
+    default: return llm_int8_tiles<float>(x, weight, scale, cut);
   }
 }
 

@@ -29,11 +29,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uses_amx_bf16", &has_amx_bf16, "whether the AMX kernels run here (AMX-BF16 and the tile state granted)");
   m.def("uses_avx512_bf16", &has_avx512_bf16, "whether the AVX512-BF16 kernels run on this CPU");
   m.def("linear_llm_int8", &linear_llm_int8, "LLM.int8 x @ W.T: int8 activations, outlier columns in float");
+  m.def("linear_llm_int8_tiles", &linear_llm_int8_tiles, "LLM.int8 x @ W.T on the AMX-INT8 tiles (past decode)");
   m.def("quantize_activations_int8", &quantize_activations_int8, "LLM.int8's activation codes, row absmax, outliers");
   m.def("gemv_dense", &gemv_dense, "y = x @ W.T for a few float32 activation rows, a 16-bit or float32 weight");
   m.def("quantize_q8_0", &quantize_q8_0, "activations q8_0: int8 codes per 32 (in the kernels' order per span), float32 scales");
   m.def("gemv_4bit_q8", &gemv_4bit_q8, "y = q8_0(x) @ dequant(W).T, the codebook in int8 steps (AVX2)");
   m.def("gemv_affine_q8", &gemv_affine_q8, "y = q8_0(x) @ dequant(W).T for an int4/int2 weight (AVX2)");
   m.def("uses_avx2", &has_avx2, "whether the AVX2 kernels run on this CPU");
+  m.def("uses_avx512_vnni", &has_avx512_vnni, "whether the AVX512-VNNI kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
 }
