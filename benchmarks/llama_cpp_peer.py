@@ -8,6 +8,14 @@ this CPU: 12 minutes on the 2-core AMD EPYC of benchmarks/RESULTS.md); the conve
     CMAKE_ARGS="-DGGML_NATIVE=ON" pip install ./llama_cpp_python-*/ sentencepiece
     python benchmarks/cpu_decode.py --llama-cpp ./llama_cpp_python-*/vendor/llama.cpp
 
+On the Xeon with AMX of benchmarks/RESULTS.md, that native build's AMX backend segfaults in its first Q4_0 decode,
+with or without torch in the process (llama-cpp-python 0.3.36; llama.cpp issue #20824, "segfault in
+ggml_backend_amx_mul_mat", open and machine-dependent). There, build ggml with AVX-512 and without AMX:
+
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+      -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \
+      -DGGML_AMX_BF16=OFF" pip install ./llama_cpp_python-*/
+
 The sdist's `convert_hf_to_gguf.py` writes the bf16 GGUF; llama.cpp's own quantizer (`llama_model_quantize`, the
 library call behind `llama-quantize`) makes Q8_0, Q4_0 and Q4_K_M from it. The converter needs a tokenizer, which a
 random benchmark model lacks: `write_made_up_tokenizer` writes a Llama-style one (byte fallback, the model's vocabulary

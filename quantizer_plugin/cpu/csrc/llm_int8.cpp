@@ -70,9 +70,12 @@ Activations prepare_activations(const In* x, int64_t M, int64_t K, float thresho
   // row's absmax); a column holding one is multiplied in float for every row. No outliers with the threshold at 0.
   std::vector<uint8_t> is_outlier(K, 0);
   if (threshold > 0) {
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t k = 0; k < K; ++k) is_outlier[k] |= std::fabs(static_cast<float>(x[m * K + k])) >= threshold;
-    }
+    // by ranges of columns, one per task (for a batch, the scan is a good share of the call)
+    at::parallel_for(0, K, 1024, [&](int64_t first, int64_t last) {
+      for (int64_t m = 0; m < M; ++m) {
+        for (int64_t k = first; k < last; ++k) is_outlier[k] |= std::fabs(static_cast<float>(x[m * K + k])) >= threshold;
+      }
+    });
     for (int64_t k = 0; k < K; ++k) {
       if (is_outlier[k]) a.outlier_columns.push_back(k);
     }
