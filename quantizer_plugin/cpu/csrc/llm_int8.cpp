@@ -153,8 +153,6 @@ void dot_tile_scalar(const int16_t* codes, int64_t padded_k, const int8_t* weigh
   }
 }
 
-#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
-
 // As dot_tile_avx2, from the offset codes (stride offset_k): 64 products a step, (code + 128) * w, and 128 * the
 // weight row's sum taken off at the end.
 template <int TM, int TN>

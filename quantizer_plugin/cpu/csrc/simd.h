@@ -44,6 +44,7 @@ inline void store_scalar<at::Half>(at::Half* out, int64_t i, float value) { out[
 #define AVX2_F16C __attribute__((target("avx2,fma,f16c")))  // every AVX2 CPU has F16C; has_avx2 checks both
 #define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 #define AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+#define AVX512_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")))
 
 // The sum of 8 float32 lanes (the AVX2 kernels' end of a row).
 AVX2 inline float horizontal_sum(__m256 v) {
