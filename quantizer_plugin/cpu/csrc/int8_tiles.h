@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <functional>
 
+#include "amx.h"  // TILE_ROWS: weight rows per block, tile rows per packed group
+
 namespace quantizer_plugin {
 
 inline constexpr int64_t INT8_TILE_K = 64;  // bytes of K per tile row: K must be a multiple of it

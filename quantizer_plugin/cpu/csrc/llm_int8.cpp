@@ -2,17 +2,19 @@
 // absmax, the int8 products summed exactly in int32, and the input features holding an outlier multiplied in float.
 //
 // The activations are prepared once per call (quantize_activations_int8, the reference's codes and scales exactly),
-// as int16 codes padded to a multiple of 16 columns. The weight streams once through register tiles of up to 4
-// activation rows by up to 4 weight rows: each 16 weights are sign-extended to int16 once and multiplied by every
-// activation row with AVX2's pmaddwd (16 products summed in pairs into 8 int32 lanes, exact: 2 * 127 * 127 fits
-// easily), the int32 sums exact for K up to 2^31 / 127^2. The tile's epilogue scales its sums as the reference does (in
-// float64, one rounding to float32) and adds the outlier columns' products with the weight dequantized as the
-// reference dequantizes it, while the weight rows are still in cache. Without AVX2 the same tiles run in plain C++.
+// here as int16 codes padded to a multiple of 16 columns (the VNNI and tile paths below store them as bytes). The
+// weight streams once through register tiles of up to 4 activation rows by up to 4 weight rows: each 16 weights are
+// sign-extended to int16 once and multiplied by every activation row with AVX2's pmaddwd (16 products summed in pairs
+// into 8 int32 lanes, exact: 2 * 127 * 127 fits easily), the int32 sums exact for K up to 2^31 / 127^2. The tile's
+// epilogue scales its sums as the reference does (in float64, one rounding to float32) and adds the outlier columns'
+// products with the weight dequantized as the reference dequantizes it, while the weight rows are still in cache.
+// Without AVX2 the same tiles run in plain C++.
 //
 // With AVX512-VNNI the same tiles take 64 weights per step with vpdpbusd, which multiplies unsigned bytes by signed
 // ones: the activation codes are stored offset by 128 (1 to 255), and each weight row's sum times 128 (one more
 // vpdpbusd per weight step, shared by the tile's activation rows) is taken off at the end. The int32 lanes wrap, and
-// the true sum fits int32, so the difference is exact. A row's last K % 64 weights are a masked load (zeros past K).
+// the true sum fits int32, so the difference is exact. The codes are written plus 128 (as uint8) when they are
+// prepared. A row's last K % 64 weights are a masked load (zeros past K).
 //
 // Past decode, with AMX-INT8 (linear_llm_int8_tiles), the codes of 16 activation rows are one tile, multiplied with
 // the stored weight by the int8 tile loop (int8_tiles.h), whose exact int32 tiles get the same epilogue.
@@ -36,15 +38,15 @@ constexpr int64_t K_STEP = 16;  // int16 lanes of one AVX2 register: the codes' 
 constexpr int64_t VNNI_K_STEP = 64;  // bytes of one AVX-512 register: the offset codes' row stride is a multiple of this
 constexpr int MAX_TILE_M = 4, MAX_TILE_N = 4;
 
-// The activations' side: codes (M, K_padded) int16, zero past K and in the outlier columns; the float32 row absmax
-// (NaN for a row holding a NaN, as torch's amax gives); the outlier columns and their values.
+// The activations' side: codes (M, padded_k), each plus an offset and stored as the kernel reading them takes them
+// (int16 for pmaddwd and plain C++, uint8 plus 128 for vpdpbusd, int8 for the tiles), the offset alone past K and in
+// the outlier columns; the float32 row absmax (NaN for a row holding a NaN, as torch's amax gives); the outlier
+// columns and their values.
 struct Activations {
   at::Tensor codes, absmax;
   std::vector<int64_t> outlier_columns;
   std::vector<float> outlier_values;  // (M, outlier columns), x as given (already in the compute dtype)
   int64_t padded_k;
-  at::Tensor offset_codes;  // for AVX512-VNNI only: codes + 128 as uint8 (M, offset_k), 128 past K
-  int64_t offset_k = 0;
 };
 
 enum class DotPath { PLAIN, PMADDWD, VPDPBUSD };
@@ -54,17 +56,13 @@ DotPath dot_path() {
   return has_avx2() ? DotPath::PMADDWD : DotPath::PLAIN;
 }
 
-// The codes as vpdpbusd reads them (unsigned), for the VNNI path.
-void add_offset_codes(Activations& a, int64_t K) {
-  a.offset_k = (K + VNNI_K_STEP - 1) / VNNI_K_STEP * VNNI_K_STEP;
-  a.offset_codes = at::constant_pad_nd(a.codes.narrow(1, 0, K), {0, a.offset_k - K}).add(128).to(at::kByte);
-}
-
-template <typename In>
-Activations prepare_activations(const In* x, int64_t M, int64_t K, float threshold) {
+// Code: the codes' C++ type; k_step: their row stride's multiple; offset: added to every code (vpdpbusd's 128).
+template <typename In, typename Code = int16_t>
+Activations prepare_activations(const In* x, int64_t M, int64_t K, float threshold, int64_t k_step = K_STEP,
+                                int offset = 0) {
   Activations a;
-  a.padded_k = (K + K_STEP - 1) / K_STEP * K_STEP;
-  a.codes = at::zeros({M, a.padded_k}, at::kShort);
+  a.padded_k = (K + k_step - 1) / k_step * k_step;
+  a.codes = at::full({M, a.padded_k}, offset, at::TensorOptions(c10::CppTypeToScalarType<Code>::value));
   a.absmax = at::empty({M}, at::kFloat);
   // An entry with |x| >= threshold is an outlier (a NaN is not: it compares false, and reaches the output through its
   // row's absmax); a column holding one is multiplied in float for every row. No outliers with the threshold at 0.
@@ -82,7 +80,7 @@ Activations prepare_activations(const In* x, int64_t M, int64_t K, float thresho
   }
   const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
   a.outlier_values.resize(M * outliers);
-  int16_t* codes = a.codes.data_ptr<int16_t>();
+  Code* codes = a.codes.data_ptr<Code>();
   float* absmax = a.absmax.data_ptr<float>();
   at::parallel_for(0, M, 16, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
@@ -104,7 +102,8 @@ Activations prepare_activations(const In* x, int64_t M, int64_t K, float thresho
         if (is_outlier[k]) continue;
         const float code = std::nearbyint(static_cast<float>(row[k]) * scale);  // the default rounding: half to even
         // a NaN code (a NaN row's) is 0 here; the row's NaN absmax makes its outputs NaN
-        codes[m * a.padded_k + k] = std::isnan(code) ? 0 : static_cast<int16_t>(std::min(std::max(code, -127.0f), 127.0f));
+        const int clamped = std::isnan(code) ? 0 : static_cast<int>(std::min(std::max(code, -127.0f), 127.0f));
+        codes[m * a.padded_k + k] = static_cast<Code>(clamped + offset);
       }
       for (int64_t j = 0; j < outliers; ++j) a.outlier_values[m * outliers + j] = static_cast<float>(row[a.outlier_columns[j]]);
     }
@@ -153,10 +152,10 @@ void dot_tile_scalar(const int16_t* codes, int64_t padded_k, const int8_t* weigh
   }
 }
 
-// As dot_tile_avx2, from the offset codes (stride offset_k): 64 products a step, (code + 128) * w, and 128 * the
-// weight row's sum taken off at the end.
+// As dot_tile_avx2, from the codes plus 128 (stride padded_k, a multiple of 64): 64 products a step, (code + 128) * w,
+// and 128 * the weight row's sum taken off at the end.
 template <int TM, int TN>
-AVX512_VNNI void dot_tile_vnni(const uint8_t* offset_codes, int64_t offset_k, const int8_t* weight, int64_t K,
+AVX512_VNNI void dot_tile_vnni(const uint8_t* offset_codes, int64_t padded_k, const int8_t* weight, int64_t K,
                                int32_t* sums) {
   __m512i acc[TM][TN], offset[TN];
   for (int j = 0; j < TN; ++j) {
@@ -174,7 +173,7 @@ AVX512_VNNI void dot_tile_vnni(const uint8_t* offset_codes, int64_t offset_k, co
       offset[j] = _mm512_dpbusd_epi32(offset[j], one_twenty_eight, w[j]);
     }
     for (int i = 0; i < TM; ++i) {
-      const __m512i x = _mm512_loadu_si512(offset_codes + i * offset_k + k);
+      const __m512i x = _mm512_loadu_si512(offset_codes + i * padded_k + k);
       for (int j = 0; j < TN; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], x, w[j]);
     }
   }
@@ -188,7 +187,7 @@ template <int TM, int TN>
 void dot_tile(DotPath path, const Activations& a, int64_t m0, const int8_t* weight, int64_t K, int32_t* sums) {
   switch (path) {
     case DotPath::VPDPBUSD:
-      return dot_tile_vnni<TM, TN>(a.offset_codes.data_ptr<uint8_t>() + m0 * a.offset_k, a.offset_k, weight, K, sums);
+      return dot_tile_vnni<TM, TN>(a.codes.data_ptr<uint8_t>() + m0 * a.padded_k, a.padded_k, weight, K, sums);
     case DotPath::PMADDWD:
       return dot_tile_avx2<TM, TN>(a.codes.data_ptr<int16_t>() + m0 * a.padded_k, a.padded_k, weight, K, sums);
     default: return dot_tile_scalar<TM, TN>(a.codes.data_ptr<int16_t>() + m0 * a.padded_k, a.padded_k, weight, K, sums);
@@ -284,9 +283,10 @@ void llm_int8_rows(const Activations& a, const int8_t* weight, const float* weig
 template <typename In>
 at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax, float threshold) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
-  Activations a = prepare_activations(x.data_ptr<In>(), M, K, threshold);
   const DotPath path = dot_path();
-  if (path == DotPath::VPDPBUSD) add_offset_codes(a, K);
+  const Activations a = path == DotPath::VPDPBUSD
+                            ? prepare_activations<In, uint8_t>(x.data_ptr<In>(), M, K, threshold, VNNI_K_STEP, 128)
+                            : prepare_activations<In>(x.data_ptr<In>(), M, K, threshold);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* absmax = weight_absmax.data_ptr<float>();
@@ -301,24 +301,27 @@ at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 template <typename In>
 at::Tensor llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax,
                           float threshold) {
-  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), groups = (M + 15) / 16;
-  const Activations a = prepare_activations(x.data_ptr<In>(), M, K, threshold);
-  const at::Tensor packed = pack_int8_tile_rows(
-      at::constant_pad_nd(a.codes.narrow(1, 0, K), {0, 0, 0, groups * 16 - M}).to(at::kChar));
+  const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), groups = (M + TILE_ROWS - 1) / TILE_ROWS;
+  // (K is a multiple of the tiles' 64 bytes: the codes come unpadded)
+  const Activations a = prepare_activations<In, int8_t>(x.data_ptr<In>(), M, K, threshold, INT8_TILE_K);
+  const at::Tensor packed =
+      pack_int8_tile_rows(at::constant_pad_nd(a.codes, {0, 0, 0, groups * TILE_ROWS - M}));
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* absmax = weight_absmax.data_ptr<float>();
   float* out = y.data_ptr<float>();
   const int64_t outliers = static_cast<int64_t>(a.outlier_columns.size());
-  at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t first_block, int64_t last_block) {
-    std::vector<float> dequantized(16 * outliers);
+  at::parallel_for(0, (N + TILE_ROWS - 1) / TILE_ROWS, 1, [&](int64_t first_block, int64_t last_block) {
+    std::vector<float> dequantized(TILE_ROWS * outliers);
     const Int8TileFinish finish = [&](const int32_t* tile, int64_t first_n, int64_t rows, int64_t group) {
       dequantize_outliers<In>(a, w, absmax, K, first_n, first_n + rows, dequantized.data());
       // the tile holds weight row first_n + r . activation row group * 16 + c at r * 16 + c
-      const int64_t m0 = group * 16;
-      store_outputs<In>(a, tile, 1, 16, std::min<int64_t>(16, M - m0), rows, m0, first_n, absmax, dequantized.data(), out, N);
+      const int64_t m0 = group * TILE_ROWS;
+      store_outputs<In>(a, tile, 1, TILE_ROWS, std::min(TILE_ROWS, M - m0), rows, m0, first_n, absmax,
+                        dequantized.data(), out, N);
     };
-    int8_tile_products(w, K, packed.data_ptr<int8_t>(), groups, first_block * 16, std::min(N, last_block * 16), finish);
+    int8_tile_products(w, K, packed.data_ptr<int8_t>(), groups, first_block * TILE_ROWS,
+                       std::min(N, last_block * TILE_ROWS), finish);
   });
   return y;
 }
