@@ -269,25 +269,30 @@ def wrap_native_kernel(name: str, wrap) -> None:
     patch(native, "load", lambda: Wrapped())
 
 
+def shift_the_columns_of(*names: str) -> None:
+    """The native kernels `names` multiply x with its columns rotated by one."""
+    for name in names:
+        wrap_native_kernel(name, lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+
+
 def cpu_tiles_take_the_columns_shifted():
     # the 4-bit tile kernel multiplies x with its columns rotated by one
-    wrap_native_kernel("linear_4bit_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("linear_4bit_tiles")
 
 
 def cpu_bf16_decode_takes_the_columns_shifted():
     # the 4-bit bfloat16 decode kernel (vdpbf16ps, or AVX2's vpshufb lookups) multiplies x with its columns rotated
-    wrap_native_kernel("gemv_4bit_bf16", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("gemv_4bit_bf16")
 
 
 def cpu_kept_layers_take_the_columns_shifted():
     # the kept 16-bit head's kernel multiplies x with its columns rotated by one
-    wrap_native_kernel("gemv_dense", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("gemv_dense")
 
 
 def cpu_q8_kernels_take_the_columns_shifted():
     # the q8_0 integer kernels (4-bit codebooks and int4/int2) multiply x with its columns rotated by one
-    for name in ("gemv_4bit_q8", "gemv_affine_q8"):
-        wrap_native_kernel(name, lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("gemv_4bit_q8", "gemv_affine_q8")
 
 
 def q8_rounding_ignores_the_span():
@@ -386,17 +391,16 @@ def convert_export_drops_the_nested_offset():
 
 
 def cpu_int8_tiles_take_the_columns_shifted():
-    wrap_native_kernel("linear_int8_amx", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("linear_int8_amx")
 
 
 def cpu_llm_int8_takes_the_columns_shifted():
     # LLM.int8's register tiles (VNNI, AVX2 or plain C++) multiply x with its columns rotated by one
-    wrap_native_kernel("linear_llm_int8", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("linear_llm_int8")
 
 
 def cpu_llm_int8_tiles_take_the_columns_shifted():
-    wrap_native_kernel("linear_llm_int8_tiles",
-                       lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("linear_llm_int8_tiles")
 
 
 def cpu_affine_fused_drops_the_zero_points():
@@ -410,7 +414,7 @@ def cpu_affine_fused_drops_the_zero_points():
 
 
 def cpu_affine_tiles_take_the_columns_shifted():
-    wrap_native_kernel("linear_affine_tiles", lambda kernel: lambda x, *args: kernel(x.roll(1, -1).contiguous(), *args))
+    shift_the_columns_of("linear_affine_tiles")
 
 
 def cpu_quantizer_shifts_the_absmax():
