@@ -44,7 +44,7 @@ BATCH_SIZES = [1, 16, 128]
 SMOKE_SHAPES = [(256, 512)]
 SMOKE_BATCH_SIZES = [1, 16]
 DTYPE = torch.bfloat16
-OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int2", "lowbit-nf4-q8_0",
+OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int3", "lowbit-int2", "lowbit-nf4-q8_0",
         "lowbit-int4-q8_0", "lowbit-int2-q8_0"]  # fmt: skip
 PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8", "torch-int4"]
 # At M = 1 a layer streams its weight once: each of ours (and bf16) should read it at this share of the machine's
@@ -52,7 +52,7 @@ PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "to
 BANDWIDTH_TARGET = 0.85
 # Decode (M = 1) targets against bf16: the CPU-speed issue's (nf4, fp4, int8) and the integer formats issue's.
 DECODE_TARGETS = {"lowbit-nf4": 2.0, "lowbit-fp4": 2.0, "lowbit-int8": 1.5, "lowbit-int8-wo": 1.5, "lowbit-int4": 2.0,
-                  "lowbit-int2": 1.0}  # fmt: skip
+                  "lowbit-int3": 2.5, "lowbit-int2": 1.0}  # fmt: skip
 
 
 def scheme_of(provider: str):

@@ -115,12 +115,13 @@ def _dequant_matmul_builds() -> list[Build]:
     # (name, weight pointers, KIND, BITS, dtype, block size, aligned rows, double quant): the default NF4 and int4
     # layouts at every tile candidate; then, at the first candidate, NF4 with a block inside one K tile in fp16, rows
     # that straddle blocks and bytes, and a block longer than any K tile; int4 and int2 with short last groups
-    # (per-element loads), int2 with whole groups, and weight-only int8.
+    # (per-element loads), int2 with whole groups, int3 (per-element loads of its bit planes), and weight-only int8.
     every_candidate = [("4bit", weight, kinds[0], 4, "bf16", 64, True, True), ("int4", affine, kinds[1], 4, "bf16", 64, True, False)]
     layouts = every_candidate + [
         ("4bit", weight, kinds[0], 4, "fp16", 16, True, False), ("4bit", weight, kinds[0], 4, "bf16", 64, False, True),
         ("4bit", weight, kinds[0], 4, "bf16", 4096, True, True), ("int4", affine, kinds[1], 4, "bf16", 64, False, False),
         ("int2", affine, kinds[1], 2, "fp16", 64, True, False), ("int2", affine, kinds[1], 2, "fp16", 64, False, False),
+        ("int3", affine, kinds[1], 3, "bf16", 64, True, False),
         ("int8 weight-only", int8, kinds[2], 8, "bf16", 64, False, False),
     ]  # fmt: skip
     builds = []

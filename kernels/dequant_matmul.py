@@ -13,10 +13,11 @@ dequantizer (below), BITS the integer width, DOUBLE_QUANT the codebook variant, 
   - ALIGNED (in_features a multiple of block_size): each row starts on a byte and a block boundary, so the tile is
     loaded as whole bytes split into two nibbles, and its absmax as one value per (row, block), broadcast;
   - otherwise (blocks and bytes may straddle rows): every element finds its byte and its block by its flat index.
-- Affine (int4/int2: each row in its own ceil(K * bits / 8) bytes, codes from the high bits; a float16 scale and zero
-  point per group of a row): (q - z) * s, as the reference computes it. The same two layouts of the tile load: ALIGNED
-  (in_features a multiple of the group) loads whole bytes, split into 2 or 4 codes, and one scale and zero point per
-  (row, group), broadcast; otherwise every element finds its byte and its group.
+- Affine (int4/int2: each row in its own ceil(K * bits / 8) bytes, codes from the high bits; int3: bit planes, 8 codes
+  in 3 bytes; a float16 scale and zero point per group of a row): (q - z) * s, as the reference computes it. The same
+  two layouts of the tile load: ALIGNED (in_features a multiple of the group) loads whole bytes, split into 2 or 4
+  codes, and one scale and zero point per (row, group), broadcast; otherwise, and always for int3, every element
+  finds its bytes and its group.
 - Int8 (int8 values (N, K), float32 row absmax): q * (absmax / 127), as the reference computes it.
 Each tile is then rounded to the activations' dtype, as the reference rounds the whole weight.
 
@@ -115,10 +116,10 @@ def _codebook_tile(
 @triton.jit
 def _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, ROWS: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP: tl.constexpr, BITS: tl.constexpr, ALIGNED: tl.constexpr):  # fmt: skip
-    """int4/int2: float32 tile (q - z) * s of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W."""
+    """int4/int3/int2: float32 tile (q - z) * s of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W."""
     row_ok = rows < N
     groups_per_row = tl.cdiv(K, GROUP)
-    if ALIGNED:
+    if ALIGNED and BITS != 3:
         # K % GROUP == 0, so every row is whole bytes (K / PER_BYTE of them) and whole groups: the tile is loaded as
         # whole bytes, each split into its codes, and its scale and zero point as one value per (row, group).
         PER_BYTE: tl.constexpr = 8 // BITS
@@ -149,10 +150,23 @@ def _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, ROWS: tl.const
         # groups and bytes may end inside a tile (a short last group per row): every element finds its byte and group
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = row_ok[:, None] & (cols < K)[None, :]
-        row_bytes = (K * BITS + 7) // 8
-        packed = tl.load(packed_ptr + rows[:, None] * row_bytes + (cols // (8 // BITS))[None, :], mask=ok, other=0)
-        shift = 8 - BITS * (cols % (8 // BITS) + 1)  # the first code of a byte is in its high bits
-        codes = (packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
+        if BITS == 3:
+            # int3's bit planes (records.affine_row_bytes): column c is code j = c % 64 of run c // 64, whose three
+            # planes (8 bytes each, ceil(r / 8) in a row's short last run) hold its bits p in bit j % 8 of byte j // 8
+            run, j = cols // 64, cols % 64
+            tail = K % 64
+            row_bytes = K // 64 * 24 + 3 * ((tail + 7) // 8)
+            plane = tl.where(run < K // 64, 8, (tail + 7) // 8)
+            at = rows[:, None] * row_bytes + (run * 24 + j // 8)[None, :]
+            codes = tl.zeros((ROWS, BLOCK_K), dtype=tl.int32)
+            for p in tl.static_range(3):
+                byte = tl.load(packed_ptr + at + (p * plane)[None, :], mask=ok, other=0).to(tl.int32)
+                codes += ((byte >> (j % 8)[None, :]) & 1) << p
+        else:
+            row_bytes = (K * BITS + 7) // 8
+            packed = tl.load(packed_ptr + rows[:, None] * row_bytes + (cols // (8 // BITS))[None, :], mask=ok, other=0)
+            shift = 8 - BITS * (cols % (8 // BITS) + 1)  # the first code of a byte is in its high bits
+            codes = (packed.to(tl.int32) >> shift[None, :]) & ((1 << BITS) - 1)
         at = rows[:, None] * groups_per_row + (cols // GROUP)[None, :]
         scale = tl.load(scale_ptr + at, mask=ok, other=0.0).to(tl.float32)
         zero = tl.load(zero_ptr + at, mask=ok, other=0.0).to(tl.float32)

@@ -1,4 +1,4 @@
-"""quantizer_plugin: low-bit weights (NF4/FP4, LLM.int8 and weight-only int8, int4/int2) for Hugging Face Transformers.
+"""quantizer_plugin: low-bit weights (NF4/FP4, LLM.int8, weight-only int8, int4/int3/int2) for Hugging Face Transformers.
 
 Importing the package registers the quantization method "lowbit" with transformers, so that
 

@@ -223,7 +223,7 @@ def parser() -> argparse.ArgumentParser:
 
     root = argparse.ArgumentParser(
         prog="quantizer-plugin",
-        description="Quantize Hugging Face models to low-bit weights (nf4, fp4, int8, int4, int2), convert "
+        description="Quantize Hugging Face models to low-bit weights (nf4, fp4, int8, int4, int3, int2), convert "
                     "bitsandbytes checkpoints, and build the native CPU kernels.",
     )  # fmt: skip
     root.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--preset", choices=preset_names(),
                           help=f"start from a preset in configs/: {', '.join(preset_names())}")  # fmt: skip
     quantize.add_argument("--activations", choices=list(ACTIVATIONS), help="int8: 'int8' (LLM.int8, default) or 'none' (weight-only)")
-    quantize.add_argument("--block-size", type=int, help="nf4/fp4 absmax block or int4/int2 group (power of two, 16..4096)")
+    quantize.add_argument("--block-size", type=int, help="nf4/fp4 absmax block or int4/int3/int2 group (power of two, 16..4096)")
     quantize.add_argument("--no-double-quant", action="store_true", help="4-bit: keep the absmax in float32")
     quantize.add_argument("--compute-dtype", help="bfloat16 (default), float16 or float32")
     quantize.add_argument("--outlier-threshold", type=float, help="int8: outlier threshold (0 disables)")

@@ -60,7 +60,7 @@ class LowBitConfig(QuantizationConfigMixin):
     """Quantization settings for `from_pretrained(..., quantization_config=LowBitConfig(...))`.
 
     Args:
-        weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible), "int4", "int2" (per-group affine
+        weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible), "int4", "int3", "int2" (per-group affine
             integers, scales and zero points optimised without calibration data) or "int8" (LLM.int8, or
             weight-only with activations=None).
         activations: None (16-bit activations: weight-only quantization; the default except for weights="int8"),
@@ -69,7 +69,7 @@ class LowBitConfig(QuantizationConfigMixin):
             CPU multiplies bytes by the weight's codes; a codebook is rounded to int8 steps too. Fastest decode on
             CPUs without AVX512-BF16, at a small accuracy cost: docs/kernels.md).
         double_quant: nf4/fp4 only (default True): store the per-block absmax as 8-bit codes around their mean.
-        block_size: nf4/fp4/int4/int2 (default 64): elements per absmax block or per affine group, a power of two
+        block_size: nf4/fp4/int4/int3/int2 (default 64): elements per absmax block or per affine group, a power of two
             from 16 to 4096.
         compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
         outlier_threshold: LLM.int8 only (default 6.0): activation columns with any |x| >= it are multiplied in

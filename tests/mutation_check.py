@@ -479,9 +479,13 @@ def affine_codes_packed_low_bits_first():
     from quantizer_plugin.formats import affine, records
     from quantizer_plugin.formats.affine import IntAffineFormat
 
+    original_pack, original_unpack = IntAffineFormat.pack, records.unpack_codes
+
     def pack(self, codes):
+        if self.bits == 3:  # int3's bit planes have their own breakage
+            return original_pack(self, codes)
         n, k = codes.shape
-        per = self.per_byte
+        per = 8 // self.bits
         codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, -(-k // per) * per - k)).reshape(n, -1, per)
         packed = torch.zeros(codes.shape[:2], dtype=torch.uint8)
         for j in range(per):
@@ -489,12 +493,44 @@ def affine_codes_packed_low_bits_first():
         return packed
 
     def unpack_codes(packed, bits, in_features):
+        if bits == 3:
+            return original_unpack(packed, bits, in_features)
         codes = torch.stack([(packed >> (bits * j)) & (2**bits - 1) for j in range(8 // bits)], dim=-1)
         return codes.reshape(packed.shape[0], -1)[:, :in_features]
 
     patch(IntAffineFormat, "pack", pack)
     patch(records, "unpack_codes", unpack_codes)  # the records' dequantize and the format's unpack read it
     patch(affine, "unpack_codes", unpack_codes)
+
+
+def int3_planes_in_reverse():
+    # int3's bit planes written and read highest bit first (the format's pack and unpack agree with each other, but
+    # not with the documented layout the kernels and the oracle read)
+    import torch
+
+    from quantizer_plugin.formats import affine, records
+    from quantizer_plugin.formats.affine import IntAffineFormat
+
+    original_pack, original_unpack = IntAffineFormat.pack, records.unpack_codes
+    reverse = torch.tensor([0, 4, 2, 6, 1, 5, 3, 7], dtype=torch.uint8)  # the 3-bit code with its bits reversed
+
+    def pack(self, codes):
+        return original_pack(self, reverse[codes.long()] if self.bits == 3 else codes)
+
+    def unpack_codes(packed, bits, in_features):
+        codes = original_unpack(packed, bits, in_features)
+        return reverse[codes.long()] if bits == 3 else codes
+
+    patch(IntAffineFormat, "pack", pack)
+    patch(records, "unpack_codes", unpack_codes)
+    patch(affine, "unpack_codes", unpack_codes)
+
+
+def cpu_int3_kernels_take_the_columns_shifted():
+    # the native affine kernels multiply int3 layers' x with its columns rotated by one (int4/int2 untouched)
+    for name in ("gemv_affine_bf16", "gemv_affine", "linear_affine_tiles"):
+        wrap_native_kernel(name, lambda kernel: lambda x, packed, scale, zero, bits, block: kernel(
+            x.roll(1, -1).contiguous() if bits == 3 else x, packed, scale, zero, bits, block))
 
 
 MUTATIONS: dict[str, Mutation] = {
@@ -639,6 +675,12 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-affine-fused-drops-zero-points": Mutation(
         "the int4/int2 fused kernel ignores the zero points", cpu_affine_fused_drops_the_zero_points,
         ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",), needs="avx2"),
+    "int3-planes-in-reverse": Mutation(
+        "int3's bit planes packed highest bit first", int3_planes_in_reverse,
+        ("tests/test_integer_formats.py::test_stored_tensors_follow_the_documented_layout",)),
+    "cpu-int3-shifted-columns": Mutation(
+        "the native affine kernels read int3 layers' activation columns off by one", cpu_int3_kernels_take_the_columns_shifted,
+        ("tests/test_cpu_affine.py::test_affine_forward_matches_the_oracle_and_runs_the_native_kernels",), needs="avx2"),
     "cpu-affine-tiles-shifted-columns": Mutation(
         "the int4/int2 AMX tile kernel's activation columns off by one", cpu_affine_tiles_take_the_columns_shifted,
         ("tests/test_cpu_affine.py::test_the_affine_tile_kernel_multiplies_exactly_the_references_weights",), needs="amx"),

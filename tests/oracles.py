@@ -54,18 +54,29 @@ def dequantize_int8(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def dequantize_affine(stored: dict[str, torch.Tensor], in_features: int, bits: int, block_size: int) -> torch.Tensor:
-    """Element (r, c) = (code - zero[r, c // block]) * scale[r, c // block], the code of column c the bits
-    (c % per_byte) from the top of byte c // per_byte of row r."""
-    per_byte = 8 // bits
+    """Element (r, c) = (code - zero[r, c // block]) * scale[r, c // block]. int4/int2: the code of column c is the
+    bits (c % per_byte) from the top of byte c // per_byte of row r. int3: column c is code j = c % 64 of run
+    c // 64, whose 24 bytes (fewer in a row's short last run: ceil(r / 8) bytes a plane) hold three planes one after
+    another; bit p of the code is bit j % 8 of byte j // 8 of plane p."""
     columns = torch.arange(in_features)
-    packed = stored["weight"].long()[:, columns // per_byte]
-    shift = 8 - bits * (columns % per_byte + 1)
-    codes = (packed // 2**shift) % 2**bits
+    if bits == 3:
+        run, j = columns // 64, columns % 64
+        whole_runs, tail = in_features // 64, in_features % 64
+        plane_bytes = torch.where(run < whole_runs, 8, (tail + 7) // 8)
+        codes = 0
+        for plane in range(3):
+            byte = stored["weight"].long()[:, run * 24 + plane * plane_bytes + j // 8]
+            codes = codes + ((byte // 2 ** (j % 8)) % 2) * 2**plane
+    else:
+        per_byte = 8 // bits
+        packed = stored["weight"].long()[:, columns // per_byte]
+        shift = 8 - bits * (columns % per_byte + 1)
+        codes = (packed // 2**shift) % 2**bits
     group = columns // block_size
     return (codes - stored["weight_zero"].float()[:, group]) * stored["weight_scale"].float()[:, group]
 
 
-AFFINE_BITS = {"int4": 4, "int2": 2}
+AFFINE_BITS = {"int4": 4, "int3": 3, "int2": 2}
 
 
 def weight_of(layer) -> torch.Tensor:

@@ -26,7 +26,7 @@ def test_defaults():
     assert config.activations is None and config.scheme.activations is None
     weight_only = LowBitConfig(weights="int8", activations=None)
     assert (weight_only.outlier_threshold, weight_only.scheme.activations) == (None, None)
-    for weights in ("int4", "int2"):
+    for weights in ("int4", "int3", "int2"):
         affine = LowBitConfig(weights=weights)
         assert (affine.block_size, affine.double_quant, affine.outlier_threshold, affine.activations) == (64, None, None, None)
         assert LowBitConfig(weights=weights, block_size=4096).scheme.block_size == 4096
@@ -75,6 +75,8 @@ def test_compute_dtype_by_name(name):
         (dict(weights="int2", outlier_threshold=6.0), "outlier_threshold"),
         (dict(weights="int4", block_size=96), "block_size"),
         (dict(weights="int4", activations="int8"), "activations"),
+        (dict(weights="int3", activations="q8_0"), "activations"),
+        (dict(weights="int3", double_quant=True), "double_quant"),
         (dict(weights="nf4", activations="int8"), "activations"),
         (dict(weights="int8", activations="fp8"), "activations"),
         (dict(weights="int8", activations=None, outlier_threshold=6.0), "outlier_threshold"),
@@ -104,7 +106,7 @@ def test_presets_load_by_name(name):
 
 
 def test_integer_presets():
-    assert (LowBitConfig.from_preset("int4").weights, LowBitConfig.from_preset("int2").weights) == ("int4", "int2")
+    assert [LowBitConfig.from_preset(name).weights for name in ("int4", "int3", "int2")] == ["int4", "int3", "int2"]
     weight_only = LowBitConfig.from_preset("int8-weight-only")
     assert (weight_only.weights, weight_only.activations, weight_only.outlier_threshold) == ("int8", None, None)
 

@@ -1,4 +1,4 @@
-"""int4 and int2 on the CPU backend (quantizer_plugin/cpu/affine.py) against the tests' oracle, on fresh random
+"""int4, int3 and int2 on the CPU backend (quantizer_plugin/cpu/affine.py) against the tests' oracle, on fresh random
 inputs and awkward shapes, with proof of which native kernel ran."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from helpers import outputs_on_one_and_two_threads
 from cpu_caps import amx_here, avx2_here, avx512_bf16_here, fused_at_every_batch
 from test_cpu_backend import DTYPES, M_VALUES, assert_close_to_scale, expected_output, make_layer
 
-FORMATS = ["int4", "int2"]
+FORMATS = ["int4", "int3", "int2"]
 # (N, K, group): odd N; K a multiple of the group (the fused kernel at decode, the AMX tiles past it in bfloat16),
 # K that is not (a short last group per row), an odd K (a row's last byte half used), groups of 16 and 32 (too
 # small for the fused kernel), and groups of 128 and 256 over several of the tiles' 128-column chunks.
@@ -138,5 +138,7 @@ def test_the_native_affine_kernels_name_a_bad_argument():
         kernels.gemv_affine(x, layer.weight, layer.weight_scale.float(), layer.weight_zero, 4, 64)
     with pytest.raises(RuntimeError, match="packed must be contiguous uint8"):
         kernels.gemv_affine(torch.randn(1, 256), layer.weight, layer.weight_scale, layer.weight_zero, 4, 64)
-    with pytest.raises(RuntimeError, match="4 or 2 bits"):
-        kernels.gemv_affine(x, layer.weight, layer.weight_scale, layer.weight_zero, 3, 64)
+    with pytest.raises(RuntimeError, match="4, 3 or 2 bits, not 5"):
+        kernels.gemv_affine(x, layer.weight, layer.weight_scale, layer.weight_zero, 5, 64)
+    with pytest.raises(RuntimeError, match="int3 has no q8_0 mode"):
+        kernels.gemv_affine_q8(x, layer.weight, layer.weight_scale, layer.weight_zero, 3, 64)

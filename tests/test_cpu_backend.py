@@ -492,7 +492,7 @@ CAPPED_SCRIPT = LLM_INT8_RUN + (
     "    print(served[0])\n"
     "print(*llm_int8_run())\n"
     # each family's decode kernel on this path (AVX-512, AVX2 or plain C++) against the reference's weight, float32
-    "for scheme in (QuantScheme('nf4'), QuantScheme('int8', activations=None), QuantScheme('int4')):\n"
+    "for scheme in (QuantScheme('nf4'), QuantScheme('int8', activations=None), QuantScheme('int4'), QuantScheme('int3')):\n"
     "    torch.manual_seed(1); layer = LowBitLinear.from_float(torch.nn.Linear(256, 37), scheme, compute_dtype=torch.float32)\n"
     "    x = torch.randn(3, 256)\n"
     "    with ops.record_dispatch() as served: y = layer(x)\n"
@@ -501,7 +501,8 @@ CAPPED_SCRIPT = LLM_INT8_RUN + (
     # each family's float32 dequantizer on this path (the chunks of a float32 compute dtype), bit for bit
     "print()\n"
     "from quantizer_plugin.cpu import codebook4bit\n"
-    "for scheme in (QuantScheme('nf4', 32), QuantScheme('int8'), QuantScheme('int4', 16), QuantScheme('int2')):\n"
+    "for scheme in (QuantScheme('nf4', 32), QuantScheme('int8'), QuantScheme('int4', 16), QuantScheme('int2'),\n"
+    "               QuantScheme('int3', 16), QuantScheme('int3', 64)):\n"
     "    torch.manual_seed(2); layer = LowBitLinear.from_float(torch.nn.Linear(200, 37), scheme, compute_dtype=torch.float32)\n"
     "    reference = layer.dequantize_weight(torch.float32)[3:30]; out = torch.empty(27, 200)\n"
     "    if scheme.weights == 'nf4': k.dequantize_4bit(*codebook4bit.weight_arguments(layer.weight_record()), 32, 600, 6000, out.view(-1), False)\n"
@@ -546,12 +547,12 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert llm_int8.split()[1::2] == hashes_here
     assert llm_int8.split()[::2] == ["cpu.int8.llm_int8_vnni" if vnni else "cpu.int8.llm_int8"] * 2
     assert served_here == [llm_int8_kernel(5, 200), llm_int8_kernel(20, 256)]
-    # the decode kernels: fused wherever there is AVX2 (int8 and int4 take the chunks in plain C++)
+    # the decode kernels: fused wherever there is AVX2 (int8, int4 and int3 take the chunks in plain C++)
     served, errors = decodes.split()[::2], [float(error) for error in decodes.split()[1::2]]
-    assert served == ["cpu.codebook4bit.fused"] + (["cpu.int8.fused", "cpu.affine.fused"] if avx2
-                                                   else ["cpu.int8.dequantize_matmul", "cpu.affine.dequantize_matmul"])  # fmt: skip
+    assert served == ["cpu.codebook4bit.fused"] + (["cpu.int8.fused", "cpu.affine.fused", "cpu.affine.fused"] if avx2
+                                                   else ["cpu.int8.dequantize_matmul"] + ["cpu.affine.dequantize_matmul"] * 2)  # fmt: skip
     assert max(errors) <= TOLERANCES[torch.float32], errors
-    assert dequantized.split() == ["True"] * 4
+    assert dequantized.split() == ["True"] * 6
 
 
 def test_a_misspelt_max_isa_is_an_error_naming_the_variable(capped_runs):

@@ -1,5 +1,5 @@
 """The generic dequantize-in-registers Triton kernel (kernels/dequant_matmul.py) on the integer weight-only formats:
-int4, int2 (affine groups) and int8 with 16-bit activations, against the reference and the tests' own oracle.
+int4, int3, int2 (affine groups) and int8 with 16-bit activations, against the reference and the tests' own oracle.
 
 On CPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) at small shapes; on a GPU the
 same tests also run at real shapes.
@@ -27,10 +27,11 @@ SHAPES = {"cpu": [(37, 100, 64), (45, 192, 64), (29, 75, 16)],
           "cuda": [(37, 100, 64), (45, 192, 64), (29, 75, 16), (1000, 1030, 128), (4096, 4096, 64)]}  # fmt: skip
 SCHEMES = {
     "int4": lambda group: QuantScheme("int4", block_size=group),
+    "int3": lambda group: QuantScheme("int3", block_size=group),
     "int2": lambda group: QuantScheme("int2", block_size=group),
     "int8-weight-only": lambda group: QuantScheme("int8", activations=None),
 }
-FAMILY = {"int4": "affine", "int2": "affine", "int8-weight-only": "int8_weight_only"}
+FAMILY = {"int4": "affine", "int3": "affine", "int2": "affine", "int8-weight-only": "int8_weight_only"}
 
 
 @pytest.fixture(autouse=True)
@@ -72,7 +73,7 @@ def test_forward_matches_the_reference(device, name, dtype, m):
         assert kernel_error <= 2 * reference_error + TOLERANCES[dtype] * scale / 4, (n, k, kernel_error, reference_error)
 
 
-@pytest.mark.parametrize("name", ["int4", "int2"])
+@pytest.mark.parametrize("name", ["int4", "int3", "int2"])
 def test_backward_through_the_frozen_weight_matches_the_oracle(device, name):
     n, k, group = SHAPES[device][0]
     layer = make_layer(name, n, k, group, torch.bfloat16, device)
@@ -87,7 +88,7 @@ def test_backward_through_the_frozen_weight_matches_the_oracle(device, name):
 
 # (group, K, BLOCK_K): whole groups (whole-byte loads): several per K tile, a K tile inside one group, K not a
 # multiple of the tile; short last groups and odd K (per-element loads).
-LAYOUTS = [(16, 96, 64), (128, 256, 32), (16, 80, 64), (64, 100, 32), (32, 75, 16)]
+LAYOUTS = [(16, 96, 64), (128, 256, 32), (16, 80, 64), (64, 100, 32), (32, 75, 16), (64, 200, 64)]
 
 
 @pytest.mark.parametrize("group, k, block_k", LAYOUTS, ids=[f"group{g}-K{k}-tileK{t}" for g, k, t in LAYOUTS])

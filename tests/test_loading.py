@@ -18,12 +18,12 @@ from helpers import cosine, load_quantized, lowbit_modules, read_safetensors
 
 FORMATS = [
     dict(weights="nf4"), dict(weights="nf4", double_quant=False), dict(weights="fp4"), dict(weights="int8"),
-    dict(weights="int8", activations=None), dict(weights="int4"), dict(weights="int2", block_size=32),
+    dict(weights="int8", activations=None), dict(weights="int4"), dict(weights="int3"), dict(weights="int2", block_size=32),
 ]  # fmt: skip
-FORMAT_IDS = ["nf4", "nf4-no-dq", "fp4", "int8", "int8-weight-only", "int4", "int2"]
+FORMAT_IDS = ["nf4", "nf4-no-dq", "fp4", "int8", "int8-weight-only", "int4", "int3", "int2"]
 # logits cosine to full precision on the random tiny Llama, and weight cosine of every layer
-LOGITS_FLOOR = {"int8": 0.999, "int4": 0.97, "nf4": 0.97, "fp4": 0.97, "int2": 0.6}
-WEIGHT_FLOOR = {"int8": 0.9999, "int4": 0.99, "nf4": 0.99, "fp4": 0.99, "int2": 0.85}
+LOGITS_FLOOR = {"int8": 0.999, "int4": 0.97, "nf4": 0.97, "fp4": 0.97, "int3": 0.9, "int2": 0.6}
+WEIGHT_FLOOR = {"int8": 0.9999, "int4": 0.99, "nf4": 0.99, "fp4": 0.99, "int3": 0.96, "int2": 0.85}
 
 
 @pytest.fixture(scope="module")

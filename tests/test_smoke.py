@@ -16,6 +16,7 @@ FORMATS = {
     "int8": dict(weights="int8"),
     "int8-weight-only": dict(weights="int8", activations=None),
     "int4": dict(weights="int4"),
+    "int3": dict(weights="int3"),
     "int2": dict(weights="int2", block_size=32),
 }
 

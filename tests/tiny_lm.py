@@ -145,7 +145,7 @@ def main() -> int:
             activations = {"activations": None} if weights == "int8" else {}  # weight-only int8
             config = LowBitConfig(weights=weights, compute_dtype="float32", **activations)
             print(f"| {weights} | | {measured(LlamaForCausalLM.from_pretrained(path, quantization_config=config))} | | |")
-        for (weights, bits), group in itertools.product((("int4", 4), ("int2", 2)), (32, 64, 128)):
+        for (weights, bits), group in itertools.product((("int4", 4), ("int3", 3), ("int2", 2)), (32, 64, 128)):
             config = LowBitConfig(weights=weights, compute_dtype="float32", block_size=group)
             ours = measured(LlamaForCausalLM.from_pretrained(path, quantization_config=config))
             peers = [measured(with_weights(full, lambda w: quantize(w, bits, group))) for quantize in (hqq_weight, round_to_nearest)]

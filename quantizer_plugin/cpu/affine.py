@@ -1,4 +1,4 @@
-"""Per-group affine integers (int4, int2: the affine family, formats/records.py) on the CPU backend.
+"""Per-group affine integers (int4, int3, int2: the affine family, formats/records.py) on the CPU backend.
 
 - Decode (at most GEMV_MAX_M activation rows, every batch in a 16-bit compute dtype on CPUs with AVX2 alone:
   chunks.fused_rows; K a multiple of the group and the group of 64 or more): the native
@@ -13,8 +13,9 @@
 - Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
   and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
   chunks.
-With activations="q8_0" (formats/activations.py), every batch on CPUs with AVX2 takes the integer kernel: the activations
-rounded to int8 in blocks of 32, the codes multiplied as bytes with vpmaddubsw into exact int32 sums.
+With activations="q8_0" (formats/activations.py; int4 and int2, int3 has no such mode), every batch on CPUs with AVX2
+takes the integer kernel: the activations rounded to int8 in blocks of 32, the codes multiplied as bytes with
+vpmaddubsw into exact int32 sums.
 Decode on CPUs with AVX2 only takes the float32 fused kernel, 8 lanes wide; without AVX2 every batch size takes the
 native chunks (plain C++ dequantize, torch's GEMM); without the native build the plain-torch reference runs.
 """

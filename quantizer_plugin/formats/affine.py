@@ -1,4 +1,4 @@
-"""Integer affine formats (int4, int2): per-group asymmetric quantization along the input dimension.
+"""Integer affine formats (int4, int3, int2): per-group asymmetric quantization along the input dimension.
 
 Each group of `block_size` consecutive weights of a row has a scale s and a zero point z, and each weight a code
 q in [0, 2^bits - 1]: w ~ (q - z) * s. A row whose in_features is not a multiple of the group ends on a short
@@ -7,9 +7,14 @@ steps on the zero point (Badri & Shaji 2023), then alternating least squares on 
 candidate with the smallest squared error of its weights, never worse than round-to-nearest on the min/max range.
 
 Stored tensors (the checkpoint layout; groups = ceil(in_features / block_size)):
-  weight        uint8   (out_features, ceil(in_features * bits / 8))  codes, 8 / bits per byte, first in the high bits
-  weight_scale  float16 (out_features, groups)                        s
-  weight_zero   float16 (out_features, groups)                        z, in code units (need not be an integer)
+  weight        uint8   (out_features, row bytes)   int4/int2: ceil(in_features * bits / 8) bytes, 8 / bits codes per
+                                                    byte, the first in the high bits. int3: 8 codes in 3 bytes, as
+                                                    bit planes per run of 64 codes (records.affine_row_bytes)
+  weight_scale  float16 (out_features, groups)      s
+  weight_zero   float16 (out_features, groups)      z, in code units (need not be an integer)
+
+int3 stores bit planes, not 3-bit fields across byte boundaries, so that a kernel turns each plane of 64 codes into
+lane masks with a load, on any SIMD width, and takes the columns in their own order.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .base import QuantScheme, TensorSpec, WeightFormat, cdiv, refuse_non_finite
-from .records import AffineWeight, unpack_codes
+from .records import PLANE_RUN, AffineWeight, affine_row_bytes, unpack_codes
 
 # Rows fitted at a time: the fit's float32 temporaries stay a few tens of megabytes whatever the weight's size.
 _CHUNK_ELEMENTS = 1 << 21
@@ -87,15 +92,16 @@ class IntAffineFormat(WeightFormat):
     settings = {None: {"block_size": 64}, "q8_0": {"block_size": 64}}
 
     def __init__(self, name: str, bits: int):
-        if 8 % bits:
-            raise ValueError(f"{name}: the codes pack whole bytes, so bits must divide 8, got {bits}")
+        if bits not in (2, 3, 4):
+            raise ValueError(f"{name}: the affine layouts hold 2, 3 or 4 bits per code, got {bits}")
         self.name, self.bits = name, bits
-        self.per_byte = 8 // bits
+        if bits == 3:  # no q8_0 mode: the integer kernels multiply bytes of codes, and int3's are bit planes
+            self.settings = {None: type(self).settings[None]}
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         groups = cdiv(in_features, scheme.block_size)
         return {
-            "weight": TensorSpec((out_features, cdiv(in_features, self.per_byte)), torch.uint8),
+            "weight": TensorSpec((out_features, affine_row_bytes(in_features, self.bits)), torch.uint8),
             "weight_scale": TensorSpec((out_features, groups), torch.float16),
             "weight_zero": TensorSpec((out_features, groups), torch.float16),
         }
@@ -126,12 +132,15 @@ class IntAffineFormat(WeightFormat):
         return {"weight": self.pack(torch.cat(codes, dim=1)), "weight_scale": torch.cat(scales, dim=1), "weight_zero": torch.cat(zeros, dim=1)}
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        """(rows, k) codes as bytes, `per_byte` to a byte, the first in the high bits; the last byte zero-padded."""
+        """(rows, k) codes as each row's bytes (records.affine_row_bytes); padding bits zero."""
+        if self.bits == 3:
+            return _pack_planes(codes.to(torch.uint8))
+        per_byte = 8 // self.bits
         n, k = codes.shape
-        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, cdiv(k, self.per_byte) * self.per_byte - k))
-        codes = codes.reshape(n, -1, self.per_byte)
+        codes = torch.nn.functional.pad(codes.to(torch.uint8), (0, cdiv(k, per_byte) * per_byte - k))
+        codes = codes.reshape(n, -1, per_byte)
         packed = torch.zeros(codes.shape[:2], dtype=torch.uint8, device=codes.device)
-        for j in range(self.per_byte):
+        for j in range(per_byte):
             packed |= codes[..., j] << (8 - self.bits * (j + 1))
         return packed
 
@@ -144,3 +153,23 @@ class IntAffineFormat(WeightFormat):
             out_features, in_features, scheme.block_size, self.bits,
             packed=tensors["weight"], scale=tensors["weight_scale"], zero=tensors["weight_zero"],
         )  # fmt: skip
+
+
+def _planes_of(codes: torch.Tensor) -> torch.Tensor:
+    """(..., 8 m) codes as (..., 3, m) bytes: plane p holds bit p of each code, column 8 i + b in bit b of byte i."""
+    bits = codes.unflatten(-1, (-1, 8))  # (..., m, 8)
+    weight = (1 << torch.arange(8, device=codes.device, dtype=torch.int32)).to(torch.uint8)
+    return torch.stack([(((bits >> p) & 1) * weight).sum(-1, dtype=torch.uint8) for p in range(3)], dim=-2)
+
+
+def _pack_planes(codes: torch.Tensor) -> torch.Tensor:
+    """int3's bytes (records.affine_row_bytes): each run of 64 codes as three 8-byte planes, a short last run as three
+    planes of ceil(r / 8) bytes."""
+    n, k = codes.shape
+    runs = k // PLANE_RUN
+    parts = [_planes_of(codes[:, : runs * PLANE_RUN].reshape(n, runs, PLANE_RUN)).reshape(n, -1)]
+    tail = k - runs * PLANE_RUN
+    if tail:
+        padded = torch.nn.functional.pad(codes[:, runs * PLANE_RUN :], (0, cdiv(tail, 8) * 8 - tail))
+        parts.append(_planes_of(padded).reshape(n, -1))
+    return torch.cat(parts, dim=1)

@@ -80,9 +80,10 @@ class CodebookWeight:
 @weight_family
 @dataclass(eq=False)
 class AffineWeight:
-    """Per-group affine integer weights (int4, int2): each row in its own ceil(in * bits / 8) bytes, 8 / bits codes
-    per byte (the first in the high bits), and a float16 scale s and zero point z per group of `block_size` columns
-    of a row (the last group of a row may be short). Element (r, c) is (q - z) * s of its group."""
+    """Per-group affine integer weights (int4, int3, int2): each row in its own affine_row_bytes(in, bits) bytes
+    (int4/int2: 8 / bits codes per byte, the first in the high bits; int3: bit planes), and a float16 scale s and
+    zero point z per group of `block_size` columns of a row (the last group of a row may be short). Element (r, c)
+    is (q - z) * s of its group."""
 
     family: ClassVar[str] = "affine"
     dtypes: ClassVar[dict] = dict(packed=torch.uint8, scale=torch.float16, zero=torch.float16)
@@ -90,7 +91,7 @@ class AffineWeight:
     in_features: int
     block_size: int
     bits: int
-    packed: torch.Tensor  # uint8 (out, ceil(in * bits / 8))
+    packed: torch.Tensor  # uint8 (out, affine_row_bytes(in, bits))
     scale: torch.Tensor  # float16 (out, groups)
     zero: torch.Tensor  # float16 (out, groups), in code units (need not be an integer)
 
@@ -103,11 +104,46 @@ class AffineWeight:
         return weight.view(self.out_features, -1)[:, : self.in_features].to(dtype)
 
 
+# int3's bit planes (see affine_row_bytes): a run of 64 codes, each of its three planes 8 bytes.
+PLANE_RUN = 64
+
+
+def affine_row_bytes(in_features: int, bits: int) -> int:
+    """The bytes of one row of an affine weight. int4/int2: ceil(in * bits / 8), 8 / bits codes per byte, the first
+    in the high bits. int3: runs of 64 codes in 24 bytes (8 codes in 3 bytes), three bit planes of 8 bytes each,
+    plane p holding bit p of every code of the run, code j's in bit j % 8 of byte j // 8 (the low bit first); a row's
+    last r < 64 codes as the same three planes of ceil(r / 8) bytes."""
+    if bits == 3:
+        tail = in_features % PLANE_RUN
+        return in_features // PLANE_RUN * 3 * (PLANE_RUN // 8) + 3 * (-(-tail // 8))
+    return -(-in_features * bits // 8)
+
+
 def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Tensor:
-    """The (rows, in_features) uint8 codes of rows of bytes holding 8 / bits codes each, the first in the high bits."""
+    """The (rows, in_features) uint8 codes of rows laid out as affine_row_bytes describes."""
+    if bits == 3:
+        return _unpack_planes(packed, in_features)
     shifts = [8 - bits * (j + 1) for j in range(8 // bits)]
     codes = torch.stack([(packed >> shift) & (2**bits - 1) for shift in shifts], dim=-1)
     return codes.reshape(packed.shape[0], -1)[:, :in_features]
+
+
+def _plane_bits(planes: torch.Tensor) -> torch.Tensor:
+    """(..., 3, bytes) bit planes as (..., bytes * 8) codes: bit b of byte i is column 8 i + b, plane p bit p."""
+    bit = torch.arange(8, device=planes.device, dtype=torch.uint8)
+    bits = (planes[..., None] >> bit) & 1  # (..., 3, bytes, 8)
+    codes = bits[..., 0, :, :] | (bits[..., 1, :, :] << 1) | (bits[..., 2, :, :] << 2)
+    return codes.flatten(-2)
+
+
+def _unpack_planes(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    rows, runs = packed.shape[0], in_features // PLANE_RUN
+    run_bytes = 3 * (PLANE_RUN // 8)
+    parts = [_plane_bits(packed[:, : runs * run_bytes].reshape(rows, runs, 3, PLANE_RUN // 8)).reshape(rows, -1)]
+    tail = in_features - runs * PLANE_RUN
+    if tail:
+        parts.append(_plane_bits(packed[:, runs * run_bytes :].reshape(rows, 3, -1))[:, :tail])
+    return torch.cat(parts, dim=1)
 
 
 @weight_family

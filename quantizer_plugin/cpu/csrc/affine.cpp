@@ -1,9 +1,11 @@
-// Integer affine formats (int4, int2) on the CPU: a fused multiply for few activation rows (decode), the weight
+// Integer affine formats (int4, int3, int2) on the CPU: a fused multiply for few activation rows (decode), the weight
 // writers of amx.h's tile loop for larger bfloat16 batches, a dequantize of row ranges as the reference dequantizes
 // them, and the per-thread dequantize-then-GEMM for the other batches.
 //
-// The layout is the checkpoint's own (quantizer_plugin/formats/affine.py): each row of the weight in its own
-// ceil(K * bits / 8) bytes, 8 / bits codes per byte, the first in the high bits; a float16 scale s and zero point z
+// The layout is the checkpoint's own (quantizer_plugin/formats/affine.py): each row of the weight in its own bytes
+// (int4/int2: ceil(K * bits / 8), 8 / bits codes per byte, the first in the high bits; int3: runs of 64 codes in 24
+// bytes, three bit planes of 8 bytes, bit j of plane p's little-endian 64-bit word being bit p of code j, a short
+// last run in three planes of ceil(r / 8) bytes: records.affine_row_bytes); a float16 scale s and zero point z
 // per group of `block` consecutive columns of a row (the last group short when K is not a multiple). A code q stands
 // for (q - z) * s, which the dequantize computes as the reference does: q - z in float32, then one float32 product
 // (no FMA: the build passes -ffp-contract=off), rounded once to the output dtype.
@@ -21,12 +23,21 @@ namespace quantizer_plugin {
 
 namespace {
 
-// Columns a fused step reads: 64 codes, 32 bytes of int4 or 16 of int2.
+// Columns a fused step reads: 64 codes, 32 bytes of int4, 24 of int3 (one run of bit planes) or 16 of int2.
 constexpr int64_t STEP = 64;
+constexpr int64_t PLANE_BYTES = STEP / 8;  // int3: one bit plane of a run
+
+// The bytes of a row (records.affine_row_bytes).
+inline int64_t row_bytes_of(int64_t K, int64_t bits) {
+  if (bits == 3) return K / STEP * 3 * PLANE_BYTES + 3 * ((K % STEP + 7) / 8);
+  return (K * bits + 7) / 8;
+}
 
 // The activations' columns within each STEP in the order the fused kernels read the codes: the STEP / per_byte
 // codes in the high bits of the STEP's bytes first, then the next bits, and so on (a transpose of (bytes, per_byte)).
+// int3's planes give the codes in column order.
 at::Tensor step_order(const at::Tensor& x, int64_t bits) {
+  if (bits == 3) return x.contiguous();
   const int64_t per_byte = 8 / bits;
   return x.reshape({x.size(0), x.size(1) / STEP, STEP / per_byte, per_byte}).transpose(2, 3).contiguous();
 }
@@ -64,7 +75,17 @@ AVX512 inline float zero_point_share(const float* s, const float* z, const float
 // step_order: int4's high nibbles, then its low ones; int2's bits 7-6 and 5-4, then 3-2 and 1-0.
 template <int BITS>
 AVX512_BF16 inline void codes_bf16(const uint8_t* bytes, __m512i table, __m512bh& first, __m512bh& second) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 3) {  // columns 0-31, then 32-63: each plane's 32 bits as a lane mask adding 1, 2 or 4
+    const __m512i one = _mm512_set1_epi16(1), two = _mm512_set1_epi16(2), four = _mm512_set1_epi16(4);
+    __m512bh* out[2] = {&first, &second};
+    for (int h = 0; h < 2; ++h) {
+      const uint8_t* planes = bytes + 4 * h;
+      __m512i index = _mm512_maskz_mov_epi16(_load_mask32((__mmask32*)planes), one);
+      index = _mm512_mask_add_epi16(index, _load_mask32((__mmask32*)(planes + PLANE_BYTES)), index, two);
+      index = _mm512_mask_add_epi16(index, _load_mask32((__mmask32*)(planes + 2 * PLANE_BYTES)), index, four);
+      *out[h] = (__m512bh)_mm512_permutexvar_epi16(index, table);
+    }
+  } else if constexpr (BITS == 4) {
     const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
     first = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(words, 4), table);
     second = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(words, _mm512_set1_epi16(0xF)), table);
@@ -83,6 +104,16 @@ AVX512_BF16 inline void codes_bf16(const uint8_t* bytes, __m512i table, __m512bh
 // The same STEP as four vectors of 16 float32 integers, in step_order.
 template <int BITS>
 AVX512 inline void codes_f32(const uint8_t* bytes, __m512* out) {
+  if constexpr (BITS == 3) {  // columns 16q to 16q + 15 in out[q]: each plane's 16 bits adding 1, 2 or 4
+    for (int q = 0; q < 4; ++q) {
+      const uint8_t* planes = bytes + 2 * q;
+      __m512 code = _mm512_maskz_mov_ps(_load_mask16((__mmask16*)planes), _mm512_set1_ps(1.0f));
+      code = _mm512_mask_add_ps(code, _load_mask16((__mmask16*)(planes + PLANE_BYTES)), code, _mm512_set1_ps(2.0f));
+      out[q] = _mm512_mask_add_ps(code, _load_mask16((__mmask16*)(planes + 2 * PLANE_BYTES)), code,
+                                  _mm512_set1_ps(4.0f));
+    }
+    return;
+  }
   if constexpr (BITS == 4) {
     const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes)));
     const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + 16)));
@@ -186,7 +217,18 @@ AVX512 void gemv_rows_f32(const FusedArgs& a, const float* x, int64_t n_begin, i
 // 8q + 7), for CPUs with AVX2 only.
 template <int BITS>
 AVX2 inline void codes_f32_avx2(const uint8_t* bytes, __m256* out) {
-  if constexpr (BITS == 4) {
+  if constexpr (BITS == 3) {  // columns 8q to 8q + 7 in out[q]: byte q of each plane, lane i shifted down by i
+    const __m256i down = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (int q = 0; q < 8; ++q) {
+      const int32_t planes = bytes[q] | bytes[PLANE_BYTES + q] << 8 | bytes[2 * PLANE_BYTES + q] << 16;
+      const __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(planes), down);  // plane p's bit i at bit 8 p
+      const __m256i code = _mm256_or_si256(
+          _mm256_and_si256(v, _mm256_set1_epi32(1)),
+          _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi32(v, 7), _mm256_set1_epi32(2)),
+                          _mm256_and_si256(_mm256_srli_epi32(v, 14), _mm256_set1_epi32(4))));
+      out[q] = _mm256_cvtepi32_ps(code);
+    }
+  } else if constexpr (BITS == 4) {
     const __m256i nibble = _mm256_set1_epi32(0xF);
     for (int i = 0; i < 4; ++i) {
       const __m256i a = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + 8 * i)));
@@ -404,12 +446,20 @@ struct Rows {
   int64_t bits, block, K, row_bytes, groups;
 };
 
+// int3's code of column k of a row (records.affine_row_bytes): bit p from plane p of its run.
+inline int64_t plane_code(const uint8_t* row, int64_t K, int64_t k) {
+  const int64_t run = k / STEP, j = k % STEP;
+  const int64_t plane = run < K / STEP ? PLANE_BYTES : (K % STEP + 7) / 8;  // a short last run's planes are shorter
+  const uint8_t* bytes = row + run * 3 * PLANE_BYTES + j / 8;
+  return (bytes[0] >> (j % 8) & 1) | (bytes[plane] >> (j % 8) & 1) << 1 | (bytes[2 * plane] >> (j % 8) & 1) << 2;
+}
+
 template <typename Out>
 void dequantize_rows_scalar(const Rows& r, int64_t n, int64_t k_begin, Out* out) {
   const int64_t per_byte = 8 / r.bits, mask = (1 << r.bits) - 1;
   const uint8_t* row = r.packed + n * r.row_bytes;
   for (int64_t k = k_begin; k < r.K; ++k) {
-    const int64_t q = row[k / per_byte] >> (8 - r.bits * (k % per_byte + 1)) & mask;
+    const int64_t q = r.bits == 3 ? plane_code(row, r.K, k) : row[k / per_byte] >> (8 - r.bits * (k % per_byte + 1)) & mask;
     const float s = static_cast<float>(r.scale[n * r.groups + k / r.block]);
     const float z = static_cast<float>(r.zero[n * r.groups + k / r.block]);
     store_scalar(out, k, (static_cast<float>(q) - z) * s);
@@ -461,6 +511,19 @@ AVX512 void dequantize_row_avx512(const Rows& r, int64_t n, Out* out) {
   const at::Half* scale = r.scale + n * r.groups;
   const at::Half* zero = r.zero + n * r.groups;
   int64_t k = 0;
+  if constexpr (BITS == 3) {  // whole runs of 64: codes_f32's four vectors, 16 columns of one group each
+    for (; k + STEP <= r.K; k += STEP) {
+      __m512 codes[4];
+      codes_f32<3>(row + k / STEP * 3 * PLANE_BYTES, codes);
+      for (int h = 0; h < 2; ++h) {
+        const int64_t g0 = (k + 32 * h) / r.block, g1 = (k + 32 * h + 16) / r.block;
+        Store::store(out + k + 32 * h,
+                     _mm512_mul_ps(_mm512_sub_ps(codes[2 * h], broadcast_half(zero[g0])), broadcast_half(scale[g0])),
+                     _mm512_mul_ps(_mm512_sub_ps(codes[2 * h + 1], broadcast_half(zero[g1])), broadcast_half(scale[g1])));
+      }
+    }
+    return dequantize_rows_scalar(r, n, k, out);
+  }
   for (; k + 32 <= r.K; k += 32) {
     const int64_t g0 = k / r.block, g1 = (k + 16) / r.block;
     const __m512 first = _mm512_mul_ps(_mm512_sub_ps(codes16<BITS>(row + k * BITS / 8), broadcast_half(zero[g0])),
@@ -510,7 +573,7 @@ void dequantize_range(const Rows& r, int64_t first, int64_t last, Out* out) {
     Out* o = out + (n - first) * r.K;
     if (!vector) {
       if constexpr (std::is_same_v<Out, float>) {
-        if (has_avx2()) {
+        if (has_avx2() && r.bits != 3) {  // int3 without AVX-512: the plain loop (the fused kernel serves decode)
           r.bits == 4 ? dequantize_row_avx2<4>(r, n, o) : dequantize_row_avx2<2>(r, n, o);
           continue;
         }
@@ -518,6 +581,8 @@ void dequantize_range(const Rows& r, int64_t first, int64_t last, Out* out) {
       dequantize_rows_scalar(r, n, 0, o);
     } else if (r.bits == 4) {
       dequantize_row_avx512<4, Out, Store>(r, n, o);
+    } else if (r.bits == 3) {
+      dequantize_row_avx512<3, Out, Store>(r, n, o);
     } else {
       dequantize_row_avx512<2, Out, Store>(r, n, o);
     }
@@ -569,6 +634,35 @@ AMX_BF16 void write_weights_2bit(const uint8_t* packed, const AffineTable& table
   }
 }
 
+// int3's counterpart: each 128 columns are two runs of bit planes (48 bytes) and come out in column order: tile j
+// (columns 32j to 32j + 31) from bits 32 (j % 2) on of run j / 2's planes, as lane masks adding 1, 2 and 4 to the
+// index, which gets bit 4 set in the second run to read its group's half of the table. The activations are packed
+// in column order (pack_activations). Needs K % 128 == 0, block % 64 == 0, the range on 128s.
+AMX_BF16 void write_weights_3bit(const uint8_t* packed, const AffineTable& table, int64_t block, int64_t K,
+                                 int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
+  const __m512i one = _mm512_set1_epi16(1), two = _mm512_set1_epi16(2), four = _mm512_set1_epi16(4);
+  const __m512i second_table = _mm512_set1_epi16(16);
+  const int64_t row_bytes = K / STEP * 3 * PLANE_BYTES;
+  const int block_shift = __builtin_ctzll(block);
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = packed + (n0 + r) * row_bytes + k_begin / STEP * 3 * PLANE_BYTES;
+    uint16_t* out = a + tile_offset(r, 0);
+    const int64_t row_start = (n0 + r) * K;
+    for (int64_t e = row_start + k_begin; e < row_start + k_end; e += 128, bytes += 6 * PLANE_BYTES, out += 4 * TILE_ELEMENTS) {
+      _mm_prefetch(reinterpret_cast<const char*>(bytes + TILE_PREFETCH_ROWS * row_bytes), _MM_HINT_T1);
+      const __m512i values = (__m512i)_mm512_cvtne2ps_pbh(table((e + 64) >> block_shift), table(e >> block_shift));
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* planes = bytes + (j / 2) * 3 * PLANE_BYTES + 4 * (j % 2);
+        __m512i index = _mm512_maskz_mov_epi16(_load_mask32((__mmask32*)planes), one);
+        index = _mm512_mask_add_epi16(index, _load_mask32((__mmask32*)(planes + PLANE_BYTES)), index, two);
+        index = _mm512_mask_add_epi16(index, _load_mask32((__mmask32*)(planes + 2 * PLANE_BYTES)), index, four);
+        if (j >= 2) index = _mm512_or_si512(index, second_table);
+        _mm512_storeu_si512(out + j * TILE_ELEMENTS, _mm512_permutexvar_epi16(index, values));
+      }
+    }
+  }
+}
+
 // pack_activations for write_weights_2bit's column order: column 128G + 32j + i of the tiles is x's 128G + 4i + j.
 at::Tensor pack_activations_2bit_order(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) % 128 == 0, "the 2-bit AMX kernel needs K a multiple of 128");
@@ -578,9 +672,9 @@ at::Tensor pack_activations_2bit_order(const at::Tensor& x) {
 
 Rows check_rows(const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero, int64_t bits,
                 int64_t block, int64_t K) {
-  TORCH_CHECK(bits == 4 || bits == 2, "the affine kernels take 4 or 2 bits, not ", bits);
+  TORCH_CHECK(bits == 4 || bits == 3 || bits == 2, "the affine kernels take 4, 3 or 2 bits, not ", bits);
   TORCH_CHECK(block >= 16 && (block & (block - 1)) == 0, "the block must be a power of two of 16 or more, not ", block);
-  const int64_t row_bytes = (K * bits + 7) / 8, groups = (K + block - 1) / block;
+  const int64_t row_bytes = row_bytes_of(K, bits), groups = (K + block - 1) / block;
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 2 &&
                   packed.size(1) == row_bytes,
               "packed must be contiguous uint8 (N, ", row_bytes, ") for K = ", K);
@@ -620,8 +714,9 @@ at::Tensor gemv_affine_bf16(const at::Tensor& x, const at::Tensor& packed, const
     part.sums = sums.data_ptr<float>() + m0 * sums.size(1);
     part.y = y.data_ptr<float>() + m0 * a.N;
     constexpr int MT = decltype(rows)::value;
-    bits == 4 ? gemv_rows_bf16<4, MT>(part, x0 + m0 * a.K, begin, end)
-              : gemv_rows_bf16<2, MT>(part, x0 + m0 * a.K, begin, end);
+    if (bits == 4) gemv_rows_bf16<4, MT>(part, x0 + m0 * a.K, begin, end);
+    else if (bits == 3) gemv_rows_bf16<3, MT>(part, x0 + m0 * a.K, begin, end);
+    else gemv_rows_bf16<2, MT>(part, x0 + m0 * a.K, begin, end);
   });
   return y;
 }
@@ -640,11 +735,13 @@ at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::
     part.y = y.data_ptr<float>() + m0 * a.N;
     constexpr int MT = decltype(rows)::value;
     if (avx512) {
-      bits == 4 ? gemv_rows_f32<4, MT>(part, x0 + m0 * a.K, begin, end)
-                : gemv_rows_f32<2, MT>(part, x0 + m0 * a.K, begin, end);
+      if (bits == 4) gemv_rows_f32<4, MT>(part, x0 + m0 * a.K, begin, end);
+      else if (bits == 3) gemv_rows_f32<3, MT>(part, x0 + m0 * a.K, begin, end);
+      else gemv_rows_f32<2, MT>(part, x0 + m0 * a.K, begin, end);
     } else {
-      bits == 4 ? gemv_rows_f32_avx2<4, MT>(part, x0 + m0 * a.K, begin, end)
-                : gemv_rows_f32_avx2<2, MT>(part, x0 + m0 * a.K, begin, end);
+      if (bits == 4) gemv_rows_f32_avx2<4, MT>(part, x0 + m0 * a.K, begin, end);
+      else if (bits == 3) gemv_rows_f32_avx2<3, MT>(part, x0 + m0 * a.K, begin, end);
+      else gemv_rows_f32_avx2<2, MT>(part, x0 + m0 * a.K, begin, end);
     }
   });
   return y;
@@ -655,6 +752,7 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
                           const at::Tensor& zero, int64_t bits, int64_t block) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be contiguous float32 (M, K)");
   TORCH_CHECK(has_avx2(), "gemv_affine_q8 needs a CPU with AVX2");
+  TORCH_CHECK(bits == 4 || bits == 2, "gemv_affine_q8 takes int4 and int2 (int3 has no q8_0 mode), not ", bits, " bits");
   const int64_t M = x.size(0), K = x.size(1);
   TORCH_CHECK(block % Q8_BLOCK == 0 && K % block == 0, "gemv_affine_q8 needs K a multiple of the block and the block "
               "of ", Q8_BLOCK, ", not K = ", K, ", block = ", block);
@@ -703,6 +801,12 @@ at::Tensor linear_affine_tiles(const at::Tensor& x, const at::Tensor& packed, co
     return tile_linear(pack_activations_nibble_order(x), x.size(0), packed.size(0), 128,
                        [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
                          write_weights_4bit(r.packed, table, block, K, n0, rows, k_begin, k_end, out);
+                       }, no_scale);
+  }
+  if (bits == 3) {
+    return tile_linear(pack_activations(x), x.size(0), packed.size(0), 128,
+                       [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+                         write_weights_3bit(r.packed, table, block, K, n0, rows, k_begin, k_end, out);
                        }, no_scale);
   }
   return tile_linear(pack_activations_2bit_order(x), x.size(0), packed.size(0), 128,
