@@ -111,6 +111,7 @@ def build_config(args) -> LowBitConfig:
         "head": args.head,
     }
     config.update({key: value for key, value in overrides.items() if value is not None})
+    calibration = calibration_settings(args)
     if args.activations:
         config["activations"] = ACTIVATIONS[args.activations]
         # a preset's settings that the chosen activations mode does not take give way (an option given here stays)
@@ -118,7 +119,33 @@ def build_config(args) -> LowBitConfig:
         for field in FORMAT_SETTINGS:
             if field not in applicable and overrides[field] is None:
                 config.pop(field, None)
+    if calibration:  # not fields of a saved config: LowBitConfig takes them as arguments
+        return LowBitConfig(**config, **calibration)
     return LowBitConfig.from_dict(config)
+
+
+def calibration_settings(args) -> dict:
+    """--method gptq's arguments of LowBitConfig: the dataset (a text file, read as documents separated by blank
+    lines, or "pydoc") and the tokenizer (by default the source folder's own)."""
+    if args.method is None:
+        if args.dataset is not None:
+            raise ValueError("--dataset is given but --method is not: pass --method gptq to calibrate")
+        return {}
+    if args.dataset is None:
+        raise ValueError("--method gptq needs --dataset FILE (a text file) or --dataset pydoc")
+    if args.dataset == "pydoc":
+        dataset = "pydoc"
+    else:
+        path = Path(args.dataset)
+        if not path.is_file():
+            raise ValueError(f"--dataset {args.dataset}: no such file (give a text file, or pydoc)")
+        dataset = [part for part in path.read_text(encoding="utf-8").split("\n\n") if part.strip()]
+        if not dataset:
+            raise ValueError(f"--dataset {args.dataset}: the file holds no text")
+    src = Path(args.src) if args.src else embedded_default_model()
+    return {"method": args.method, "dataset": dataset, "tokenizer": args.tokenizer or str(src),
+            "calibration_samples": args.calibration_samples, "calibration_length": args.calibration_length,
+            "damp": args.damp, "act_order": not args.no_act_order}  # fmt: skip
 
 
 def check_source_files(src: Path) -> None:
@@ -245,6 +272,14 @@ def parser() -> argparse.ArgumentParser:
                                "with commas (--skip lm_head --skip pooler, or --skip lm_head,pooler)")  # fmt: skip
     quantize.add_argument("--head", choices=format_names(),
                           help="quantize the output head too, in this format (default: kept in 16-bit)")
+    quantize.add_argument("--method", choices=["gptq"], help="calibrate: GPTQ on --dataset (int8/int4/int3/int2)")
+    quantize.add_argument("--dataset", help="--method's calibration text: a text file (documents separated by blank "
+                          "lines) or 'pydoc' (Python's documentation topics)")  # fmt: skip
+    quantize.add_argument("--tokenizer", help="the tokenizer for --dataset (default: SRC's own)")
+    quantize.add_argument("--calibration-samples", type=int, default=128, help="calibration sequences (default 128)")
+    quantize.add_argument("--calibration-length", type=int, default=512, help="tokens per sequence (default 512)")
+    quantize.add_argument("--damp", type=float, default=0.01, help="GPTQ's damping (default 0.01)")
+    quantize.add_argument("--no-act-order", action="store_true", help="GPTQ: round the columns in their own order")
     quantize.add_argument("--max-shard-size", default="5GB", help="shard size of the written checkpoint")
     quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")

@@ -36,6 +36,17 @@ def _resolve_compute_dtype(value: Any) -> torch.dtype:
     return value
 
 
+METHODS = ("gptq",)  # calibrated methods; None is the data-free fit of each format
+# GPTQModel's group size, the default of block_size under method="gptq" (the data-free fits default to 64)
+GPTQ_BLOCK_SIZE = 128
+
+
+def _positive_int(field: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"LowBitConfig.{field} must be a positive integer, got {value!r}")
+    return value
+
+
 # The fields a format's settings may name (WeightFormat.settings); which apply depends on weights and activations.
 FORMAT_SETTINGS = ("double_quant", "block_size", "outlier_threshold")
 _UNSET = object()  # LowBitConfig(activations=...) not given: the format's default (None is a value: 16-bit)
@@ -81,6 +92,18 @@ class LowBitConfig(QuantizationConfigMixin):
             format's weight-only mode (activations="q8_0" when this config has it and the format offers it) and
             this config's block_size and double_quant where they apply. A head tied to the input embeddings is
             refused (quantizing both as one weight is not built yet).
+        method: None (default: each format's fit without data) or "gptq": int8/int4/int3/int2 rounded by GPTQ on
+            the activations of `dataset`, decoder block by decoder block while the model loads (quantizer_plugin/
+            calibrated.py); block_size then defaults to 128, as GPTQModel's group. The calibration settings below are
+            not saved in config.json (the checkpoint reloads as any other); the method and its calibration are
+            recorded in the checkpoint's safetensors metadata instead.
+        dataset: method="gptq"'s calibration data: a list of strings (with `tokenizer`), a tensor of token ids, or
+            "pydoc" (Python's documentation topics, shipped with every Python; with `tokenizer`).
+        tokenizer: a tokenizer, or its name or path, for a dataset of text.
+        calibration_samples, calibration_length: the number of calibration sequences (default 128) and their
+            tokens (default 512).
+        damp: GPTQ's damping, a fraction of the Hessian's mean diagonal (default 0.01).
+        act_order: GPTQ rounds the columns in decreasing order of their inputs' energy (default True).
     """
 
     def __init__(
@@ -95,6 +118,13 @@ class LowBitConfig(QuantizationConfigMixin):
         quant_method: str = QUANT_METHOD,
         activations: str | None = _UNSET,
         head: str | None = None,
+        method: str | None = None,
+        dataset=None,
+        tokenizer=None,
+        calibration_samples: int = 128,
+        calibration_length: int = 512,
+        damp: float = 0.01,
+        act_order: bool = True,
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LowBitConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -119,6 +149,9 @@ class LowBitConfig(QuantizationConfigMixin):
                 f"LowBitConfig.activations: weights={weights!r} takes activations in {list(modes)}, got {activations!r}"
             )
         self.activations = activations
+        self._set_calibration(method, dataset, tokenizer, calibration_samples, calibration_length, damp, act_order)
+        if method == "gptq" and block_size is None and "block_size" in modes[activations]:
+            block_size = GPTQ_BLOCK_SIZE
         given = dict(zip(FORMAT_SETTINGS, (double_quant, block_size, outlier_threshold)))
         applicable = modes[activations]
         for field, value in given.items():
@@ -138,6 +171,43 @@ class LowBitConfig(QuantizationConfigMixin):
         if head is not None and head not in format_names():
             raise ValueError(f"LowBitConfig.head: unknown format {head!r}; expected None or one of {format_names()}")
         self.head = head
+
+    def _set_calibration(self, method, dataset, tokenizer, samples, length, damp, act_order) -> None:
+        """Validate and keep the calibrated method's settings (none of them is saved in config.json)."""
+        if method is not None and method not in METHODS:
+            raise ValueError(f"LowBitConfig.method: expected None or one of {list(METHODS)}, got {method!r}")
+        if method is None and dataset is not None:
+            raise ValueError("LowBitConfig.dataset is given but method is unset: pass method='gptq' to calibrate")
+        if method == "gptq":
+            from .gptq import GPTQSettings, supports
+
+            if not supports(get_format(self.weights)):
+                raise ValueError(f"LowBitConfig.method='gptq' fills the integer formats (int8, int4, int3, int2), "
+                                 f"not weights={self.weights!r}")  # fmt: skip
+            if dataset is None:
+                raise ValueError("LowBitConfig.dataset: method='gptq' needs calibration data (texts, token ids or "
+                                 "'pydoc')")  # fmt: skip
+            text = isinstance(dataset, str) or (isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset))
+            if text and tokenizer is None:
+                raise ValueError("LowBitConfig.tokenizer: a dataset of text needs a tokenizer (an object or its name)")
+            if not isinstance(act_order, bool):
+                raise TypeError(f"LowBitConfig.act_order must be a bool, got {act_order!r}")
+            try:
+                GPTQSettings(damp=damp, act_order=act_order)
+            except ValueError as error:
+                raise ValueError(f"LowBitConfig.damp: {error}") from None
+        self.method, self.dataset, self.tokenizer = method, dataset, tokenizer
+        self.calibration_samples = _positive_int("calibration_samples", samples)
+        self.calibration_length = _positive_int("calibration_length", length)
+        self.damp, self.act_order = damp, act_order
+
+    def calibration_record(self) -> dict[str, Any] | None:
+        """What the checkpoint's metadata records of a calibrated method (None for the data-free fits)."""
+        if self.method is None:
+            return None
+        dataset = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
+        return {"method": self.method, "dataset": dataset, "samples": self.calibration_samples,
+                "length": self.calibration_length, "damp": self.damp, "act_order": self.act_order}  # fmt: skip
 
     @property
     def scheme(self) -> QuantScheme:

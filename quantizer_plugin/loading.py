@@ -34,6 +34,14 @@ class LowBitQuantize(ConversionOps):
             if tuple(weight.shape) != expected:
                 raise ValueError(f"{key}: checkpoint weight has shape {tuple(weight.shape)}, the layer expects {expected}")
             prefix = key.rpartition(".")[0]
+            stash = self.hf_quantizer.stash
+            if stash is not None and prefix in self.hf_quantizer.calibrated_layers:
+                # method="gptq": the 16-bit weight waits on disk for its block's calibration; placeholders meanwhile
+                stash.put(key, weight)
+                specs = layer.tensor_specs()
+                for name, spec in specs.items():
+                    result[f"{prefix}.{name}"] = nn.Parameter(torch.zeros(spec.shape, dtype=spec.dtype), requires_grad=False)
+                continue
             try:
                 tensors = ops.quantize(layer.fmt, weight, layer.scheme)
             except NonFiniteWeightError as error:

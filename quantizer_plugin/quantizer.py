@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
-from . import ops
+from . import calibrated, gptq, ops
+from .calibration import calibration_ids
 from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
 from .integrations.peft import register_if_peft_imported
@@ -37,6 +39,10 @@ class LowBitHfQuantizer(HfQuantizer):
         super().__init__(copy.deepcopy(quantization_config), **kwargs)
         self.modules_to_not_convert: list[str] = []
         self._layer_devices: set[str] = set()  # where the quantized layers' tensors ended up (is_compileable)
+        # method="gptq": the 16-bit weights of the decoder blocks' layers wait on disk until their block is quantized
+        self.stash: calibrated.WeightStash | None = None
+        self.calibrated_layers: set[str] = set()  # the names of those layers
+        self.calibration: dict | None = None  # what the saved checkpoint's metadata records
 
     def update_device_map(self, device_map):
         # As with bitsandbytes: without a device_map, load straight onto the accelerator when there is one.
@@ -78,6 +84,8 @@ class LowBitHfQuantizer(HfQuantizer):
             replaced.append(head)
         if not replaced:
             raise ValueError(f"{type(model).__name__} has no nn.Linear or Conv1D module to quantize outside skip_modules")
+        if config.method is not None and not self.pre_quantized:
+            self._prepare_calibration(model, device_map)
         register_if_peft_imported()  # a safety net: normally done at plugin import or when peft's __init__ runs
         # Checked here, on the swapped skeleton (so a quantized layer's tensors can be named), before anything loads.
         check_device_map(model, device_map)
@@ -90,11 +98,46 @@ class LowBitHfQuantizer(HfQuantizer):
             config.skip_modules = sorted(self.modules_to_not_convert)
         return model
 
+    def _prepare_calibration(self, model, device_map) -> None:
+        places = set(device_map.values()) if isinstance(device_map, dict) else set()
+        if places & {"disk", "meta"}:
+            raise ValueError(f"LowBitConfig.method={self.quantization_config.method!r} runs the model on calibration data "
+                             "while it loads, which a device_map offloading to disk does not allow: quantize, save, "
+                             "then load the saved model with the device_map")  # fmt: skip
+        prefix, blocks = calibrated.decoder_blocks(model)
+        self.calibrated_layers = {f"{prefix}.{name}" if prefix else name for name, module in blocks.named_modules()
+                                  if isinstance(module, LowBitLinear)}  # fmt: skip
+        self.stash = calibrated.WeightStash()
+
+    def _calibrate(self, model) -> None:
+        """method="gptq": the decoder blocks quantized one at a time (calibrated.py), then the stash removed."""
+        from transformers.utils import logging
+
+        config = self.quantization_config
+        try:
+            ids = calibration_ids(config.dataset, config.tokenizer, config.calibration_samples, config.calibration_length)
+            settings = gptq.GPTQSettings(damp=config.damp, act_order=config.act_order)
+            bar = logging.tqdm(total=len(calibrated.decoder_blocks(model)[1]), desc="GPTQ: blocks")
+            summary = calibrated.quantize_blocks(model, self.stash, ids, settings, progress=lambda done, total: bar.update(1))
+            bar.close()
+        finally:
+            self.stash.close()
+            self.stash = None
+        self.calibration = config.calibration_record() | summary
+
+    def get_state_dict_and_metadata(self, model):
+        # the calibrated method's record, in every shard's safetensors header (config.json stays a plain LowBitConfig)
+        if self.calibration is None:
+            return None, {}
+        return None, {"quantizer_plugin.calibration": json.dumps(self.calibration)}
+
     def _process_model_after_weight_loading(self, model, **kwargs):
         # The loader makes float tensors it sets trainable; the stored tensors of a quantized layer never are.
         for module in model.modules():
             if isinstance(module, LowBitLinear):
                 module.requires_grad_(False)
+        if self.stash is not None:
+            self._calibrate(model)
         if self.pre_quantized:
             upgrade_layout(model, self.quantization_config)
         else:

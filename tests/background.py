@@ -25,16 +25,20 @@ print(json.dumps([dataclasses.asdict(report) for report in compile_all()]))
 
 @dataclass(frozen=True)
 class Job:
-    needed_by: str  # the node id (or its prefix) of the test that waits for it
+    needed_by: tuple[str, ...]  # the node ids (or their prefixes) of the tests that wait for it
     command: tuple[str, ...]  # {out} stands for the job's output path
     env: tuple[tuple[str, str | None], ...] = ()  # changes to the environment (None: removed)
 
 
 JOBS = {
     # the small trained LM (tests/tiny_lm.py), in a process of its own with the same torch threads: the same weights
-    "tiny-lm": Job("tests/test_integer_formats.py::test_small_trained_lm_against_hqq_and_round_to_nearest",
+    "tiny-lm": Job(("tests/test_integer_formats.py::test_small_trained_lm_against_hqq_and_round_to_nearest",
+                    "tests/test_gptq.py::test_gptq_moves_the_small_lm_less_than_the_data_free_fit"),
                    (sys.executable, str(TESTS / "tiny_lm.py"), "--save", "{out}")),
-    "compile-report": Job("tests/test_kernels_compile.py::test_every_gpu_candidate_compiles_for_sm90_without_spilling",
+    # the same LM from a second training seed (GPTQ's accuracy is asserted for both)
+    "tiny-lm-seed1": Job(("tests/test_gptq.py::test_gptq_moves_the_small_lm_less_than_the_data_free_fit",),
+                         (sys.executable, str(TESTS / "tiny_lm.py"), "--seed", "1", "--save", "{out}")),
+    "compile-report": Job(("tests/test_kernels_compile.py::test_every_gpu_candidate_compiles_for_sm90_without_spilling",),
                           (sys.executable, "-c", COMPILE_REPORT),
                           (("TRITON_INTERPRET", None), ("TRITON_DEFAULT_FP_FUSION", "1"))),  # fmt: skip
 }
@@ -45,7 +49,7 @@ _running: dict[str, tuple[subprocess.Popen, Path]] = {}
 def start_needed(node_ids: list[str]) -> None:
     """Start every job one of the collected tests needs."""
     for name, job in JOBS.items():
-        if any(node.startswith(job.needed_by) for node in node_ids):
+        if any(node.startswith(job.needed_by) for node in node_ids):  # str.startswith takes a tuple
             _start(name)
 
 

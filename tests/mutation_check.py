@@ -533,6 +533,34 @@ def cpu_int3_kernels_take_the_columns_shifted():
             x.roll(1, -1).contiguous() if bits == 3 else x, packed, scale, zero, bits, block))
 
 
+def gptq_hessian_is_the_identity():
+    # GPTQ handed the identity instead of each layer's Hessian: no error moves, every code rounds to nearest
+    import torch
+
+    from quantizer_plugin import gptq
+
+    original = gptq.gptq_codes
+    patch(gptq, "gptq_codes", lambda weight, hessian, *args, **kwargs: original(
+        weight, torch.eye(hessian.shape[0]), *args, **kwargs))
+
+
+def gptq_act_order_not_undone():
+    # GPTQ's codes left in act-order's column order instead of put back in the weight's own
+    import torch
+
+    from quantizer_plugin import gptq
+
+    def permuted(weight, hessian, round_column, settings=gptq.GPTQSettings()):
+        codes = original(weight, hessian, round_column, settings)
+        if not settings.act_order:
+            return codes
+        order = torch.argsort(hessian.diagonal(), descending=True, stable=True)
+        return codes[:, order]
+
+    original = gptq.gptq_codes
+    patch(gptq, "gptq_codes", permuted)
+
+
 MUTATIONS: dict[str, Mutation] = {
     "4bit-dequantize-returns-zeros": Mutation(
         "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
@@ -675,6 +703,13 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-affine-fused-drops-zero-points": Mutation(
         "the int4/int2 fused kernel ignores the zero points", cpu_affine_fused_drops_the_zero_points,
         ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",), needs="avx2"),
+    "gptq-identity-hessian": Mutation(
+        "GPTQ rounds every layer against the identity instead of its Hessian", gptq_hessian_is_the_identity,
+        ("tests/test_gptq.py::test_codes_are_the_papers_gptq_on_the_same_grid",
+         "tests/test_gptq.py::test_gptq_removes_most_of_the_layer_error_that_rounding_to_nearest_leaves")),
+    "gptq-act-order-not-undone": Mutation(
+        "GPTQ's codes left in act-order's column order", gptq_act_order_not_undone,
+        ("tests/test_gptq.py::test_codes_are_the_papers_gptq_on_the_same_grid",)),
     "int3-planes-in-reverse": Mutation(
         "int3's bit planes packed highest bit first", int3_planes_in_reverse,
         ("tests/test_integer_formats.py::test_stored_tensors_follow_the_documented_layout",)),

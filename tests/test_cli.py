@@ -309,3 +309,34 @@ def test_build_kernels_builds_or_finds_them_and_says_where(capsys):
     printed = capsys.readouterr().out
     assert str(native.build_directory()) in printed and (native.build_directory() / f"{native.NAME}.so").is_file()
     assert "instruction sets used on this CPU" in printed
+
+
+def test_gptq_from_the_command_line_on_a_text_file_with_the_sources_tokenizer(llama_with_tokenizer, tmp_path, capsys):
+    from safetensors import safe_open
+
+    text = tmp_path / "calibration.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n\n" + "Python's documentation. " * 40)
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_with_tokenizer), str(out), "--weights", "int4", "--method", "gptq", "--dataset",
+                 str(text), "--calibration-samples", "4", "--calibration-length", "32", "--no-fidelity"]) == 0  # fmt: skip
+    assert "GPTQ: blocks" in capsys.readouterr().err  # the progress per block
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert '"method": "gptq"' in f.metadata()["quantizer_plugin.calibration"]
+    saved = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert saved["weights"] == "int4" and saved["block_size"] == 128 and "method" not in saved
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "pydoc"], "--dataset is given but --method is not"),
+        (["--method", "gptq"], "--method gptq needs --dataset"),
+        (["--method", "gptq", "--dataset", "no-such-file.txt"], "no such file"),
+        (["--method", "gptq", "--dataset", "pydoc", "--weights", "nf4"], "method='gptq' fills the integer formats"),
+    ],
+)
+def test_bad_calibration_options_are_errors_that_write_nothing(llama_dir, tmp_path, capsys, args, message):
+    out = tmp_path / "out"
+    assert main(["quantize", str(llama_dir), str(out), "--no-fidelity", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

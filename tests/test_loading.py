@@ -85,8 +85,10 @@ def test_sharded_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
 
 @pytest.mark.parametrize(
     "config, low, high",
-    [(FORMATS[0], 0.25, 0.27), (FORMATS[1], 0.25, 0.29), (FORMATS[3], 0.5, 0.52), (FORMATS[5], 0.28, 0.30), (FORMATS[6], 0.18, 0.19)],
-    ids=["nf4", "nf4-no-dq", "int8", "int4", "int2-group-32"],
+    [(FORMATS[FORMAT_IDS.index(name)], low, high) for name, low, high in
+     [("nf4", 0.25, 0.27), ("nf4-no-dq", 0.25, 0.29), ("int8", 0.5, 0.52), ("int4", 0.28, 0.30), ("int3", 0.22, 0.235),
+      ("int2", 0.18, 0.19)]],
+    ids=["nf4", "nf4-no-dq", "int8", "int4", "int3", "int2-group-32"],
 )
 def test_saved_linear_bytes_are_the_formats_share_of_bf16(llama_dir, tmp_path, config, low, high):
     model = load_quantized(llama_dir, **config)

@@ -1,0 +1,196 @@
+"""GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained Transformers")
+for one linear layer: the weight's rounding errors pushed onto the columns not yet rounded, weighted by the
+Hessian of the layer's squared output error, H = 2 X X^T over its calibration inputs X.
+
+The grid (each group's scale and integer zero point, or each row's int8 scale) is fixed from the weight before any
+column is rounded ("static groups"), so the stored layout is the format's plain one and every kernel serves the
+result. With act-order the columns are rounded in decreasing order of diag(H) (the inputs with the most energy
+first, while the most columns remain to absorb their errors), each still with its own group's scale and zero point.
+Columns go in blocks of `block_columns` with lazy batch updates of the rest; H^-1 comes from a Cholesky factor of
+the damped H (damping: a fraction of H's mean diagonal added to it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .formats import QuantScheme, WeightFormat
+from .formats.affine import IntAffineFormat
+from .formats.base import refuse_non_finite
+from .formats.int8 import Int8RowwiseFormat
+from .formats.records import INT8_MAX
+
+# GPTQModel's defaults
+DAMP = 0.01
+BLOCK_COLUMNS = 128
+# The grid search that shrinks each group's range (GPTQ's "mse" option, its defaults): the smallest error in the
+# lp-norm over GRID candidate ranges down to (1 - MAX_SHRINK) of the full one.
+GRID, MAX_SHRINK, GRID_NORM = 100, 0.8, 2.4
+
+
+@dataclass(frozen=True)
+class GPTQSettings:
+    damp: float = DAMP
+    block_columns: int = BLOCK_COLUMNS
+    act_order: bool = True
+
+    def __post_init__(self):
+        if not (isinstance(self.damp, (int, float)) and 0 < self.damp < 1):
+            raise ValueError(f"GPTQ damping must be a number in (0, 1), got {self.damp!r}")
+        if not (isinstance(self.block_columns, int) and self.block_columns > 0):
+            raise ValueError(f"GPTQ block_columns must be a positive integer, got {self.block_columns!r}")
+
+
+def supports(fmt: WeightFormat) -> bool:
+    """Whether GPTQ can fill this format's layout: the integer affine formats and int8."""
+    return isinstance(fmt, (IntAffineFormat, Int8RowwiseFormat))
+
+
+class Hessian:
+    """H = 2 X^T X / n over every input row x a layer saw (the mean keeps its scale independent of n), in float32."""
+
+    def __init__(self, in_features: int, device: torch.device | str = "cpu"):
+        self.matrix = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        if x.shape[0] == 0:
+            return
+        total = self.rows + x.shape[0]
+        self.matrix.mul_(self.rows / total)
+        self.matrix.addmm_(x.T, x, alpha=2.0 / total)
+        self.rows = total
+
+
+# A rounding rule: (column's weights (N,), its index in the original order) -> (codes (N,), their dequantized values)
+RoundColumn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _affine_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 scale and integer zero point (float16), each (groups, 1), for float32 groups (groups, size): GPTQ's
+    asymmetric grid, the range holding zero, shrunk where that lowers the lp error of rounding (its "mse" search)."""
+    top = 2**bits - 1
+    low, high = groups.amin(dim=1, keepdim=True).clamp(max=0), groups.amax(dim=1, keepdim=True).clamp(min=0)
+    flat = (low == 0) & (high == 0)
+    low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
+    best_scale = best_zero = None
+    best_error = torch.full_like(low, torch.inf)
+    for step in range(int(MAX_SHRINK * GRID) + 1):
+        shrink = 1 - step / GRID
+        scale = ((shrink * high - shrink * low) / top).clamp(min=torch.finfo(torch.float16).tiny).half().float()
+        zero = (-shrink * low / scale).round().clamp(0, top)
+        codes = (groups / scale + zero).round().clamp(0, top)
+        error = ((codes - zero) * scale - groups).abs().pow(GRID_NORM).sum(dim=1, keepdim=True)
+        if best_scale is None:
+            best_scale, best_zero, best_error = scale, zero, error
+            continue
+        better = error < best_error
+        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
+        best_error = torch.where(better, error, best_error)
+    return best_scale.half(), best_zero.half()
+
+
+def _affine_rule(fmt: IntAffineFormat, weight: torch.Tensor, block: int):
+    """The grid of every group of `weight` (N, K), and the rule rounding a column onto its group's grid."""
+    n, k = weight.shape
+    groups = -(-k // block)
+    padded = torch.nn.functional.pad(weight, (0, groups * block - k))
+    # a short last group is fitted on its own columns only: repeat its first column into the padding
+    if k % block:
+        padded[:, k:] = weight[:, k - k % block : k - k % block + 1]
+    scale, zero = _affine_grid(padded.reshape(n * groups, block), fmt.bits)
+    scale, zero = scale.reshape(n, groups), zero.reshape(n, groups)
+    s, z, top = scale.float(), zero.float(), 2**fmt.bits - 1
+
+    def round_column(w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = column // block
+        codes = (w / s[:, g] + z[:, g]).round().clamp(0, top)
+        return codes, (codes - z[:, g]) * s[:, g]  # the reference's dequantize: (q - z) * s in float32
+
+    def stored(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": fmt.pack(codes.to(torch.uint8)), "weight_scale": scale, "weight_zero": zero}
+
+    return round_column, stored
+
+
+def _int8_rule(weight: torch.Tensor):
+    """int8's layout: each row's absmax as its scale (the format's own), codes rounded symmetrically onto it."""
+    absmax = weight.abs().amax(dim=1)
+    step = absmax / INT8_MAX  # the reference's dequantize: values * (scale / 127)
+    divisor = step.clamp(min=torch.finfo(torch.float32).tiny)  # a zero row stays zero
+
+    def round_column(w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = (w / divisor).round().clamp(-INT8_MAX, INT8_MAX)
+        return codes, codes * step
+
+    def stored(codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": codes.to(torch.int8), "weight_scale": absmax.float()}
+
+    return round_column, stored
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """The upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising the damping (x10, three times) if the
+    damped H is still not positive definite in float32."""
+    mean_diagonal = hessian.diagonal().mean()
+    for attempt in range(4):
+        damped = hessian.clone()
+        damped.diagonal().add_(damp * 10**attempt * mean_diagonal)
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            inverse, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if info == 0:
+                return inverse
+    raise ValueError("GPTQ: the layer's Hessian is not positive definite even with damping 1000x; are its "
+                     "calibration inputs all zero or non-finite?")  # fmt: skip
+
+
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, round_column: RoundColumn,
+               settings: GPTQSettings = GPTQSettings()) -> torch.Tensor:  # fmt: skip
+    """The codes (N, K), in the original column order, that GPTQ rounds `weight` to on `round_column`'s grid."""
+    w = weight.float().clone()
+    h = hessian.float().clone()
+    n, k = w.shape
+    if h.shape != (k, k):
+        raise ValueError(f"GPTQ: the Hessian is {tuple(h.shape)}, the weight has {k} input columns")
+    if not bool(torch.isfinite(h).all()):
+        raise ValueError("GPTQ: the Hessian holds NaN or infinite values (non-finite calibration activations)")
+    dead = h.diagonal() == 0  # an input that was always zero: its column cannot matter, round it as it is
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(k)
+    w, h = w[:, order], h[order][:, order]
+    inverse = inverse_hessian_factor(h, settings.damp)
+    codes = torch.empty(n, k, dtype=torch.float32)
+    for first in range(0, k, settings.block_columns):
+        last = min(first + settings.block_columns, k)
+        block, block_inverse = w[:, first:last].clone(), inverse[first:last, first:last]
+        errors = torch.empty_like(block)
+        for i in range(last - first):
+            column = block[:, i]
+            q_codes, q = round_column(column, int(order[first + i]))
+            codes[:, first + i] = q_codes
+            error = (column - q) / block_inverse[i, i]
+            block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
+            errors[:, i] = error
+        w[:, last:] -= errors @ inverse[first:last, last:]
+    unpermuted = torch.empty_like(codes)
+    unpermuted[:, order] = codes
+    return unpermuted
+
+
+def quantize(fmt: WeightFormat, weight: torch.Tensor, hessian: torch.Tensor, scheme: QuantScheme,
+             settings: GPTQSettings = GPTQSettings()) -> dict[str, torch.Tensor]:  # fmt: skip
+    """`weight` (N, K) in `fmt`'s stored tensors, rounded by GPTQ against `hessian` (K, K)."""
+    if not supports(fmt):
+        raise ValueError(f"method='gptq' fills the integer formats (int8, int4, int3, int2), not weights={fmt.name!r}")
+    refuse_non_finite(weight)
+    weight = weight.float()
+    if isinstance(fmt, Int8RowwiseFormat):
+        round_column, stored = _int8_rule(weight)
+    else:
+        round_column, stored = _affine_rule(fmt, weight, scheme.block_size)
+    return stored(gptq_codes(weight, hessian, round_column, settings))
