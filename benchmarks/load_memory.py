@@ -28,7 +28,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-PROVIDERS = ["bf16", "lowbit-nf4", "bnb-nf4", "lowbit-int8", "bnb-int8"]
+PROVIDERS = ["bf16", "lowbit-nf4", "bnb-nf4", "lowbit-int8", "bnb-int8", "lowbit-int4-gptq"]
+# lowbit-int4-gptq: method="gptq" on 32 sequences of 256 random token ids (seeded): calibration activations of
+# 32 x 256 x 1024 bf16 values, two copies (a block's inputs and its outputs), 32 MB; the rest of the peak is the model
 ALLOCATORS = {"glibc default": {}, "mmap threshold 128 KiB": {"MALLOC_MMAP_THRESHOLD_": "131072"}}
 
 
@@ -66,6 +68,10 @@ def child(provider: str, path: str) -> dict:
         "lowbit-int8": LowBitConfig(weights="int8"),
         "bnb-nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16),
         "bnb-int8": BitsAndBytesConfig(load_in_8bit=True),
+        "lowbit-int4-gptq": LowBitConfig(
+            weights="int4", method="gptq", calibration_samples=32, calibration_length=256,
+            dataset=torch.randint(0, 32000, (32 * 256 * 4,), generator=torch.Generator().manual_seed(0)),
+        ),  # fmt: skip
     }
     if provider.startswith("bnb"):
         import bitsandbytes  # noqa: F401  (imported before the baseline, as ours is)

@@ -113,10 +113,39 @@ def _plain_linear(layer: LowBitLinear, weight: torch.Tensor, dtype: torch.dtype)
     return linear
 
 
+def _stages(block: nn.Module, plain: dict[str, nn.Linear], first_input: tuple) -> list[list[str]]:
+    """The block's layers in the order its forward calls them, those handed the very same input tensor together
+    (a Llama block: q/k/v, o, gate/up, down): the stages GPTQ quantizes one after the other. The inputs are held
+    until the pass ends, so that no tensor's memory is reused by a later one."""
+    calls: list[tuple[str, torch.Tensor]] = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args, name=name: calls.append((name, args[0])))
+             for name, layer in plain.items()]  # fmt: skip
+    try:
+        _run(block, [first_input])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    stages: list[list[str]] = []
+    previous = None
+    for name, tensor in calls:
+        if any(name in stage for stage in stages):
+            continue
+        if stages and tensor is previous:
+            stages[-1].append(name)
+        else:
+            stages.append([name])
+        previous = tensor
+    return stages + [[name] for name in plain if not any(name in stage for stage in stages)]  # never called
+
+
 def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, settings: gptq.GPTQSettings,
                     batch: int = 8, progress=None) -> dict:  # fmt: skip
     """Quantize every stashed layer of the decoder blocks by GPTQ (see the module docstring); returns a summary
-    (blocks, layers, seconds) for the checkpoint's metadata."""
+    (blocks, layers, seconds) for the checkpoint's metadata.
+
+    Within a block the layers go in stages, in the order the forward reaches them (_stages): each stage's Hessians
+    come from a pass in which the stages before it are already quantized, so that a layer is fitted to the inputs
+    the quantized layers before it give it (GPTQModel's "true sequential")."""
     started = time.perf_counter()
     _, blocks = decoder_blocks(model)
     names = {module: name for name, module in model.named_modules()}
@@ -127,24 +156,25 @@ def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, set
         for index, block in enumerate(blocks):
             layers = {name: m for name, m in block.named_modules() if isinstance(m, LowBitLinear) and f"{names[m]}.weight" in stash}
             plain = {name: _plain_linear(layer, stash.take(f"{names[layer]}.weight"), dtype) for name, layer in layers.items()}
-            hessians = {name: gptq.Hessian(layer.in_features) for name, layer in plain.items()}
-            hooks = [layer.register_forward_pre_hook(lambda module, args, h=hessians[name]: h.add(args[0]))
-                     for name, layer in plain.items()]  # fmt: skip
             for name, layer in plain.items():
                 block.set_submodule(name, layer)
-            try:
-                _run(block, inputs)
-            finally:
-                for hook in hooks:
-                    hook.remove()
-            for name, layer in layers.items():
+            for stage in _stages(block, plain, inputs[0]):
+                # the stage's layers read one input tensor: one Hessian serves them all
+                hessian = gptq.Hessian(plain[stage[0]].in_features)
+                hook = plain[stage[0]].register_forward_pre_hook(lambda module, args: hessian.add(args[0]))
                 try:
-                    stored = gptq.quantize(layer.fmt, plain[name].weight, hessians[name].matrix, layer.scheme, settings)
-                except ValueError as error:
-                    raise ValueError(f"{names[layer]}: {error}") from None
-                layer.load_quantized(stored)
-                block.set_submodule(name, layer)
-                del plain[name]
+                    _run(block, inputs)
+                finally:
+                    hook.remove()
+                for name in stage:
+                    layer = layers[name]
+                    try:
+                        stored = gptq.quantize(layer.fmt, plain[name].weight, hessian.matrix, layer.scheme, settings)
+                    except ValueError as error:
+                        raise ValueError(f"{names[layer]}: {error}") from None
+                    layer.load_quantized(stored)
+                    block.set_submodule(name, layer)
+                    del plain[name]
             quantized += len(layers)
             inputs = _run(block, inputs)
             if progress is not None:

@@ -12,7 +12,6 @@ the damped H (damping: a fraction of H's mean diagonal added to it).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,9 +25,6 @@ from .formats.records import INT8_MAX
 # GPTQModel's defaults
 DAMP = 0.01
 BLOCK_COLUMNS = 128
-# The grid search that shrinks each group's range (GPTQ's "mse" option, its defaults): the smallest error in the
-# lp-norm over GRID candidate ranges down to (1 - MAX_SHRINK) of the full one.
-GRID, MAX_SHRINK, GRID_NORM = 100, 0.8, 2.4
 
 
 @dataclass(frozen=True)
@@ -66,71 +62,52 @@ class Hessian:
         self.rows = total
 
 
-# A rounding rule: (column's weights (N,), its index in the original order) -> (codes (N,), their dequantized values)
-RoundColumn = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+class AffineGrid:
+    """int4/int3/int2's grid: each group's float16 scale and integer zero point, fixed from the weight before any
+    column is rounded (GPTQ's static groups: the groups stay the format's consecutive columns whatever order the
+    columns are rounded in), and the rounding of a column onto its group's grid.
+
+    The grid is GPTQ's asymmetric min/max over the group, widened to hold zero. (Measured on the small LM of
+    tests/tiny_lm.py: a grid search that shrinks the range to lower the rounding error alone, GPTQ's "mse" option,
+    raised the KL divergence at 2 bits by two thirds: the error feedback then carries the clipped weights' errors.)"""
+
+    def __init__(self, fmt: IntAffineFormat, weight: torch.Tensor, block: int):
+        self.fmt, self.block, self.top = fmt, block, 2**fmt.bits - 1
+        n, k = weight.shape
+        groups = -(-k // block)
+        low = torch.stack([weight[:, g * block : (g + 1) * block].amin(dim=1) for g in range(groups)], dim=1)
+        high = torch.stack([weight[:, g * block : (g + 1) * block].amax(dim=1) for g in range(groups)], dim=1)
+        low, high = low.clamp(max=0), high.clamp(min=0)
+        flat = (low == 0) & (high == 0)
+        low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
+        self.scale = ((high - low) / self.top).clamp(min=torch.finfo(torch.float16).tiny).half()
+        self.zero = (-low / self.scale.float()).round().clamp(0, self.top).half()
+
+    def round(self, w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = column // self.block
+        s, z = self.scale[:, g].float(), self.zero[:, g].float()
+        codes = (w / s + z).round().clamp(0, self.top)
+        return codes, (codes - z) * s  # the reference's dequantize: (q - z) * s in float32
+
+    def stored(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": self.fmt.pack(codes.to(torch.uint8)), "weight_scale": self.scale, "weight_zero": self.zero}
 
 
-def _affine_grid(groups: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """float16 scale and integer zero point (float16), each (groups, 1), for float32 groups (groups, size): GPTQ's
-    asymmetric grid, the range holding zero, shrunk where that lowers the lp error of rounding (its "mse" search)."""
-    top = 2**bits - 1
-    low, high = groups.amin(dim=1, keepdim=True).clamp(max=0), groups.amax(dim=1, keepdim=True).clamp(min=0)
-    flat = (low == 0) & (high == 0)
-    low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
-    best_scale = best_zero = None
-    best_error = torch.full_like(low, torch.inf)
-    for step in range(int(MAX_SHRINK * GRID) + 1):
-        shrink = 1 - step / GRID
-        scale = ((shrink * high - shrink * low) / top).clamp(min=torch.finfo(torch.float16).tiny).half().float()
-        zero = (-shrink * low / scale).round().clamp(0, top)
-        codes = (groups / scale + zero).round().clamp(0, top)
-        error = ((codes - zero) * scale - groups).abs().pow(GRID_NORM).sum(dim=1, keepdim=True)
-        if best_scale is None:
-            best_scale, best_zero, best_error = scale, zero, error
-            continue
-        better = error < best_error
-        best_scale, best_zero = torch.where(better, scale, best_scale), torch.where(better, zero, best_zero)
-        best_error = torch.where(better, error, best_error)
-    return best_scale.half(), best_zero.half()
+class Int8Grid:
+    """int8's layout: each row's absmax as its scale (the format's own, fixed from the weight), codes rounded
+    symmetrically onto it."""
 
+    def __init__(self, weight: torch.Tensor):
+        self.absmax = weight.abs().amax(dim=1)
+        self.step = self.absmax / INT8_MAX  # the reference's dequantize: values * (scale / 127)
+        self.divisor = self.step.clamp(min=torch.finfo(torch.float32).tiny)  # a zero row stays zero
 
-def _affine_rule(fmt: IntAffineFormat, weight: torch.Tensor, block: int):
-    """The grid of every group of `weight` (N, K), and the rule rounding a column onto its group's grid."""
-    n, k = weight.shape
-    groups = -(-k // block)
-    padded = torch.nn.functional.pad(weight, (0, groups * block - k))
-    # a short last group is fitted on its own columns only: repeat its first column into the padding
-    if k % block:
-        padded[:, k:] = weight[:, k - k % block : k - k % block + 1]
-    scale, zero = _affine_grid(padded.reshape(n * groups, block), fmt.bits)
-    scale, zero = scale.reshape(n, groups), zero.reshape(n, groups)
-    s, z, top = scale.float(), zero.float(), 2**fmt.bits - 1
+    def round(self, w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = (w / self.divisor).round().clamp(-INT8_MAX, INT8_MAX)
+        return codes, codes * self.step
 
-    def round_column(w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        g = column // block
-        codes = (w / s[:, g] + z[:, g]).round().clamp(0, top)
-        return codes, (codes - z[:, g]) * s[:, g]  # the reference's dequantize: (q - z) * s in float32
-
-    def stored(codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"weight": fmt.pack(codes.to(torch.uint8)), "weight_scale": scale, "weight_zero": zero}
-
-    return round_column, stored
-
-
-def _int8_rule(weight: torch.Tensor):
-    """int8's layout: each row's absmax as its scale (the format's own), codes rounded symmetrically onto it."""
-    absmax = weight.abs().amax(dim=1)
-    step = absmax / INT8_MAX  # the reference's dequantize: values * (scale / 127)
-    divisor = step.clamp(min=torch.finfo(torch.float32).tiny)  # a zero row stays zero
-
-    def round_column(w: torch.Tensor, column: int) -> tuple[torch.Tensor, torch.Tensor]:
-        codes = (w / divisor).round().clamp(-INT8_MAX, INT8_MAX)
-        return codes, codes * step
-
-    def stored(codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"weight": codes.to(torch.int8), "weight_scale": absmax.float()}
-
-    return round_column, stored
+    def stored(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": codes.to(torch.int8), "weight_scale": self.absmax.float()}
 
 
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -149,9 +126,9 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
                      "calibration inputs all zero or non-finite?")  # fmt: skip
 
 
-def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, round_column: RoundColumn,
-               settings: GPTQSettings = GPTQSettings()) -> torch.Tensor:  # fmt: skip
-    """The codes (N, K), in the original column order, that GPTQ rounds `weight` to on `round_column`'s grid."""
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, grid, settings: GPTQSettings = GPTQSettings()) -> torch.Tensor:
+    """The codes (N, K), in the original column order, that GPTQ rounds `weight` to on `grid` (AffineGrid or
+    Int8Grid)."""
     w = weight.float().clone()
     h = hessian.float().clone()
     n, k = w.shape
@@ -171,7 +148,7 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, round_column: RoundC
         errors = torch.empty_like(block)
         for i in range(last - first):
             column = block[:, i]
-            q_codes, q = round_column(column, int(order[first + i]))
+            q_codes, q = grid.round(column, int(order[first + i]))
             codes[:, first + i] = q_codes
             error = (column - q) / block_inverse[i, i]
             block[:, i:] -= error[:, None] * block_inverse[i, i:][None, :]
@@ -189,8 +166,5 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, hessian: torch.Tensor, sch
         raise ValueError(f"method='gptq' fills the integer formats (int8, int4, int3, int2), not weights={fmt.name!r}")
     refuse_non_finite(weight)
     weight = weight.float()
-    if isinstance(fmt, Int8RowwiseFormat):
-        round_column, stored = _int8_rule(weight)
-    else:
-        round_column, stored = _affine_rule(fmt, weight, scheme.block_size)
-    return stored(gptq_codes(weight, hessian, round_column, settings))
+    grid = Int8Grid(weight) if isinstance(fmt, Int8RowwiseFormat) else AffineGrid(fmt, weight, scheme.block_size)
+    return grid.stored(gptq_codes(weight, hessian, grid, settings))

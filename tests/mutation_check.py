@@ -550,8 +550,8 @@ def gptq_act_order_not_undone():
 
     from quantizer_plugin import gptq
 
-    def permuted(weight, hessian, round_column, settings=gptq.GPTQSettings()):
-        codes = original(weight, hessian, round_column, settings)
+    def permuted(weight, hessian, grid, settings=gptq.GPTQSettings()):
+        codes = original(weight, hessian, grid, settings)
         if not settings.act_order:
             return codes
         order = torch.argsort(hessian.diagonal(), descending=True, stable=True)

