@@ -32,12 +32,10 @@ class Job:
 
 JOBS = {
     # the small trained LM (tests/tiny_lm.py), in a process of its own with the same torch threads: the same weights
+    # then the same LM from a second training seed, into out-seed1 (GPTQ's accuracy is asserted for both)
     "tiny-lm": Job(("tests/test_integer_formats.py::test_small_trained_lm_against_hqq_and_round_to_nearest",
                     "tests/test_gptq.py::test_gptq_moves_the_small_lm_less_than_the_data_free_fit"),
-                   (sys.executable, str(TESTS / "tiny_lm.py"), "--save", "{out}")),
-    # the same LM from a second training seed (GPTQ's accuracy is asserted for both)
-    "tiny-lm-seed1": Job(("tests/test_gptq.py::test_gptq_moves_the_small_lm_less_than_the_data_free_fit",),
-                         (sys.executable, str(TESTS / "tiny_lm.py"), "--seed", "1", "--save", "{out}")),
+                   (sys.executable, str(TESTS / "tiny_lm.py"), "--save", "{out}", "--also-seed", "1")),
     "compile-report": Job(("tests/test_kernels_compile.py::test_every_gpu_candidate_compiles_for_sm90_without_spilling",),
                           (sys.executable, "-c", COMPILE_REPORT),
                           (("TRITON_INTERPRET", None), ("TRITON_DEFAULT_FP_FUSION", "1"))),  # fmt: skip

@@ -31,7 +31,6 @@ SCHEMES = {
     "int8": QuantScheme("int8"),
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
-    "int3": QuantScheme("int3"),
     "int2": QuantScheme("int2", block_size=32),
 }
 # activations="q8_0": its kernels pass opcheck, and a layer compiles whole to eager's outputs

@@ -25,7 +25,6 @@ SCHEMES = {
     "int8": QuantScheme("int8"),  # LLM.int8
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
-    "int3": QuantScheme("int3"),
     "int2": QuantScheme("int2", block_size=32),
 }
 M_VALUES = [1, 33]  # the decode and the prefill kernels

@@ -5,6 +5,7 @@ fixed batches).
 
     python tests/tiny_lm.py [--seed N]   # trains it and prints the accuracy table of benchmarks/RESULTS.md
     python tests/tiny_lm.py --save PATH  # only trains it and saves it (the tests, beside the suite: background.py)
+    python tests/tiny_lm.py --save PATH --also-seed 1  # then the second seed's, into PATH-seed1
 
 Both measures use the whole held-out text (the last tenth of the corpus, never trained on: 364 windows of 128
 bytes, 46k predictions):
@@ -114,6 +115,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="Train the small LM and print the accuracy table of benchmarks/RESULTS.md.")
     parser.add_argument("--seed", type=int, default=0, help="training seed (the tests use 0)")
     parser.add_argument("--save", type=Path, default=None, help="only train, and save the model there (the tests)")
+    parser.add_argument("--also-seed", type=int, default=None,
+                        help="with --save: then train from this seed too, into PATH-seed<N> (one after the other: "
+                             "two trainings side by side would each take the same two cores)")  # fmt: skip
     parser.add_argument("--tables", nargs="+", choices=["formats", "head", "gptq"], default=["formats", "head", "gptq"],
                         help="the formats table, the output head quantized too (LowBitConfig.head), and GPTQ "
                              "calibrated on the training text against the data-free fit")  # fmt: skip
@@ -121,6 +125,8 @@ def main() -> int:
     seed = arguments.seed
     if arguments.save is not None:
         train(arguments.save, seed)
+        if arguments.also_seed is not None:
+            train(arguments.save.with_name(f"{arguments.save.name}-seed{arguments.also_seed}"), arguments.also_seed)
         return 0
     with tempfile.TemporaryDirectory() as folder:
         path = train(Path(folder) / "tiny-lm", seed)
