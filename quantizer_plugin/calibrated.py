@@ -5,10 +5,10 @@ While transformers loads the checkpoint, each 16-bit weight of a linear layer in
 stash on disk (WeightStash) and the layer gets placeholder tensors. Once everything is loaded, `quantize_blocks`
 runs the calibration sequences up to the first block, then for each block in turn:
 1. its 16-bit weights come back from the stash into ordinary linear layers;
-2. the calibration activations run through it, each linear layer collecting the Hessian of its inputs;
-3. each layer is quantized by GPTQ against its Hessian into the format's stored tensors, and the block's quantized
-   layers are put back;
-4. the activations run through the quantized block, which gives the next block its inputs (the errors of the
+2. stage by stage (the layers handed one input tensor, in forward order: _stages), the calibration activations run
+   through it, the stage's layers share the Hessian of their input, and GPTQ quantizes them into the format's
+   stored tensors, which are put back before the next stage's pass;
+3. the activations run through the quantized block, which gives the next block its inputs (the errors of the
    blocks already quantized are what the next one is fitted against).
 Peak memory: the quantized model, one block in 16 bits, the stash's one weight at a time, and the calibration
 activations (two copies: a block's inputs and its outputs).
@@ -79,7 +79,7 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, b
     captured = []
 
     def catch(module, args, kwargs):
-        captured.append((args[0] if args else kwargs.pop("hidden_states"), {k: v for k, v in kwargs.items()}))
+        captured.append((args[0] if args else kwargs.pop("hidden_states"), dict(kwargs)))
         raise _Captured
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
