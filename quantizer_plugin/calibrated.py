@@ -6,8 +6,8 @@ stash on disk (WeightStash) and the layer gets placeholder tensors. Once everyth
 runs the calibration sequences up to the first block, then for each block in turn:
 1. its 16-bit weights come back from the stash into ordinary linear layers;
 2. stage by stage (the layers handed one input tensor, in forward order: _stages), the calibration activations run
-   through it, the stage's layers share the Hessian of their input, and GPTQ quantizes them into the format's
-   stored tensors, which are put back before the next stage's pass;
+   through it up to the stage (_stage_hessian), the stage's layers share the Hessian of their input, and GPTQ
+   quantizes them into the format's stored tensors, which are put back before the next stage's pass;
 3. the activations run through the quantized block, which gives the next block its inputs (the errors of the
    blocks already quantized are what the next one is fitted against).
 Peak memory: the quantized model, one block in 16 bits, the stash's one weight at a time, and the calibration
@@ -138,6 +138,32 @@ def _stages(block: nn.Module, plain: dict[str, nn.Linear], first_input: tuple) -
     return stages + [[name] for name in plain if not any(name in stage for stage in stages)]  # never called
 
 
+class _StageInputSeen(Exception):
+    pass
+
+
+def _stage_hessian(block: nn.Module, first_layer: nn.Linear, inputs: list[tuple]) -> gptq.Hessian:
+    """The Hessian of the input `first_layer` receives over the calibration batches. Each batch's forward through
+    the block stops there: what comes after the stage does not change its input (the q/k/v stage needs only the
+    block's first norm, so the block's passes cost about two and a half forwards, not five)."""
+    hessian = gptq.Hessian(first_layer.in_features)
+
+    def collect(module, args):
+        hessian.add(args[0])
+        raise _StageInputSeen
+
+    hook = first_layer.register_forward_pre_hook(collect)
+    try:
+        for hidden, kwargs in inputs:
+            try:
+                block(hidden, **kwargs)
+            except _StageInputSeen:
+                pass
+    finally:
+        hook.remove()
+    return hessian
+
+
 def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, settings: gptq.GPTQSettings,
                     batch: int = 8, progress=None) -> dict:  # fmt: skip
     """Quantize every stashed layer of the decoder blocks by GPTQ (see the module docstring); returns a summary
@@ -160,12 +186,7 @@ def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, set
                 block.set_submodule(name, layer)
             for stage in _stages(block, plain, inputs[0]):
                 # the stage's layers read one input tensor: one Hessian serves them all
-                hessian = gptq.Hessian(plain[stage[0]].in_features)
-                hook = plain[stage[0]].register_forward_pre_hook(lambda module, args: hessian.add(args[0]))
-                try:
-                    _run(block, inputs)
-                finally:
-                    hook.remove()
+                hessian = _stage_hessian(block, plain[stage[0]], inputs)
                 for name in stage:
                     layer = layers[name]
                     try:

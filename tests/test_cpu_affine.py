@@ -35,7 +35,7 @@ def expected_kernel(m: int, k: int, block: int, dtype: torch.dtype) -> str:
     """The kernel that should serve, from the shapes and this CPU's flags (not from the entry point's own checks)."""
     if (m <= cpu_affine.GEMV_MAX_M or fused_at_every_batch(dtype)) and k % block == 0 and block % 64 == 0 and avx2_here():
         return "fused_bf16" if dtype == torch.bfloat16 and avx512_bf16_here() else "fused"
-    if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
+    if m <= 256 and dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"
     return "dequantize_matmul"
 

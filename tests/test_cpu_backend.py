@@ -22,7 +22,7 @@ from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx5
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-M_VALUES = [1, 3, 16, 33, 128]
+M_VALUES = [1, 3, 16, 33, 128, 257]  # 257: past the bf16 tiles (chunks.TILES_MAX_M), the chunks serve
 # (N, K, block): odd N; K a multiple of the block (rows start on a block: the fused kernel serves decode, the AMX
 # tiles larger bf16 batches), K that is not (blocks straddle rows), block 16 and 32, and an odd K; N past one group
 # of 64 rows with K over several chunks of columns and a block of 128.
@@ -71,7 +71,7 @@ def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
     if (m <= codebook4bit.GEMV_MAX_M or fused_at_every_batch(dtype)) and k % block == 0 and block % 32 == 0:
         bf16_lookups = dtype == torch.bfloat16 and block % 64 == 0 and bf16_lookups_here()
         return "fused_bf16" if bf16_lookups else "fused"
-    if dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
+    if m <= 256 and dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"
     return "dequantize_matmul"
 
@@ -266,7 +266,7 @@ def test_weight_only_int8_matches_the_oracle(dtype, k):
         with ops.record_dispatch() as served:
             y = layer(x)
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
-        tiles = dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
+        tiles = m <= 256 and dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
         fused = (m <= cpu_int8.GEMV_MAX_M or fused_at_every_batch(dtype)) and avx2_here()
         assert served == ["cpu.int8.fused" if fused else large]

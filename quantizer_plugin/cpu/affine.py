@@ -7,9 +7,10 @@
   activations) taken off. bfloat16 compute on CPUs with AVX512-BF16 multiplies bfloat16 activations by pairs
   (vdpbf16ps); otherwise float32. The weight is never rounded to the compute dtype here, so the result is at least
   as close to the exact product as the reference's; it is then rounded to the compute dtype, as the reference's is.
-- More rows with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the group and of 128, the group of 64
-  or more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64
-  rows at a time into L1, through a table of each group's (i - z) * s, and the tile unit multiplies it there.
+- More rows (up to chunks.TILES_MAX_M) with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the group
+  and of 128, the group of 64 or more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the
+  reference's, a chunk of 64 rows at a time into L1, through a table of each group's (i - z) * s, and the tile unit
+  multiplies it there.
 - Anything else: the native dequantize writes row chunks in the compute dtype, bit for bit the reference's weight,
   and torch's GEMM multiplies each chunk while it is in L2 (chunks.py); the input gradient (LoRA) takes the same
   chunks.
@@ -41,12 +42,13 @@ def fused_kernel(kernels, m: int, weight: AffineWeight, compute_dtype: torch.dty
     return "fused_bf16" if compute_dtype == torch.bfloat16 and kernels.uses_avx512_bf16() else "fused"
 
 
-def uses_tiles(kernels, weight: AffineWeight, compute_dtype: torch.dtype) -> bool:
-    """Whether batches past decode run on the AMX tiles: bfloat16 compute, K a multiple of the group and of 128, the
-    group of 64 or more, and AMX on this CPU."""
+def uses_tiles(kernels, m: int, weight: AffineWeight, compute_dtype: torch.dtype) -> bool:
+    """Whether a batch of `m` rows past decode runs on the AMX tiles: at most chunks.TILES_MAX_M rows, bfloat16
+    compute, K a multiple of the group and of 128, the group of 64 or more, and AMX on this CPU."""
     block, k = weight.block_size, weight.in_features
     bf16 = compute_dtype == torch.bfloat16
-    return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
+    return (bf16 and m <= chunks.TILES_MAX_M and block % 64 == 0 and k % block == 0 and k % 128 == 0
+            and kernels.uses_amx_bf16())  # fmt: skip
 
 
 def weight_arguments(weight: AffineWeight) -> tuple:
@@ -67,7 +69,7 @@ def linear_forward(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor | N
         y = library.call(kernels, "gemv_affine_bf16", x2d.to(torch.bfloat16).contiguous(), *weight_arguments(weight))
     elif kernel == "fused":
         y = library.call(kernels, "gemv_affine", x2d.to(dtype).float().contiguous(), *weight_arguments(weight))
-    elif uses_tiles(kernels, weight, dtype):
+    elif uses_tiles(kernels, x2d.shape[0], weight, dtype):
         kernel = "tiles"
         y = library.call(kernels, "linear_affine_tiles", x2d.to(dtype), *weight_arguments(weight))
     else:

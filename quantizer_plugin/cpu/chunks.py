@@ -13,6 +13,12 @@ from collections.abc import Callable
 import torch
 
 CHUNK_BYTES = 1 << 21  # a dequantized chunk of rows: well inside a 2-4 MB L2
+# Past this many activation rows the chunks serve batches the bfloat16 AMX tiles (csrc/amx.h) would: the tiles
+# multiply every activation row by each 64 weight rows in turn, so they stream all of x once per 64 rows of W, while
+# torch's GEMM blocks x itself. int4 on the Xeon with AMX, 2 threads, tiles against chunks (x bf16's time): at
+# 4096 x 4096 M = 256 1.30 against 1.32, 512 1.57 against 1.23, 2048 2.14 against 1.17; at 2048 x 5632 M = 512
+# 1.72 against 1.34, 2048 1.92 against 1.25.
+TILES_MAX_M = 256
 
 # fill(first_row, last_row, out): writes rows [first_row, last_row) of the dequantized weight into `out` (contiguous)
 Fill = Callable[[int, int, torch.Tensor], None]

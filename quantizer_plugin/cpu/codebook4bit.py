@@ -6,9 +6,10 @@
   never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations in
   vdpbf16ps pairs; with AVX2 alone, the bfloat16 codes looked up with vpshufb and multiplied in float32; otherwise
   in float32. Its output is then rounded to the compute dtype, as the reference's is.
-- More rows with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the block and of 128, blocks of 64 or
-  more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the reference's, a chunk of 64 rows
-  at a time into L1, and the tile unit multiplies it there (the activations packed in the order it writes them).
+- More rows (up to chunks.TILES_MAX_M) with a bfloat16 compute dtype on CPUs with AMX (K a multiple of the block and
+  of 128, blocks of 64 or more): the tile kernel (csrc/amx.h) writes the weight in bfloat16, bit for bit the
+  reference's, a chunk of 64 rows at a time into L1, and the tile unit multiplies it there (the activations packed in
+  the order it writes them).
 - Anything else (float16/float32, no AMX, blocks that straddle rows): the native dequantize writes the weight's
   rows in chunks of about chunks.CHUNK_BYTES in the compute dtype, bit for bit the reference's dequantized weight,
   and torch's GEMM multiplies each chunk while it is still in L2. The input gradient (QLoRA) takes the same chunks.
@@ -55,12 +56,13 @@ def fused_kernel(kernels, m: int, weight: CodebookWeight, compute_dtype: torch.d
     return "fused"
 
 
-def uses_tiles(kernels, weight: CodebookWeight, compute_dtype: torch.dtype) -> bool:
-    """Whether batches past decode run on the AMX tiles (csrc/amx.h): bfloat16 compute, K a multiple of the block and
-    of 128, the block of 64 or more, and AMX on this CPU."""
+def uses_tiles(kernels, m: int, weight: CodebookWeight, compute_dtype: torch.dtype) -> bool:
+    """Whether a batch of `m` rows past decode runs on the AMX tiles (csrc/amx.h): at most chunks.TILES_MAX_M rows,
+    bfloat16 compute, K a multiple of the block and of 128, the block of 64 or more, and AMX on this CPU."""
     block, k = weight.block_size, weight.in_features
     bf16 = compute_dtype == torch.bfloat16
-    return bf16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and kernels.uses_amx_bf16()
+    return (bf16 and m <= chunks.TILES_MAX_M and block % 64 == 0 and k % block == 0 and k % 128 == 0
+            and kernels.uses_amx_bf16())  # fmt: skip
 
 
 def grouped_columns(kernels, weight: CodebookWeight) -> bool:
@@ -93,7 +95,7 @@ def linear_forward(x: torch.Tensor, weight: CodebookWeight, bias: torch.Tensor |
             y += bias.float()
         served(f"cpu.codebook4bit.{fused}")
         return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
-    if uses_tiles(kernels, weight, compute_dtype):
+    if uses_tiles(kernels, m, weight, compute_dtype):
         y = library.call(kernels, "linear_4bit_tiles", x2d.to(compute_dtype), *weight_arguments(weight), n, block)
         if bias is not None:
             y += bias.float()

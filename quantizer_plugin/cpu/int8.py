@@ -17,8 +17,9 @@ Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-
   kernel (csrc/int8_amx.cpp) multiplies the weight as stored (no conversion, no copy) by the activations split into
   two int8 pieces per row (x ~ s * (high + low / 254), within max|x_row| / 64516 of x: far inside the rounding of
   16-bit activations), int32 sums, the scales applied once at the end.
-- More rows, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h) multiplies the int8
-  values as bfloat16 (exact) and scales each output by its row's weight_scale / 127, as the decode kernel does.
+- More rows, up to chunks.TILES_MAX_M, bfloat16 on CPUs with AMX (K a multiple of 32): the tile kernel (csrc/amx.h)
+  multiplies the int8 values as bfloat16 (exact) and scales each output by its row's weight_scale / 127, as the decode
+  kernel does.
 - Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
 torch's own `_weight_int8pack_mm` was measured here too: 1.8x slower than the decode kernel at K = 2048 (the 0.4B
 Llama of benchmarks/cpu_decode.py), 1.2x faster at K = 4096, and it needs K % 16 == 0 and a 16-byte aligned weight
@@ -107,7 +108,8 @@ def linear_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor 
     elif uses_int8_tiles(kernels, x2d.shape[0], weight, dtype):
         y = library.call(kernels, "linear_int8_amx", x2d.to(dtype), weight.values, weight.scale)
         served("cpu.int8.int8_tiles")
-    elif dtype == torch.bfloat16 and weight.in_features % 32 == 0 and kernels.uses_amx_bf16():
+    elif (dtype == torch.bfloat16 and x2d.shape[0] <= chunks.TILES_MAX_M and weight.in_features % 32 == 0
+          and kernels.uses_amx_bf16()):  # fmt: skip
         y = library.call(kernels, "linear_int8_tiles", x2d.to(dtype), weight.values, weight.scale)
         served("cpu.int8.tiles")
     else:

@@ -127,12 +127,13 @@ inline void for_row_groups(int64_t M, int64_t N, const Kernel& kernel) {
 
 // y (M, N) = x (M, K) @ W.T, W made chunk by chunk: each task takes consecutive rows of W, dequantizes them with
 // `fill(first, last, buffer)` into its own buffer (in its core's L2) and multiplies them right there with a
-// single-threaded GEMM (at::mm inside a parallel region runs on the calling thread), writing its own rows of y.T.
+// single-threaded GEMM (at::mm inside a parallel region runs on the calling thread), writing its own columns of y.
 template <typename Fill>
 inline at::Tensor chunked_linear(const at::Tensor& x, int64_t N, int64_t rows_per_chunk, const Fill& fill) {
   const int64_t M = x.size(0), K = x.size(1);
-  at::Tensor y_t = at::empty({N, M}, x.options());
-  at::Tensor x_t = x.t();
+  // y is written in place, a chunk's columns at a time (a column slice is a BLAS matrix with leading dimension N):
+  // a contiguous result, so that what follows a layer (attention's views, elementwise ops) reads it at full speed
+  at::Tensor y = at::empty({M, N}, x.options());
   const int64_t chunks = (N + rows_per_chunk - 1) / rows_per_chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t first_chunk, int64_t last_chunk) {
     at::Tensor buffer = at::empty({rows_per_chunk, K}, x.options());
@@ -140,11 +141,11 @@ inline at::Tensor chunked_linear(const at::Tensor& x, int64_t N, int64_t rows_pe
       const int64_t first = c * rows_per_chunk, last = std::min(N, first + rows_per_chunk);
       at::Tensor weight = buffer.narrow(0, 0, last - first);
       fill(first, last, weight);
-      at::Tensor out = y_t.narrow(0, first, last - first);
-      at::mm_out(out, weight, x_t);
+      at::Tensor out = y.narrow(1, first, last - first);
+      at::mm_out(out, x, weight.t());
     }
   });
-  return y_t.t();
+  return y;
 }
 
 }  // namespace quantizer_plugin
