@@ -125,9 +125,11 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
         damped = hessian.flip(0, 1).contiguous()
         damped.diagonal().add_(damp * 10**attempt * mean_diagonal)
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped  # (K, K) float32 temporaries are freed as soon as they are used: 32 MB each at K = 2816
         if info == 0:
-            identity = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
-            inverse = torch.linalg.solve_triangular(lower, identity, upper=False)
+            inverse = torch.eye(lower.shape[0], dtype=lower.dtype, device=lower.device)
+            inverse = torch.linalg.solve_triangular(lower, inverse, upper=False)
+            del lower
             if bool(torch.isfinite(inverse).all()):
                 return inverse.flip(0, 1).contiguous()
     raise ValueError("GPTQ: the layer's Hessian is not positive definite even with damping 1000x; are its "
@@ -141,17 +143,20 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, grid, settings: GPTQ
     The loop works on the transposed weight (K, N), in the order the columns are rounded: each column is a
     contiguous row, and the error feedback is an in-place rank-1 update (addr_) within a block of columns and one
     matrix product (addmm_) onto the columns after it."""
-    h = hessian.float().clone()
     n, k = weight.shape
-    if h.shape != (k, k):
-        raise ValueError(f"GPTQ: the Hessian is {tuple(h.shape)}, the weight has {k} input columns")
-    if not bool(torch.isfinite(h).all()):
+    if hessian.shape != (k, k):
+        raise ValueError(f"GPTQ: the Hessian is {tuple(hessian.shape)}, the weight has {k} input columns")
+    if not bool(torch.isfinite(hessian).all()):
         raise ValueError("GPTQ: the Hessian holds NaN or infinite values (non-finite calibration activations)")
-    dead = h.diagonal() == 0  # an input that was always zero: its column cannot matter, round it as it is
-    h[dead, dead] = 1.0
-    order = torch.argsort(h.diagonal(), descending=True, stable=True) if settings.act_order else torch.arange(k)
+    diagonal = hessian.diagonal().float()
+    dead = diagonal == 0  # an input that was always zero: its column cannot matter, round it as it is
+    diagonal = diagonal.masked_fill(dead, 1.0)
+    order = torch.argsort(diagonal, descending=True, stable=True) if settings.act_order else torch.arange(k)
+    h = hessian.float()[order][:, order]
+    h[dead[order], dead[order]] = 1.0
+    inverse = inverse_hessian_factor(h, settings.damp)
+    del h
     columns = weight.float().T[order].contiguous()  # row i: the weight's column order[i]
-    inverse = inverse_hessian_factor(h[order][:, order], settings.damp)
     codes = torch.empty(k, n, dtype=torch.float32)
     original_column = order.tolist()
     for first in range(0, k, settings.block_columns):
