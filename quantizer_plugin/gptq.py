@@ -82,7 +82,6 @@ class AffineGrid:
         low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
         self.scale = ((high - low) / self.top).clamp(min=torch.finfo(torch.float16).tiny).half()
         self.zero = (-low / self.scale.float()).round().clamp(0, self.top).half()
-
         # the columns' grid as rows (groups, N): the column loop reads one group's scales as a contiguous vector
         self._scale_rows, self._zero_rows = self.scale.float().T.contiguous(), self.zero.float().T.contiguous()
 
@@ -91,8 +90,46 @@ class AffineGrid:
         codes = (w / s + z).round_().clamp_(0, self.top)
         return codes, (codes - z) * s  # the reference's dequantize: (q - z) * s in float32
 
+    def refit_scales(self, weight: torch.Tensor, codes: torch.Tensor, hessian: torch.Tensor, damp: float) -> None:
+        """Once every column is rounded: each row's group scales re-fitted, codes and integer zero points kept, to the
+        row's output error (w - w_q)^T H (w - w_q), which GPTQ chose the codes for but the min/max scales were not.
+        w_q = D s is linear in the row's scales s (D: each group's offsets d_g = q - z in its own column), so the
+        least-squares scales solve (D^T H D) s = D^T H w, a system of one equation per group. A row keeps its
+        fitted scales only where its error, float16 rounding included, is lower.
+
+        Measured on the small LM of tests/tiny_lm.py (both seeds, int4/int3/int2, groups 64 and 128): the KL
+        divergence from the float model fell in 10 of the 12 cases (by up to 8% at int2, 2 to 6% at int3) and rose
+        at int4 for seed 0 (3% and 5%). Without the damping the fit follows the calibration inputs too closely: a
+        random Llama calibrated on 256 tokens (tests/test_gptq.py) lost twice as much as with it."""
+        n, k = weight.shape
+        h = hessian.float().clone()  # damped as GPTQ's is: directions the calibration inputs never took still count
+        h.diagonal().add_(damp * h.diagonal().mean())
+        groups = self.scale.shape[1]
+        offsets = codes - self.zero.float().repeat_interleave(self.block, dim=1)[:, :k]
+        group_of = torch.arange(k) // self.block
+        gram = torch.empty(n, groups, groups)  # D^T H D per row
+        moment = torch.empty(n, groups)  # D^T H w per row
+        for g in range(groups):
+            columns = slice(g * self.block, min(k, (g + 1) * self.block))
+            reach = offsets[:, columns] @ h[columns]  # (n, k): d_g^T H_g,: for every row
+            moment[:, g] = (reach * weight).sum(dim=1)
+            gram[:, g] = torch.zeros(n, groups).index_add_(1, group_of, reach * offsets)  # d_g^T H_g,j d_j per group j
+        del reach
+        solution, info = torch.linalg.solve_ex(gram, moment)
+        solvable = (info == 0) & torch.isfinite(solution).all(dim=1)
+        fitted = torch.where(solvable[:, None], solution, self.scale.float())
+        fitted = fitted.clamp(min=torch.finfo(torch.float16).tiny, max=torch.finfo(torch.float16).max).half()
+
+        def output_error(scale: torch.Tensor) -> torch.Tensor:  # the row's error less w^T H w, which both share
+            s = scale.double()  # float64: the two errors differ by far less than their terms
+            return (s.unsqueeze(1) @ gram.double() @ s.unsqueeze(2)).flatten() - 2 * (s * moment.double()).sum(dim=1)
+
+        lower = output_error(fitted) < output_error(self.scale)
+        self.scale = torch.where(lower[:, None], fitted, self.scale)
+
     def stored(self, codes: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"weight": self.fmt.pack(codes.to(torch.uint8)), "weight_scale": self.scale, "weight_zero": self.zero}
+        return {"weight": self.fmt.pack(codes.to(torch.uint8)), "weight_scale": self.scale.contiguous(),
+                "weight_zero": self.zero.contiguous()}  # fmt: skip
 
 
 class Int8Grid:
@@ -183,4 +220,7 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, hessian: torch.Tensor, sch
     refuse_non_finite(weight)
     weight = weight.float()
     grid = Int8Grid(weight) if isinstance(fmt, Int8RowwiseFormat) else AffineGrid(fmt, weight, scheme.block_size)
-    return grid.stored(gptq_codes(weight, hessian, grid, settings))
+    codes = gptq_codes(weight, hessian, grid, settings)
+    if isinstance(grid, AffineGrid):
+        grid.refit_scales(weight, codes, hessian, settings.damp)
+    return grid.stored(codes)

@@ -54,6 +54,18 @@ def paper_gptq(weight, hessian, grid_codes, damp, act_order):
     return unpermuted
 
 
+def minmax_grid(weight, bits, block):
+    """GPTQ's static grid as its docstring states it: each group's min and max widened to hold zero (a group of zeros
+    takes [-1, 1]), scale (max - min) / (2^bits - 1) in float16, zero point round(-min / scale) in [0, 2^bits - 1]."""
+    groups = weight.float().split(block, dim=1)
+    low = torch.stack([g.amin(dim=1) for g in groups], dim=1).clamp(max=0)
+    high = torch.stack([g.amax(dim=1) for g in groups], dim=1).clamp(min=0)
+    flat = (low == 0) & (high == 0)
+    low, high = torch.where(flat, -1.0, low), torch.where(flat, 1.0, high)
+    scale = ((high - low) / (2**bits - 1)).clamp(min=torch.finfo(torch.float16).tiny).half()
+    return {"weight_scale": scale, "weight_zero": (-low / scale.float()).round().clamp(0, 2**bits - 1).half()}
+
+
 def affine_grid_rule(stored, k, bits, block):
     """A column's codes on the stored grid: round(w / s + z) in [0, 2^bits - 1], value (q - z) s."""
     s = stored["weight_scale"].double().repeat_interleave(block, dim=1)[:, :k]
@@ -82,8 +94,9 @@ def test_codes_are_the_papers_gptq_on_the_same_grid(weights, act_order):
     if weights in AFFINE:
         bits = AFFINE[weights]
         codes = fmt.unpack(stored["weight"], k).double()
-        assert torch.equal(stored["weight_zero"].float(), stored["weight_zero"].float().round())  # integer zero points
-        rule = affine_grid_rule(stored, k, bits, block)
+        grid = minmax_grid(weight, bits, block)  # the grid the columns are rounded on; the scales are re-fitted after
+        assert torch.equal(stored["weight_zero"], grid["weight_zero"])  # integer zero points, kept
+        rule = affine_grid_rule(grid, k, bits, block)
     else:
         codes = stored["weight"].double()
         assert torch.equal(stored["weight_scale"], weight.abs().amax(dim=1))  # int8's own row absmax
@@ -109,7 +122,7 @@ def test_gptq_removes_most_of_the_layer_error_that_rounding_to_nearest_leaves(we
     fmt, scheme = get_format(weights), QuantScheme(weights, block_size=block)
     stored = gptq.quantize(fmt, weight, hessian.matrix, scheme)
     ours = oracles.dequantize_affine(stored, k, AFFINE[weights], block)
-    rule = affine_grid_rule(stored, k, AFFINE[weights], block)
+    rule = affine_grid_rule(minmax_grid(weight, AFFINE[weights], block), k, AFFINE[weights], block)
     nearest = torch.stack([rule(weight[:, c].double(), c)[1] for c in range(k)], dim=1).float()
 
     def output_error(w):
@@ -118,12 +131,34 @@ def test_gptq_removes_most_of_the_layer_error_that_rounding_to_nearest_leaves(we
     assert output_error(ours) < 0.6 * output_error(nearest), (output_error(ours), output_error(nearest))
 
 
+@pytest.mark.parametrize("weights", AFFINE)
+def test_refitted_scales_lower_each_rows_output_error_and_keep_codes_and_zero_points(weights):
+    n, k, block, bits = 96, 256, 64, AFFINE[weights]
+    weight = torch.randn(n, k, generator=torch.Generator().manual_seed(6)) * 0.02
+    x = correlated_inputs(1024, k, seed=7)
+    hessian = gptq.Hessian(k)
+    hessian.add(x)
+    fmt, scheme = get_format(weights), QuantScheme(weights, block_size=block)
+    stored = gptq.quantize(fmt, weight, hessian.matrix, scheme)
+    grid = minmax_grid(weight, bits, block)
+    assert torch.equal(stored["weight_zero"], grid["weight_zero"])
+    before = {"weight": stored["weight"]} | grid  # the same codes on the min/max grid's scales
+
+    def row_errors(tensors):  # each row's squared output error over the calibration inputs
+        return ((x.double() @ (weight.double() - oracles.dequantize_affine(tensors, k, bits, block).double()).T) ** 2).sum(0)
+
+    refitted, minmax = row_errors(stored), row_errors(before)
+    assert bool((refitted <= minmax * (1 + 1e-4)).all())  # float32 H against the float64 error: a hair of slack
+    assert refitted.sum() < 0.99 * minmax.sum(), (refitted.sum(), minmax.sum())
+    assert (stored["weight_scale"] != grid["weight_scale"]).float().mean() > 0.5
+
+
 def test_an_identity_hessian_rounds_to_nearest():
     # with uncorrelated inputs of equal energy GPTQ has no error to move: every code is the nearest on its grid
     n, k, block = 16, 128, 64
     weight = torch.randn(n, k, generator=torch.Generator().manual_seed(5))
     stored = gptq.quantize(get_format("int4"), weight, torch.eye(k), QuantScheme("int4", block_size=block))
-    rule = affine_grid_rule(stored, k, 4, block)
+    rule = affine_grid_rule(minmax_grid(weight, 4, block), k, 4, block)
     nearest = torch.stack([rule(weight[:, c].double(), c)[0] for c in range(k)], dim=1)
     assert torch.equal(get_format("int4").unpack(stored["weight"], k).double(), nearest)
 
