@@ -98,7 +98,7 @@ class AffineGrid:
         fitted scales only where its error, float16 rounding included, is lower.
 
         Measured on the small LM of tests/tiny_lm.py (both seeds, int4/int3/int2, groups 64 and 128): the KL
-        divergence from the float model fell in 10 of the 12 cases (by up to 8% at int2, 2 to 6% at int3) and rose
+        divergence from the float model fell in 10 of the 12 cases (by 1 to 8% at int2, 2 to 6% at int3) and rose
         at int4 for seed 0 (3% and 5%). Without the damping the fit follows the calibration inputs too closely: a
         random Llama calibrated on 256 tokens (tests/test_gptq.py) lost twice as much as with it."""
         n, k = weight.shape
