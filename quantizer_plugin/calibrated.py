@@ -189,7 +189,8 @@ def _stage_hessian(block: nn.Module, first_layer: nn.Linear, inputs: list[tuple]
 def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, settings: gptq.GPTQSettings,
                     batch: int = 8, progress=None) -> dict:  # fmt: skip
     """Quantize every stashed layer of the decoder blocks by GPTQ (see the module docstring); returns a summary
-    (blocks, layers, seconds) for the checkpoint's metadata.
+    (blocks, layers, seconds) for the checkpoint's metadata. `progress(done, total)` is called before the first block
+    and after each.
 
     Within a block the layers go in stages, in the order the forward reaches them (_stages): each stage's Hessians
     come from a pass in which the stages before it are already quantized, so that a layer is fitted to the inputs
@@ -200,6 +201,8 @@ def quantize_blocks(model: nn.Module, stash: WeightStash, ids: torch.Tensor, set
     dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
     with torch.no_grad():
         inputs = _first_block_inputs(model, blocks[0], ids, batch)
+        if progress is not None:
+            progress(0, len(blocks))
         quantized = 0
         for index, block in enumerate(blocks):
             layers = {name: m for name, m in block.named_modules() if isinstance(m, LowBitLinear) and f"{names[m]}.weight" in stash}

@@ -7,7 +7,8 @@ column is rounded ("static groups"), so the stored layout is the format's plain 
 result. With act-order the columns are rounded in decreasing order of diag(H) (the inputs with the most energy
 first, while the most columns remain to absorb their errors), each still with its own group's scale and zero point.
 Columns go in blocks of `block_columns` with lazy batch updates of the rest; H^-1 comes from a Cholesky factor of
-the damped H (damping: a fraction of H's mean diagonal added to it).
+the damped H (damping: a fraction of H's mean diagonal added to it). Once the codes are chosen, each row's group
+scales are re-fitted to its output error by least squares (AffineGrid.refit_scales); codes and zero points stay.
 """
 
 from __future__ import annotations
@@ -92,7 +93,8 @@ class AffineGrid:
 
     def refit_scales(self, weight: torch.Tensor, codes: torch.Tensor, hessian: torch.Tensor, damp: float) -> None:
         """Once every column is rounded: each row's group scales re-fitted, codes and integer zero points kept, to the
-        row's output error (w - w_q)^T H (w - w_q), which GPTQ chose the codes for but the min/max scales were not.
+        row's output error (w - w_q)^T H (w - w_q) (H damped as for the column loop), which GPTQ chose the codes for
+        but the min/max scales were not.
         w_q = D s is linear in the row's scales s (D: each group's offsets d_g = q - z in its own column), so the
         least-squares scales solve (D^T H D) s = D^T H w, a system of one equation per group. A row keeps its
         fitted scales only where its error, float16 rounding included, is lower.
@@ -155,8 +157,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
     U comes from one Cholesky factor and one triangular inverse, without forming H^-1: with J the reversal
     permutation and J H J = L L^T (L lower), H^-1 = (J L^-T J)(J L^-1 J), and J L^-1 J is upper triangular with a
-    positive diagonal, so it is H^-1's upper Cholesky factor. (Half the work of factoring H^-1 itself; on 5632
-    columns that is most of a down projection's GPTQ time.)"""
+    positive diagonal, so it is H^-1's upper Cholesky factor, with neither H^-1 nor a second factorization formed."""
     mean_diagonal = hessian.diagonal().mean()
     for attempt in range(4):
         damped = hessian.flip(0, 1).contiguous()

@@ -114,13 +114,20 @@ class LowBitHfQuantizer(HfQuantizer):
         from transformers.utils import logging
 
         config = self.quantization_config
+        bar = None
+
+        def progress(done: int, total: int) -> None:
+            nonlocal bar
+            bar = bar or logging.tqdm(total=total, desc="GPTQ: blocks")
+            bar.update(done - bar.n)
+
         try:
             ids = calibration_ids(config.dataset, config.tokenizer, config.calibration_samples, config.calibration_length)
             settings = gptq.GPTQSettings(damp=config.damp, act_order=config.act_order)
-            bar = logging.tqdm(total=len(calibrated.decoder_blocks(model)[1]), desc="GPTQ: blocks")
-            summary = calibrated.quantize_blocks(model, self.stash, ids, settings, progress=lambda done, total: bar.update(1))
-            bar.close()
+            summary = calibrated.quantize_blocks(model, self.stash, ids, settings, progress=progress)
         finally:
+            if bar is not None:
+                bar.close()
             self.stash.close()
             self.stash = None
         self.calibration = config.calibration_record() | summary
