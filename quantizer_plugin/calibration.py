@@ -20,6 +20,8 @@ BUILTIN_TEXTS = ("pydoc",)
 SAMPLES = 128  # GPTQModel's default number of calibration sequences
 LENGTH = 512  # tokens per sequence: a 2-core CPU runs 128 of them through a 0.4B model in minutes
 SEED = 0
+# the safetensors metadata key under which a calibrated checkpoint records its method and calibration (JSON)
+METADATA_KEY = "quantizer_plugin.calibration"
 
 
 def builtin_text(name: str) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard
 from torch import nn
 
+from .calibration import METADATA_KEY
 from .config import QUANT_METHOD, LowBitConfig
 from .formats import get_format
 from .integrations.transformers import run_before_upload, stop_running_before_upload
@@ -39,8 +40,35 @@ def bits_per_weight(model: nn.Module) -> float | None:
     return 8 * stored / weights if weights else None
 
 
-def quantization_section(config: dict, repo_id: str, architecture: str | None, bits: float | None) -> str:
-    """Markdown for a checkpoint whose config.json holds `config` (a lowbit quantization_config dict)."""
+def calibration_record(folder: str | Path) -> dict | None:
+    """The calibrated method's record (method="gptq": the method, its data and settings) from the safetensors
+    metadata of the checkpoint in `folder`, or None for a data-free checkpoint."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), "pt") as f:
+            record = (f.metadata() or {}).get(METADATA_KEY)
+        if record is not None:
+            return json.loads(record)
+    return None
+
+
+def calibration_paragraph(record: dict) -> str:
+    rows = "\n".join(f"| `{key}` | `{json.dumps(value)}` |" for key, value in record.items())
+    return f"""
+The weights were fitted by **{record.get("method", "a calibrated method")}** on calibration data, as recorded in
+every shard's safetensors metadata under `{METADATA_KEY}` (reloading needs none of it):
+
+| calibration | value |
+|---|---|
+{rows}
+"""
+
+
+def quantization_section(config: dict, repo_id: str, architecture: str | None, bits: float | None,
+                         calibration: dict | None = None) -> str:  # fmt: skip
+    """Markdown for a checkpoint whose config.json holds `config` (a lowbit quantization_config dict) and, for a
+    calibrated one, whose metadata records `calibration`."""
     from . import __version__
 
     quantization = LowBitConfig.from_dict(config)  # also refuses a config this version cannot load
@@ -59,7 +87,7 @@ quantizer_plugin {__version__} (quant_method `"{QUANT_METHOD}"`). Its settings, 
 | setting | value |
 |---|---|
 {rows}
-
+{calibration_paragraph(calibration) if calibration else ""}
 ## How to load
 
 Install quantizer_plugin, import it (the import registers the `"{QUANT_METHOD}"` quantization method with
@@ -100,7 +128,7 @@ def write_section(model: nn.Module, folder: str, repo_id: str) -> bool:
     if quantization.get("quant_method") != QUANT_METHOD:
         return False
     architecture = (saved.get("architectures") or [None])[0]
-    section = quantization_section(quantization, repo_id, architecture, bits_per_weight(model))
+    section = quantization_section(quantization, repo_id, architecture, bits_per_weight(model), calibration_record(folder))
     readme.write_text(add_section(readme.read_text(encoding="utf-8"), section), encoding="utf-8")
     return True
 

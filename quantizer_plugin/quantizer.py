@@ -10,7 +10,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import calibrated, gptq, ops
-from .calibration import calibration_ids
+from .calibration import METADATA_KEY, calibration_ids
 from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
 from .integrations.peft import register_if_peft_imported
@@ -136,7 +136,7 @@ class LowBitHfQuantizer(HfQuantizer):
         # the calibrated method's record, in every shard's safetensors header (config.json stays a plain LowBitConfig)
         if self.calibration is None:
             return None, {}
-        return None, {"quantizer_plugin.calibration": json.dumps(self.calibration)}
+        return None, {METADATA_KEY: json.dumps(self.calibration)}
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         # The loader makes float tensors it sets trainable; the stored tensors of a quantized layer never are.

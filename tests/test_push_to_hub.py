@@ -17,6 +17,7 @@ from huggingface_hub import HfApi, ModelCard, constants
 from transformers import AutoModelForCausalLM
 from transformers.utils import hub as transformers_hub
 
+from quantizer_plugin import LowBitConfig
 from quantizer_plugin.model_card import SECTION_START
 
 from fake_hub import FakeHub
@@ -109,6 +110,20 @@ def test_save_pretrained_with_push_to_hub_writes_and_uploads_the_same_card(hub, 
     again = AutoModelForCausalLM.from_pretrained("tester/tiny-fp4")
     with torch.no_grad():
         assert torch.equal(again(token_ids).logits, model(token_ids).logits)
+
+
+def test_a_gptq_checkpoint_s_card_records_its_calibration(hub, llama_dir):
+    config = LowBitConfig(weights="int4", method="gptq", dataset=torch.arange(4000) % 320, calibration_samples=8,
+                          calibration_length=32, compute_dtype="float32")  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=config)
+    model.push_to_hub("tester/tiny-gptq")
+    readme = hub.files("tester/tiny-gptq")["README.md"].decode()
+    assert card_sections(readme) == 1 and "**int4** (4-bit" in readme
+    calibration = dict(re.findall(r"^\| `(\w+)` \| `(.*)` \|$", readme.split("| calibration | value |")[1], re.M))
+    assert calibration | {"seconds": "0"} == {"method": '"gptq"', "dataset": '"Tensor"', "samples": "8", "length": "32",
+                                            "damp": "0.01", "act_order": "true", "blocks": "2", "layers": "14",
+                                            "seconds": "0"}  # fmt: skip
+    assert "**gptq**" in readme and "dataset" not in readme.split("| setting | value |")[1].split("| calibration")[0]
 
 
 def test_pushing_again_replaces_the_section_and_keeps_the_owners_edits(hub, llama_dir, token_ids):
