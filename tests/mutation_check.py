@@ -561,6 +561,17 @@ def gptq_act_order_not_undone():
     patch(gptq, "gptq_codes", permuted)
 
 
+def gptq_refit_ignores_the_hessian():
+    # GPTQ's scales re-fitted to each row's weight error (the identity) instead of its output error (the Hessian)
+    import torch
+
+    from quantizer_plugin import gptq
+
+    original = gptq.AffineGrid.refit_scales
+    patch(gptq.AffineGrid, "refit_scales", lambda self, weight, codes, hessian, damp: original(
+        self, weight, codes, torch.eye(hessian.shape[0]), damp))
+
+
 MUTATIONS: dict[str, Mutation] = {
     "4bit-dequantize-returns-zeros": Mutation(
         "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
@@ -710,6 +721,9 @@ MUTATIONS: dict[str, Mutation] = {
     "gptq-act-order-not-undone": Mutation(
         "GPTQ's codes left in act-order's column order", gptq_act_order_not_undone,
         ("tests/test_gptq.py::test_codes_are_the_papers_gptq_on_the_same_grid",)),
+    "gptq-refit-ignores-hessian": Mutation(
+        "GPTQ's scales re-fitted to the weight error instead of the layer's output error", gptq_refit_ignores_the_hessian,
+        ("tests/test_gptq.py::test_refitted_scales_lower_each_rows_output_error_and_keep_codes_and_zero_points",)),
     "int3-planes-in-reverse": Mutation(
         "int3's bit planes packed highest bit first", int3_planes_in_reverse,
         ("tests/test_integer_formats.py::test_stored_tensors_follow_the_documented_layout",)),
