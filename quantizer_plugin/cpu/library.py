@@ -10,9 +10,9 @@ The input gradients (LoRA's backward) are Python loops over weight chunks, each 
 (chunks.py). `grad_input_op` makes each such function an op of its own, so that a compiled training step's backward
 graph holds one node per layer rather than breaking at every chunk.
 
-Every forward kernel returns y (M, N): float32 and contiguous for the fused, tile and AMX-INT8 kernels; for the
-chunked ones in x's dtype, as the transpose of the (N, M) buffer their threads write by rows of the weight. N is the
-weight's first dimension, or the `N` argument of the 4-bit codebook kernels (their weight is flat).
+Every forward kernel returns a contiguous y (M, N): float32 for the fused, tile and AMX-INT8 kernels; in x's dtype
+for the chunked ones, whose threads write it a chunk of columns at a time. N is the weight's first dimension, or the
+`N` argument of the 4-bit codebook kernels (their weight is flat).
 """
 
 from __future__ import annotations
@@ -76,9 +76,7 @@ def _register(name: str, arguments: str, columns, output: str) -> None:
 
     def fake(*args):
         x, n = args[0], columns(dict(zip(names, args)))
-        if output == FLOAT32:
-            return x.new_empty((x.shape[0], n), dtype=torch.float32)
-        return x.new_empty((n, x.shape[0])).t()
+        return x.new_empty((x.shape[0], n), dtype=torch.float32 if output == FLOAT32 else x.dtype)
 
     torch.library.impl(f"quantizer_plugin::{name}", "CPU", lib=_library)(kernel)
     torch.library.register_fake(f"quantizer_plugin::{name}", lib=_library)(fake)
