@@ -19,6 +19,7 @@ from huggingface_hub import ModelCard
 from torch import nn
 
 from .calibration import METADATA_KEY
+from .checkpoints.headers import read_metadata
 from .config import QUANT_METHOD, LowBitConfig
 from .formats import get_format
 from .integrations.transformers import run_before_upload, stop_running_before_upload
@@ -43,11 +44,8 @@ def bits_per_weight(model: nn.Module) -> float | None:
 def calibration_record(folder: str | Path) -> dict | None:
     """The calibrated method's record (method="gptq": the method, its data and settings) from the safetensors
     metadata of the checkpoint in `folder`, or None for a data-free checkpoint."""
-    from safetensors import safe_open
-
     for path in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(path), "pt") as f:
-            record = (f.metadata() or {}).get(METADATA_KEY)
+        record = read_metadata(path).get(METADATA_KEY)
         if record is not None:
             return json.loads(record)
     return None

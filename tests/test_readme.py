@@ -102,9 +102,17 @@ def test_the_torch_compile_snippet_generates_eagers_tokens(llama_dir):
     names = run_snippet(snippet.replace('cache_implementation="static")', 'cache_implementation="static", **greedy)'),
                         path=str(llama_dir), input_ids=input_ids, greedy=greedy)  # fmt: skip
     graphs = counters["stats"]["unique_graphs"]
-    assert graphs >= 1 and torch.equal(names["tokens"], expected)
+    tokens, prompt = names["tokens"], input_ids.shape[1]
+    assert graphs >= 1 and tokens.shape == expected.shape and torch.equal(tokens[:, : prompt + 1], expected[:, : prompt + 1])
+    # Every token the compiled model chose is eager's greedy choice after the same prefix, up to the rounding of a
+    # near-tie: inductor's fused norms sum in another order than eager's, so on this random model's flat logits the
+    # two runs may part at a tie and then follow different (each greedy) continuations.
+    with torch.no_grad():
+        logits = eager(tokens).logits[0, prompt - 1 : -1].float()
+    shortfall = logits.amax(dim=1) - logits.gather(1, tokens[0, prompt:, None]).squeeze(1)
+    assert bool((shortfall <= 2**-6 * logits.abs().amax()).all()), shortfall  # two bfloat16 steps of the largest logit
     again = names["model"].generate(input_ids, max_new_tokens=32, cache_implementation="static", **greedy)
-    assert torch.equal(again, expected)
+    assert torch.equal(again, tokens)
     assert counters["stats"]["unique_graphs"] == graphs  # the second generate reuses what the first compiled
 
 

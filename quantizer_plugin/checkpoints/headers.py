@@ -1,5 +1,6 @@
-"""The one safetensors header reader: each tensor's name, shape and dtype, and the file that holds it, without reading
-any tensor's data (safetensors' own parser, which checks the header against the file)."""
+"""The one safetensors header reader: each tensor's name, shape and dtype, and the file that holds it, and the
+header's string metadata, without reading any tensor's data (safetensors' own parser, which checks the header against
+the file)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,15 @@ def read_header(file: str | Path, key: str) -> TensorHeader:
     with safe_open(str(file), framework="pt") as handle:
         tensor_slice = handle.get_slice(key)
         return TensorHeader(tuple(tensor_slice.get_shape()), tensor_slice.get_dtype(), Path(file))
+
+
+def read_metadata(file: str | Path) -> dict[str, str]:
+    """The header's `__metadata__` (string keys and values; empty where the file has none)."""
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:
+        raise UnreadableCheckpointError(f"{file}: not a readable safetensors file ({error})") from error
 
 
 def load_tensor(header_or_file: TensorHeader | str | Path, key: str) -> torch.Tensor:
