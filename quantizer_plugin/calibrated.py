@@ -92,8 +92,8 @@ def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best
 
 
-class _Captured(Exception):
-    pass
+class _StopForward(Exception):
+    """Raised by a hook once it has what it came for: the rest of the forward is not run."""
 
 
 def _first_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, batch: int) -> list[tuple]:
@@ -102,7 +102,7 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, b
 
     def catch(module, args, kwargs):
         captured.append((args[0] if args else kwargs.pop("hidden_states"), dict(kwargs)))
-        raise _Captured
+        raise _StopForward
 
     handle = block.register_forward_pre_hook(catch, with_kwargs=True)
     # no key-value cache to fill (decoders), where the forward takes the argument (encoders do not)
@@ -112,7 +112,7 @@ def _first_block_inputs(model: nn.Module, block: nn.Module, ids: torch.Tensor, b
         for first in range(0, len(ids), batch):
             try:
                 model(input_ids=ids[first : first + batch].to(device), **settings)
-            except _Captured:
+            except _StopForward:
                 pass
     finally:
         handle.remove()
@@ -160,10 +160,6 @@ def _stages(block: nn.Module, plain: dict[str, nn.Linear], first_input: tuple) -
     return stages + [[name] for name in plain if not any(name in stage for stage in stages)]  # never called
 
 
-class _StageInputSeen(Exception):
-    pass
-
-
 def _stage_hessian(block: nn.Module, first_layer: nn.Linear, inputs: list[tuple]) -> gptq.Hessian:
     """The Hessian of the input `first_layer` receives over the calibration batches. Each batch's forward through
     the block stops there: what comes after the stage does not change its input (the q/k/v stage needs only the
@@ -172,14 +168,14 @@ def _stage_hessian(block: nn.Module, first_layer: nn.Linear, inputs: list[tuple]
 
     def collect(module, args):
         hessian.add(args[0])
-        raise _StageInputSeen
+        raise _StopForward
 
     hook = first_layer.register_forward_pre_hook(collect)
     try:
         for hidden, kwargs in inputs:
             try:
                 block(hidden, **kwargs)
-            except _StageInputSeen:
+            except _StopForward:
                 pass
     finally:
         hook.remove()
