@@ -164,7 +164,7 @@ AVX512_BF16 void gemv_rows_bf16(const FusedArgs& a, const uint16_t* x, int64_t n
       for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
       for (const int64_t end = k + a.block; k < end; k += STEP) {
         const uint8_t* bytes = row + k * BITS / 8;
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(bytes, STEP * BITS / 8);
         __m512bh first, second;
         codes_bf16<BITS>(bytes, table, first, second);
         for (int m = 0; m < MT; ++m) {
@@ -197,7 +197,7 @@ AVX512 void gemv_rows_f32(const FusedArgs& a, const float* x, int64_t n_begin, i
       for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
       for (const int64_t end = k + a.block; k < end; k += STEP) {
         const uint8_t* bytes = row + k * BITS / 8;
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(bytes, STEP * BITS / 8);
         __m512 codes[4];
         codes_f32<BITS>(bytes, codes);
         for (int m = 0; m < MT; ++m) {
@@ -267,7 +267,7 @@ AVX2 void gemv_rows_f32_avx2(const FusedArgs& a, const float* x, int64_t n_begin
         for (int u = 0; u < U; ++u) part[m][u] = _mm256_setzero_ps();
       for (const int64_t end = k + a.block; k < end; k += STEP) {
         const uint8_t* bytes = row + k * BITS / 8;
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(bytes, STEP * BITS / 8);
         __m256 codes[8];
         codes_f32_avx2<BITS>(bytes, codes);
         for (int m = 0; m < MT; ++m) {
@@ -335,7 +335,7 @@ AVX2 void gemv_rows_q8_avx2(const FusedArgs& a, const int8_t* x8, const float* x
       for (int m = 0; m < MT; ++m) even[m] = odd[m] = _mm256_setzero_ps();
       int64_t c = 0;
       for (; c + 2 <= chunks; c += 2, bytes += 2 * step_bytes, x += 2 * Q8_BLOCK, d += 2) {
-        _mm_prefetch(reinterpret_cast<const char*>(bytes + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(bytes, 2 * step_bytes);
         q8_step<BITS, MT>(bytes, x, d, a.K, steps, even);
         q8_step<BITS, MT>(bytes + step_bytes, x + Q8_BLOCK, d + 1, a.K, steps, odd);
       }
@@ -382,7 +382,7 @@ AVX2_F16C inline __attribute__((always_inline)) void q8_span_rows(
     __m256i codes[R][PLANES];
     __m256 group_scale[R];
     for (int r = 0; r < R; ++r) {
-      if (s % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+      if (s % 2 == 0) prefetch_ahead(bytes[r]);
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes[r]));
       bytes[r] += 32;
       for (int p = 0; p < PLANES; ++p)

@@ -95,7 +95,7 @@ void dequantize_scalar(const uint8_t* packed, const Absmax& absmax, const float*
   int64_t g = head_end;                                                                                             \
   const int block_shift = __builtin_ctzll(block); /* a power of two: no division per group */                        \
   for (; g + 32 <= end; g += 32) {                                                                                  \
-    _mm_prefetch(reinterpret_cast<const char*>(packed + g / 2 + PREFETCH_BYTES), _MM_HINT_T0);                     \
+    prefetch_ahead_per_line(packed + g / 2, 16);                                                                  \
     __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + g / 2)));       \
     __m512 even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);                                        \
     __m512 odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), table);                                 \
@@ -176,7 +176,7 @@ AVX512 void gemv_rows_avx512(const uint8_t* packed, const Absmax& absmax, const 
       for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
       const int64_t start = b * (block / 2);
       for (int64_t off = start; off < start + block / 2; off += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(row + off, 16);
         __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off)));
         __m512 w_even = _mm512_permutexvar_ps(_mm512_srli_epi32(bytes, 4), table);
         __m512 w_odd = _mm512_permutexvar_ps(_mm512_and_si512(bytes, low_nibble), table);
@@ -216,7 +216,7 @@ AVX512_BF16 void gemv_rows_bf16(const uint8_t* packed, const Absmax& absmax, con
       for (int m = 0; m < MT; ++m) part[m] = _mm512_setzero_ps();
       const int64_t start = b * (block / 2);
       for (int64_t off = start; off < start + block / 2; off += 32) {
-        _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        prefetch_ahead_per_line(row + off, 32);
         __m512i bytes = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + off)));
         __m512bh w_even = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(bytes, 4), table);
         __m512bh w_odd = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(bytes, low_nibble), table);
@@ -257,7 +257,7 @@ AVX2 void gemv_rows_avx2(const uint8_t* packed, const Absmax& absmax, const floa
       for (int m = 0; m < MT; ++m) part[m] = _mm256_setzero_ps();
       const int64_t start = b * (block / 2);
       for (int64_t off = start; off < start + block / 2; off += 8) {
-        if (off % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        if (off % 64 == 0) prefetch_ahead(row + off);
         const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + off)));
         const __m256 w_even = lookup8(_mm256_srli_epi32(bytes, 4), low_half, high_half);
         const __m256 w_odd = lookup8(_mm256_and_si256(bytes, low_nibble), low_half, high_half);
@@ -300,7 +300,7 @@ AVX2 void gemv_rows_bf16_avx2(const uint8_t* packed, const Absmax& absmax, const
         for (int u = 0; u < U; ++u) part[m][u] = _mm256_setzero_ps();
       const int64_t start = b * (block / 2);
       for (int64_t off = start; off < start + block / 2; off += 16) {
-        if (off % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + off + PREFETCH_BYTES), _MM_HINT_T0);
+        if (off % 64 == 0) prefetch_ahead(row + off);
         // word j holds byte j: its high nibble is column 2j's code, its low nibble column 2j + 1's
         const __m256i words = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + off)));
         const __m256i codes = _mm256_or_si256(_mm256_srli_epi16(words, 4),
@@ -350,7 +350,7 @@ AVX2 inline __attribute__((always_inline)) void q8_rows(const uint8_t* packed, c
     for (int64_t c = 0; c < chunks; ++c, x += Q8_BLOCK, ++d) {
       __m256i w[R], magnitude[R];
       for (int r = 0; r < R; ++r) {
-        if (c % 4 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+        if (c % 4 == 0) prefetch_ahead(bytes[r]);
         const __m128i pairs = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes[r]));
         bytes[r] += 16;
         const __m256i codes = _mm256_and_si256(_mm256_set_m128i(pairs, _mm_srli_epi16(pairs, 4)),
@@ -408,7 +408,7 @@ AVX2 inline __attribute__((always_inline)) void q8_span_rows(const uint8_t* pack
     for (int64_t s = b * spans_per_block; s < (b + 1) * spans_per_block; ++s) {
       __m256i even[R], odd[R];
       for (int r = 0; r < R; ++r) {
-        if (s % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(bytes[r] + PREFETCH_BYTES), _MM_HINT_T0);
+        if (s % 2 == 0) prefetch_ahead(bytes[r]);
         const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes[r]));
         bytes[r] += 32;
         even[r] = _mm256_shuffle_epi8(table, _mm256_and_si256(_mm256_srli_epi16(raw, 4), low_nibble));
@@ -485,7 +485,7 @@ AVX2 void dequantize_avx2(const uint8_t* packed, const Absmax& absmax, const flo
   const int block_shift = __builtin_ctzll(block);  // a power of two of 16 or more
   int64_t g = head_end;
   for (; g + 16 <= end; g += 16) {
-    if (g % 128 == 0) _mm_prefetch(reinterpret_cast<const char*>(packed + g / 2 + PREFETCH_BYTES), _MM_HINT_T0);
+    if (g % 128 == 0) prefetch_ahead(packed + g / 2);
     const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(packed + g / 2)));
     const __m256 scale = _mm256_set1_ps(absmax(g >> block_shift));
     const __m256 even = _mm256_mul_ps(lookup8(_mm256_srli_epi32(bytes, 4), low_half, high_half), scale);

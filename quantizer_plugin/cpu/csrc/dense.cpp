@@ -37,7 +37,7 @@ AVX512 void gemv_dense_rows(const W* weight, int64_t K, const float* x, float* y
     int64_t k = 0;
     for (; k + STEP <= K; k += STEP) {
       for (int64_t b = 0; b < STEP * static_cast<int64_t>(sizeof(W)); b += 64)  // each cache line of the step
-        _mm_prefetch(reinterpret_cast<const char*>(row + k) + b + PREFETCH_BYTES, _MM_HINT_T0);
+        prefetch_ahead(reinterpret_cast<const char*>(row + k) + b);
       for (int u = 0; u < U; ++u) {
         const __m512 w = load_weights(row + k + 16 * u);
         for (int m = 0; m < MT; ++m) acc[m][u] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
@@ -67,7 +67,7 @@ AVX2_F16C void gemv_dense_rows_avx2(const W* weight, int64_t K, const float* x, 
     int64_t k = 0;
     for (; k + STEP <= K; k += STEP) {
       for (int64_t b = 0; b < STEP * static_cast<int64_t>(sizeof(W)); b += 64)  // (a step of 32 bytes asks twice)
-        _mm_prefetch(reinterpret_cast<const char*>(row + k) + b + PREFETCH_BYTES, _MM_HINT_T0);
+        prefetch_ahead(reinterpret_cast<const char*>(row + k) + b);
       for (int u = 0; u < U; ++u) {
         const __m256 w = load8(row + k + 8 * u);
         for (int m = 0; m < MT; ++m) acc[m][u] = _mm256_fmadd_ps(w, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);

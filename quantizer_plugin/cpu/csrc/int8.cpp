@@ -26,7 +26,7 @@ AVX512 void dequantize_int8_avx512(const int8_t* weight, const float* scale, int
     Out* o = out + (n - first) * K;
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      prefetch_ahead_per_line(row + k, 32);
       __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k))));
       __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + 16))));
       Store::store(o + k, _mm512_mul_ps(a, vs), _mm512_mul_ps(b, vs));
@@ -45,7 +45,7 @@ AVX2 void dequantize_int8_avx2(const int8_t* weight, const float* scale, int64_t
     float* o = out + (n - first) * K;
     int64_t k = 0;
     for (; k + 8 <= K; k += 8) {
-      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      if (k % 64 == 0) prefetch_ahead(row + k);
       const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k));
       _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), vs));
     }
@@ -73,7 +73,7 @@ AVX512 void gemv_int8_rows(const int8_t* weight, const float* scale, int64_t K, 
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 64 <= K; k += 64) {  // one cache line of weights per step, one prefetch
-      _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      prefetch_ahead(row + k);
       for (int q = 0; q < 64; q += 16) {
         const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k + q));
         const __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes));
@@ -103,7 +103,7 @@ AVX2 void gemv_int8_rows_avx2(const int8_t* weight, const float* scale, int64_t 
     for (int m = 0; m < MT; ++m) acc[m] = _mm256_setzero_ps();
     int64_t k = 0;
     for (; k + 32 <= K; k += 32) {
-      if (k % 64 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + k + PREFETCH_BYTES), _MM_HINT_T0);
+      if (k % 64 == 0) prefetch_ahead(row + k);
       for (int q = 0; q < 32; q += 8) {
         const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k + q));
         const __m256 w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes));

@@ -121,7 +121,7 @@ AVX2 void dot_tile_avx2(const int16_t* codes, int64_t padded_k, const int8_t* we
   const int64_t whole = K / K_STEP * K_STEP;
   for (int64_t k = 0; k < whole; k += K_STEP) {
     if (k % 64 == 0) {  // one cache line of each weight row per four steps, asked for well ahead (decode streams)
-      for (int j = 0; j < TN; ++j) _mm_prefetch(reinterpret_cast<const char*>(weight + j * K + k + PREFETCH_BYTES), _MM_HINT_T0);
+      for (int j = 0; j < TN; ++j) prefetch_ahead(weight + j * K + k);
     }
     __m256i w[TN];
     for (int j = 0; j < TN; ++j) w[j] = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(weight + j * K + k)));
@@ -168,7 +168,7 @@ AVX512_VNNI void dot_tile_vnni(const uint8_t* offset_codes, int64_t padded_k, co
     const __mmask64 mask = left >= VNNI_K_STEP ? ~__mmask64{0} : (__mmask64{1} << left) - 1;
     __m512i w[TN];
     for (int j = 0; j < TN; ++j) {
-      _mm_prefetch(reinterpret_cast<const char*>(weight + j * K + k + PREFETCH_BYTES), _MM_HINT_T0);
+      prefetch_ahead(weight + j * K + k);
       w[j] = _mm512_maskz_loadu_epi8(mask, weight + j * K + k);
       offset[j] = _mm512_dpbusd_epi32(offset[j], one_twenty_eight, w[j]);
     }
