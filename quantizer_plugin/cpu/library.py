@@ -2,8 +2,9 @@
 node of its graph.
 
 torch.compile cannot trace into a pybind11 function: each native call would break the graph. Under compile the CPU
-backend's entry points call the kernels through the ops registered here (`torch.ops.quantizer_plugin.<name>`), each
-with a fake implementation that gives the output's shape, dtype and strides without running anything. Eager calls go to the
+backend's entry points call the kernels through the ops defined here (`torch.ops.quantizer_plugin.<name>`), each
+with a fake implementation that gives the output's shape, dtype and strides without running anything; the native
+module registers each op's CPU implementation in C++ when it loads (csrc/module.cpp). Eager calls go to the
 native module directly (`call` below), which skips the dispatcher's few microseconds per call.
 
 The input gradients (LoRA's backward) are Python loops over weight chunks, each dequantized by a native call
@@ -21,7 +22,6 @@ import functools
 
 import torch
 
-from . import native
 
 
 # The weight's arguments of each family, after the activations: the fields of its record (formats/records.py), None
@@ -71,14 +71,12 @@ def _register(name: str, arguments: str, columns, output: str) -> None:
     _library.define(f"{name}({arguments}) -> Tensor")
     names = [argument.split()[-1] for argument in arguments.split(", ")]
 
-    def kernel(*args):
-        return getattr(native.load(), name)(*args)
-
     def fake(*args):
         x, n = args[0], columns(dict(zip(names, args)))
         return x.new_empty((x.shape[0], n), dtype=torch.float32 if output == FLOAT32 else x.dtype)
 
-    torch.library.impl(f"quantizer_plugin::{name}", "CPU", lib=_library)(kernel)
+    # The CPU implementation is the native function itself, registered by the native module when it loads
+    # (csrc/module.cpp), which every caller has loaded before it calls an op.
     torch.library.register_fake(f"quantizer_plugin::{name}", lib=_library)(fake)
 
 

@@ -1,6 +1,7 @@
 // The Python module of the CPU kernels (built by quantizer_plugin/cpu/native.py).
 
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #include "kernels.h"
 
@@ -38,4 +39,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uses_avx2", &has_avx2, "whether the AVX2 kernels run on this CPU");
   m.def("uses_avx512_vnni", &has_avx512_vnni, "whether the AVX512-VNNI kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
+}
+
+// The forward kernels as the CPU implementations of the custom ops that quantizer_plugin/cpu/library.py defines (the
+// schemas and the fake implementations live there, and registering an implementation before its schema is allowed).
+// A compiled graph then calls each one through the dispatcher straight into C++: a Python implementation would cost
+// a trampoline into the interpreter and back per call, 20 us of a decode step's 40 calls on the Xeon with its caches
+// cold from the weights streamed in between.
+TORCH_LIBRARY_IMPL(quantizer_plugin, CPU, m) {
+  m.impl("gemv_4bit", TORCH_FN(gemv_4bit));
+  m.impl("gemv_4bit_bf16", TORCH_FN(gemv_4bit_bf16));
+  m.impl("gemv_4bit_q8", TORCH_FN(gemv_4bit_q8));
+  m.impl("linear_4bit_tiles", TORCH_FN(linear_4bit_tiles));
+  m.impl("linear_4bit_chunked", TORCH_FN(linear_4bit_chunked));
+  m.impl("gemv_int8", TORCH_FN(gemv_int8));
+  m.impl("linear_int8_amx", TORCH_FN(linear_int8_amx));
+  m.impl("linear_int8_tiles", TORCH_FN(linear_int8_tiles));
+  m.impl("linear_int8_chunked", TORCH_FN(linear_int8_chunked));
+  m.impl("linear_llm_int8", TORCH_FN(linear_llm_int8));
+  m.impl("linear_llm_int8_tiles", TORCH_FN(linear_llm_int8_tiles));
+  m.impl("gemv_affine", TORCH_FN(gemv_affine));
+  m.impl("gemv_affine_bf16", TORCH_FN(gemv_affine_bf16));
+  m.impl("gemv_affine_q8", TORCH_FN(gemv_affine_q8));
+  m.impl("linear_affine_tiles", TORCH_FN(linear_affine_tiles));
+  m.impl("linear_affine_chunked", TORCH_FN(linear_affine_chunked));
+  m.impl("gemv_dense", TORCH_FN(gemv_dense));
 }
