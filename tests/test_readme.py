@@ -96,7 +96,7 @@ def test_the_torch_compile_snippet_generates_eagers_tokens(llama_dir):
     eager = AutoModelForCausalLM.from_pretrained(llama_dir, quantization_config=LowBitConfig(weights="nf4"))
     expected = eager.generate(input_ids, max_new_tokens=32, **greedy)
     snippet = python_block("torch.compile")
-    assert 'cache_implementation="static")' in snippet
+    assert 'cache_implementation="static")' in snippet and "set_stance(skip_guard_eval_unsafe=True)" in snippet
     torch._dynamo.reset()
     counters.clear()
     names = run_snippet(snippet.replace('cache_implementation="static")', 'cache_implementation="static", **greedy)'),
