@@ -7,10 +7,11 @@ for all.
 
 The model: Llama, hidden 2048, MLP 5632, 6 layers, 16 heads, vocab 32000, saved in bf16 (0.4B parameters). Every
 transformers provider loads that checkpoint with from_pretrained: bf16 as saved; lowbit-nf4 (double quant) and
-lowbit-int8 with LowBitConfig (lowbit-nf4-q8_0 and lowbit-int4-q8_0 with activations="q8_0", "-head=int4" with
-the output head quantized too); bnb-nf4 and bnb-int8 with BitsAndBytesConfig; a "-compiled" provider is the same with
+lowbit-int8 with LowBitConfig (lowbit-nf4-q8_0 and lowbit-int4-q8_0 with activations="q8_0", "-head=int8" or
+"-head=int4" with the output head quantized too); bnb-nf4 and bnb-int8 with BitsAndBytesConfig; a "-compiled" provider is the same with
 the README's public way to compile on a CPU, `model.forward = torch.compile(model.forward, fullgraph=True)`
-(inductor), generating with a static cache (compiled during the warm-up, at the timed length). The llamacpp-*
+(inductor), generating with a static cache (compiled during the warm-up, at the timed length), and timed under
+`torch.compiler.set_stance(skip_guard_eval_unsafe=True)` as the README's snippet generates once compiled. The llamacpp-*
 providers are that checkpoint converted to GGUF by llama.cpp's own converter and quantizer (bf16, Q8_0, Q4_0,
 Q4_K_M), run by llama-cpp-python with the same thread count; they are skipped, with the reason, unless --llama-cpp
 names the converter's folder and llama_cpp imports.
@@ -44,7 +45,8 @@ from llama_cpp_peer import FILE_TYPES, LlamaCppModel, gguf_file  # noqa: E402
 
 PROVIDERS = ["bf16", "lowbit-nf4", "lowbit-int8", "bnb-nf4", "bnb-int8", "bf16-compiled", "lowbit-nf4-compiled",
              "lowbit-int8-compiled", "lowbit-nf4-q8_0", "lowbit-int4-q8_0", "lowbit-nf4-q8_0-compiled",
-             "lowbit-int8-head=int8-compiled", "lowbit-nf4-q8_0-head=int4-compiled", *FILE_TYPES]  # fmt: skip
+             "lowbit-nf4-head=int8-compiled", "lowbit-int8-head=int8-compiled", "lowbit-nf4-q8_0-head=int4-compiled",
+             *FILE_TYPES]  # fmt: skip
 COMPILED = "-compiled"  # a provider's suffix: the forward compiled (inductor, fullgraph), generate with a static cache
 MODEL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=6, num_attention_heads=16,
              num_key_value_heads=16, max_position_embeddings=2048, tie_word_embeddings=False)  # fmt: skip
@@ -259,6 +261,7 @@ def report(rows: list[Row], prefill: dict, skipped: dict, env: dict, rounds: int
     compared = [("lowbit-nf4-compiled", "lowbit-nf4"), ("lowbit-nf4-compiled", "bf16-compiled"), ("bf16-compiled", "bf16"),
                 ("lowbit-int8-compiled", "lowbit-int8"), ("lowbit-nf4-q8_0", "lowbit-nf4"),
                 ("lowbit-nf4-q8_0-compiled", "lowbit-nf4-compiled"), ("lowbit-nf4-q8_0-compiled", "llamacpp-q4_0"),
+                ("lowbit-nf4-head=int8-compiled", "lowbit-nf4-compiled"), ("lowbit-nf4-head=int8-compiled", "llamacpp-q4_0"),
                 ("lowbit-nf4-q8_0-head=int4-compiled", "lowbit-nf4-q8_0-compiled"),
                 ("lowbit-nf4-q8_0-head=int4-compiled", "llamacpp-q4_0"),
                 ("lowbit-int8-head=int8-compiled", "lowbit-int8-compiled"), ("lowbit-int8-head=int8-compiled", "llamacpp-q8_0")]  # fmt: skip

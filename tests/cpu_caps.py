@@ -61,9 +61,17 @@ def llm_int8_kernel(m: int, k: int) -> str:
     return "cpu.int8.llm_int8_vnni" if avx512_vnni_here() else "cpu.int8.llm_int8"
 
 
-def fused_at_every_batch(dtype) -> bool:
-    """Whether the weight-only formats' fused kernels serve every batch size: a 16-bit compute dtype on a CPU with
-    AVX2 alone (torch's 16-bit GEMM has no hardware there; the chunks lose to the fused kernels at every size)."""
+def fused_rows_here(dtype, decode_rows: int) -> float:
+    """The most activation rows the weight-only formats' fused kernels serve here, by the rule of
+    quantizer_plugin/cpu/chunks.py's fused_rows from this CPU's flags: every batch for a 16-bit compute dtype without
+    AVX512-BF16 (AVX2 alone, or AVX-512 without it: torch's 16-bit GEMM has no hardware there),
+    chunks.BF16_WITHOUT_AMX_FUSED_ROWS with AVX512-BF16 but no AMX, `decode_rows` (the family's GEMV_MAX_M) otherwise."""
     import torch
 
-    return dtype != torch.float32 and avx2_here() and not avx512_here()
+    from quantizer_plugin.cpu import chunks
+
+    if dtype == torch.float32 or not avx2_here():
+        return decode_rows
+    if not avx512_bf16_here():
+        return float("inf")
+    return decode_rows if amx_here() else max(decode_rows, chunks.BF16_WITHOUT_AMX_FUSED_ROWS)

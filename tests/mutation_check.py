@@ -290,6 +290,22 @@ def cpu_kept_layers_take_the_columns_shifted():
     shift_the_columns_of("gemv_dense")
 
 
+def cpu_fused_later_row_groups_take_the_columns_shifted():
+    # the fused decode kernels' row tiles (csrc/simd.h's for_row_groups) give the activation rows past the first
+    # group of 4 the products of their columns rotated by one
+    def later_groups_shifted(kernel):
+        def run(x, *args):
+            y = kernel(x, *args)
+            if x.shape[0] > 4:
+                y[4:] = kernel(x[4:].roll(1, -1).contiguous(), *args)
+            return y
+
+        return run
+
+    for name in ("gemv_4bit", "gemv_4bit_bf16", "gemv_affine", "gemv_affine_bf16", "gemv_int8"):
+        wrap_native_kernel(name, later_groups_shifted)
+
+
 def cpu_q8_kernels_take_the_columns_shifted():
     # the q8_0 integer kernels (4-bit codebooks and int4/int2) multiply x with its columns rotated by one
     shift_the_columns_of("gemv_4bit_q8", "gemv_affine_q8")
@@ -648,6 +664,12 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-kept-head-shifted-columns": Mutation(
         "the kept 16-bit head's kernel reads the activations' columns off by one", cpu_kept_layers_take_the_columns_shifted,
         ("tests/test_kept_head.py::test_the_kernel_reads_every_weight_in_its_place",), needs="avx2"),
+    "cpu-fused-later-row-groups-shifted": Mutation(
+        "the fused decode kernels' activation rows past the first group of 4 read off by one column",
+        cpu_fused_later_row_groups_take_the_columns_shifted,
+        ("tests/test_cpu_backend.py::test_4bit_forward_matches_the_oracle_and_runs_the_native_kernels",
+         "tests/test_cpu_backend.py::test_weight_only_int8_matches_the_oracle",
+         "tests/test_cpu_affine.py"), needs="avx2"),
     "cpu-q8-shifted-columns": Mutation(
         "the q8_0 integer kernels read the activations' columns off by one", cpu_q8_kernels_take_the_columns_shifted,
         ("tests/test_q8_activations.py::test_the_q8_0_kernels_read_every_weight_in_its_place",), needs="avx2"),

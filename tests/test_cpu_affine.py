@@ -15,7 +15,7 @@ from quantizer_plugin.formats import QuantScheme
 
 import oracles
 from helpers import outputs_on_one_and_two_threads
-from cpu_caps import amx_here, avx2_here, avx512_bf16_here, fused_at_every_batch
+from cpu_caps import amx_here, avx2_here, avx512_bf16_here, fused_rows_here
 from test_cpu_backend import DTYPES, M_VALUES, assert_close_to_scale, expected_output, make_layer
 
 FORMATS = ["int4", "int3", "int2"]
@@ -33,7 +33,7 @@ def cpu_backend(monkeypatch):
 
 def expected_kernel(m: int, k: int, block: int, dtype: torch.dtype) -> str:
     """The kernel that should serve, from the shapes and this CPU's flags (not from the entry point's own checks)."""
-    if (m <= cpu_affine.GEMV_MAX_M or fused_at_every_batch(dtype)) and k % block == 0 and block % 64 == 0 and avx2_here():
+    if m <= fused_rows_here(dtype, cpu_affine.GEMV_MAX_M) and k % block == 0 and block % 64 == 0 and avx2_here():
         return "fused_bf16" if dtype == torch.bfloat16 and avx512_bf16_here() else "fused"
     if m <= 256 and dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
         return "tiles"

@@ -18,11 +18,13 @@ import oracles
 from helpers import identity_row_groups, outputs_on_one_and_two_threads
 import cpu_caps
 from cpu_caps import (amx_here, amx_int8_here, avx2_here, avx512_bf16_here, avx512_here, avx512_vnni_here,
-                      bf16_lookups_here, fused_at_every_batch, llm_int8_kernel)
+                      bf16_lookups_here, fused_rows_here, llm_int8_kernel)
 
 # Max error relative to the largest |output|: the weight (or the output) rounded once to the compute dtype.
 TOLERANCES = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
-M_VALUES = [1, 3, 16, 33, 128, 257]  # 257: past the bf16 tiles (chunks.TILES_MAX_M), the chunks serve
+# 6: two groups of activation rows in the fused kernels' row tiles (csrc/simd.h) on every CPU; 257: past the bf16
+# tiles (chunks.TILES_MAX_M), the chunks serve
+M_VALUES = [1, 3, 6, 16, 33, 128, 257]
 # (N, K, block): odd N; K a multiple of the block (rows start on a block: the fused kernel serves decode, the AMX
 # tiles larger bf16 batches), K that is not (blocks straddle rows), block 16 and 32, and an odd K; N past one group
 # of 64 rows with K over several chunks of columns and a block of 128.
@@ -68,7 +70,7 @@ def test_the_amx_kernels_are_used_where_the_cpu_has_them():
 
 def expected_4bit_kernel(m: int, n_k_block: tuple, dtype: torch.dtype) -> str:
     _, k, block = n_k_block
-    if (m <= codebook4bit.GEMV_MAX_M or fused_at_every_batch(dtype)) and k % block == 0 and block % 32 == 0:
+    if m <= fused_rows_here(dtype, codebook4bit.GEMV_MAX_M) and k % block == 0 and block % 32 == 0:
         bf16_lookups = dtype == torch.bfloat16 and block % 64 == 0 and bf16_lookups_here()
         return "fused_bf16" if bf16_lookups else "fused"
     if m <= 256 and dtype == torch.bfloat16 and block % 64 == 0 and k % block == 0 and k % 128 == 0 and amx_here():
@@ -268,7 +270,7 @@ def test_weight_only_int8_matches_the_oracle(dtype, k):
         int8_tiles = dtype != torch.float32 and k % 64 == 0 and m <= 48 and amx_int8_here()
         tiles = m <= 256 and dtype == torch.bfloat16 and k % 32 == 0 and amx_here()
         large = "cpu.int8.int8_tiles" if int8_tiles else "cpu.int8.tiles" if tiles else "cpu.int8.dequantize_matmul"
-        fused = (m <= cpu_int8.GEMV_MAX_M or fused_at_every_batch(dtype)) and avx2_here()
+        fused = m <= fused_rows_here(dtype, cpu_int8.GEMV_MAX_M) and avx2_here()
         assert served == ["cpu.int8.fused" if fused else large]
         assert_close_to_scale(y, expected_output(x, layer), dtype)
 
@@ -399,7 +401,8 @@ def test_weight_only_int8_is_at_least_as_accurate_as_llm_int8(m, k, n):
     with torch.no_grad(), ops.record_dispatch() as served:
         ours_error = (ours(x).float() - exact).abs().mean()
         peer_error = (peer.eval()(x).float() - exact).abs().mean()
-    assert served == ["cpu.int8.fused" if fused_at_every_batch(torch.float16) else "cpu.int8.dequantize_matmul"]
+    fused = m <= fused_rows_here(torch.float16, cpu_int8.GEMV_MAX_M)
+    assert served == ["cpu.int8.fused" if fused else "cpu.int8.dequantize_matmul"]
     assert ours_error <= peer_error, (ours_error, peer_error)
 
 
@@ -487,7 +490,7 @@ CAPPED_SCRIPT = LLM_INT8_RUN + (
     "print(k.uses_avx2(), k.uses_avx512(), k.uses_avx512_bf16(), k.uses_amx_bf16(), k.uses_amx_int8(), k.uses_avx512_vnni()); "
     "torch.manual_seed(0); "
     "layer = LowBitLinear.from_float(torch.nn.Linear(256, 40), QuantScheme('nf4'), compute_dtype=torch.bfloat16)\n"
-    "for m in (1, 40):\n"
+    "for m in (1, 16, 40):\n"
     "    with ops.record_dispatch() as served: layer(torch.randn(m, 256, dtype=torch.bfloat16))\n"
     "    print(served[0])\n"
     "print(*llm_int8_run())\n"
@@ -528,7 +531,7 @@ def capped_runs():
 def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_paths(cap, capped_runs):
     result = capped_runs[cap]
     assert result.returncode == 0, result.stderr[-3000:]
-    features, decode, batch, llm_int8, decodes, dequantized = result.stdout.split("\n")[:6]
+    features, decode, sixteen, batch, llm_int8, decodes, dequantized = result.stdout.split("\n")[:7]
     level, flags = cpu_caps.LEVELS.index(cap), cpu_caps.cpu_flags()
     avx2, avx512, avx512_bf16, amx_bf16, amx_int8, vnni = [flag == "True" for flag in features.split()]
     assert avx2 == (level >= 1 and "avx2" in flags)
@@ -537,7 +540,10 @@ def test_the_max_isa_switch_hides_what_it_names_and_the_kernels_take_the_other_p
     assert not amx_bf16 and not amx_int8  # every cap here hides AMX
     assert avx512_bf16 == (level >= 3 and "avx512_bf16" in flags)
     assert decode == ("cpu.codebook4bit.fused_bf16" if avx512_bf16 or (avx2 and not avx512) else "cpu.codebook4bit.fused")
-    assert batch == ("cpu.codebook4bit.fused_bf16" if avx2 and not avx512 else "cpu.codebook4bit.dequantize_matmul")
+    # past decode: every batch fused without 16-bit GEMM hardware (AVX2 alone, AVX-512 without BF16), up to 16 rows
+    # with AVX512-BF16 and no AMX (chunks.fused_rows), the chunks otherwise
+    assert sixteen == ("cpu.codebook4bit.dequantize_matmul" if not avx2 else decode)
+    assert batch == (decode if avx2 and not avx512_bf16 else "cpu.codebook4bit.dequantize_matmul")
     # LLM.int8: VNNI's, AVX2's or plain C++'s int8 sums, the same bytes as this process gets with every instruction
     # set (the AMX-INT8 tiles too, where it has them)
     namespace = {}

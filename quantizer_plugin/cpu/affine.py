@@ -1,6 +1,6 @@
 """Per-group affine integers (int4, int3, int2: the affine family, formats/records.py) on the CPU backend.
 
-- Decode (at most GEMV_MAX_M activation rows, every batch in a 16-bit compute dtype on CPUs with AVX2 alone:
+- Decode (at most GEMV_MAX_M activation rows, more in a 16-bit compute dtype on CPUs without AMX:
   chunks.fused_rows; K a multiple of the group and the group of 64 or more): the native
   fused kernel reads the packed codes once and multiplies the codes themselves (small integers, exact in bfloat16
   and float32); each group's sum is then scaled, and the zero points' share (s * z times the group's sum of

@@ -24,14 +24,30 @@ TILES_MAX_M = 256
 Fill = Callable[[int, int, torch.Tensor], None]
 
 
+# Activation rows the fused kernels serve on CPUs with AVX512-BF16 but no AMX, for a 16-bit compute dtype: there
+# torch's bfloat16 GEMM runs on vdpbf16ps and the fused kernels, which read the weight from memory once per call
+# however many rows x has (csrc/simd.h, ROW_TILE), race it. Ours against bf16 at 4096 x 4096 and 14336 x 4096, nf4,
+# int4 and weight-only int8, 2 threads of the Xeon with AMX capped at AVX512-BF16 (QUANTIZER_PLUGIN_MAX_ISA): at
+# M = 8 fused 1.24x to 1.96x, chunks 0.55x to 1.08x; at 16 fused 0.94x to 1.07x, chunks 0.63x to 0.84x; at 32 fused
+# 0.73x to 0.93x, chunks 0.69x to 0.86x, and past it the chunks lead.
+BF16_WITHOUT_AMX_FUSED_ROWS = 16
+
+
 def fused_rows(kernels, decode_rows: int, compute_dtype: torch.dtype) -> float:
-    """The most activation rows a family's fused kernel serves before the chunks take over: `decode_rows` (measured on
-    CPUs with AVX-512, where the chunks' GEMM wins past a few rows), or every batch for a 16-bit compute dtype on a CPU
-    with AVX2 alone, where torch's 16-bit GEMM has no hardware to run on. There, at 4096 x 4096 on a 2-core AMD EPYC,
-    M = 16 took 26.3 ms in bf16, 8.7 in the nf4 fused kernel and 60.2 in the nf4 chunks; M = 128 206.5, 68.6 and
-    223.4 (int4: 12.2 and 96.4 at 16, 96.4 and 259.1 at 128)."""
-    if compute_dtype != torch.float32 and kernels.uses_avx2() and not kernels.uses_avx512():
+    """The most activation rows a family's fused kernel serves before the chunks (or the AMX tiles) take over:
+    `decode_rows` (measured on CPUs with AMX, where the tiles win past a few rows, and for float32, whose GEMM every
+    AVX-512 CPU runs at full speed); BF16_WITHOUT_AMX_FUSED_ROWS for a 16-bit compute dtype on a CPU with AVX512-BF16
+    but no AMX; every batch for a 16-bit compute dtype on a CPU without AVX512-BF16 (AVX2 alone, or AVX-512 without
+    its BF16 instructions), where torch's 16-bit GEMM has no hardware to run on. There, at 4096 x 4096 on a 2-core AMD
+    EPYC, M = 16 took 26.3 ms in bf16, 8.7 in the nf4 fused kernel and 60.2 in the nf4 chunks; M = 128 206.5, 68.6
+    and 223.4 (int4: 12.2 and 96.4 at 16, 96.4 and 259.1 at 128); on the Xeon capped at AVX-512 without BF16, M = 16
+    ran 2.2x to 2.6x bf16 fused and 0.9x to 1.05x in the chunks."""
+    if compute_dtype == torch.float32 or not kernels.uses_avx2():
+        return decode_rows
+    if not kernels.uses_avx512_bf16():
         return float("inf")
+    if not kernels.uses_amx_bf16():
+        return max(decode_rows, BF16_WITHOUT_AMX_FUSED_ROWS)
     return decode_rows
 
 

@@ -1,8 +1,8 @@
 """4-bit codebooks (NF4, FP4, any 16-value code: the codebook4bit family) on the CPU backend.
 
-- Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more; every batch in a
-  16-bit compute dtype on CPUs with AVX2 alone, chunks.fused_rows): the native fused kernel reads the packed codes
-  once per 4 activation rows, looks each one up in the codebook in registers, and multiplies (the 16-bit weight is
+- Decode (at most GEMV_MAX_M activation rows, K a multiple of the block, blocks of 32 or more; more in a 16-bit
+  compute dtype on CPUs without AMX, chunks.fused_rows): the native fused kernel reads the packed codes once per
+  call (csrc/simd.h's row tiles), looks each one up in the codebook in registers, and multiplies (the 16-bit weight is
   never written): for a bfloat16 compute dtype on CPUs with AVX512-BF16, bfloat16 codes and activations in
   vdpbf16ps pairs; with AVX2 alone, the bfloat16 codes looked up with vpshufb and multiplied in float32; otherwise
   in float32. Its output is then rounded to the compute dtype, as the reference's is.

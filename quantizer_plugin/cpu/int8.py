@@ -10,8 +10,8 @@ Its result is the reference's to within the order of the outlier columns' float 
 bitsandbytes' LLM.int8 to within its rounding (tests/test_int8.py). Without the native build, the reference runs.
 
 Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-bit.
-- Decode (at most GEMV_MAX_M activation rows; every batch in a 16-bit compute dtype on CPUs with AVX2 alone:
-  chunks.fused_rows): the native kernel streams the int8 weight once per 4 rows (prefetched) and
+- Decode (at most GEMV_MAX_M activation rows; more in a 16-bit compute dtype on CPUs without AMX:
+  chunks.fused_rows): the native kernel streams the int8 weight once per call (prefetched) and
   multiplies in float32, scaling each output by its row's weight_scale / 127.
 - Up to AMX_INT8_MAX_M rows, bfloat16 or float16 compute on CPUs with AMX-INT8 (K a multiple of 64): the int8 tile
   kernel (csrc/int8_amx.cpp) multiplies the weight as stored (no conversion, no copy) by the activations split into
