@@ -23,7 +23,6 @@ import functools
 import torch
 
 
-
 # The weight's arguments of each family, after the activations: the fields of its record (formats/records.py), None
 # where the format does not store one; and the output's number of columns, from the arguments by name.
 CODEBOOK_WEIGHT = ("Tensor packed, Tensor? absmax, Tensor? absmax_code, Tensor? absmax_scale, Tensor? absmax_offset, "

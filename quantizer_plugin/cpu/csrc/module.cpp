@@ -43,9 +43,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 
 // The forward kernels as the CPU implementations of the custom ops that quantizer_plugin/cpu/library.py defines (the
 // schemas and the fake implementations live there, and registering an implementation before its schema is allowed).
-// A compiled graph then calls each one through the dispatcher straight into C++: a Python implementation would cost
-// a trampoline into the interpreter and back per call, 20 us of a decode step's 40 calls on the Xeon with its caches
-// cold from the weights streamed in between.
+// A compiled graph then calls each one through the dispatcher straight into C++. A Python implementation cost a
+// trampoline into the interpreter and back on each of a decode step's 43 calls: measured on the Xeon with AMX, a call
+// took 16.4 us with warm caches and 35 us with cold ones (as the weights streamed in between leave them), and takes
+// 10.7 and 22 us now.
 TORCH_LIBRARY_IMPL(quantizer_plugin, CPU, m) {
   m.impl("gemv_4bit", TORCH_FN(gemv_4bit));
   m.impl("gemv_4bit_bf16", TORCH_FN(gemv_4bit_bf16));

@@ -124,7 +124,7 @@ struct StoreBFloat16Native {  // one instruction for 32 values (round to nearest
 };
 
 // Weight rows a task runs through every group of activation rows before it moves on, when x has more than one group:
-// their bytes (8 to 64 KB at K = 4096) stay in L1 and L2 for the next group, so that the weight streams from memory
+// their bytes (16 to 64 KB at K = 4096) stay in L1 and L2 for the next group, so that the weight streams from memory
 // once per call however many rows x has. Each group's pass over a task's whole range read it from memory again,
 // once per 4 rows of x (M = 16 was 0.8x bf16 on AVX512-BF16 without AMX).
 inline constexpr int64_t ROW_TILE = 16;
