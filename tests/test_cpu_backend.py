@@ -63,6 +63,17 @@ def test_the_native_kernels_build_here():
     assert kernels.uses_avx512_bf16() == avx512_bf16_here()
 
 
+def test_every_forward_op_has_the_native_cpu_implementation():
+    """Compiled graphs call the kernels as torch.ops.quantizer_plugin.<name>, whose CPU implementations the native
+    module registers in C++ (csrc/module.cpp): its list must name every op library.py defines."""
+    from quantizer_plugin.cpu import library
+
+    native.load()
+    missing = [name for name in library.FORWARD_OPS
+               if not torch._C._dispatch_has_kernel_for_dispatch_key(f"quantizer_plugin::{name}", "CPU")]  # fmt: skip
+    assert missing == []
+
+
 def test_the_amx_kernels_are_used_where_the_cpu_has_them():
     assert native.load().uses_amx_bf16() == amx_here()
     assert native.load().uses_amx_int8() == amx_int8_here()
