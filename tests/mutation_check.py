@@ -307,7 +307,8 @@ def cpu_fused_later_row_groups_take_the_columns_shifted():
 
 
 def cpu_q8_kernels_take_the_columns_shifted():
-    # the q8_0 integer kernels (4-bit codebooks and int4/int2) multiply x with its columns rotated by one
+    # the q8_0 integer kernels (4-bit codebooks and int4/int2, each AVX2's loop or AVX512-VNNI's where the shapes
+    # let it run) multiply x with its columns rotated by one
     shift_the_columns_of("gemv_4bit_q8", "gemv_affine_q8")
 
 
@@ -671,7 +672,8 @@ MUTATIONS: dict[str, Mutation] = {
          "tests/test_cpu_backend.py::test_weight_only_int8_matches_the_oracle",
          "tests/test_cpu_affine.py"), needs="avx2"),
     "cpu-q8-shifted-columns": Mutation(
-        "the q8_0 integer kernels read the activations' columns off by one", cpu_q8_kernels_take_the_columns_shifted,
+        "the q8_0 integer kernels (AVX2's and AVX512-VNNI's loops) read the activations' columns off by one",
+        cpu_q8_kernels_take_the_columns_shifted,
         ("tests/test_q8_activations.py::test_the_q8_0_kernels_read_every_weight_in_its_place",), needs="avx2"),
     "q8-rounding-ignores-the-span": Mutation(
         "the native q8_0 rounding writes the codes of 64 and 128 columns in the order of 32", q8_rounding_ignores_the_span,

@@ -16,7 +16,8 @@
   chunks.
 With activations="q8_0" (formats/activations.py; int4 and int2, int3 has no such mode), every batch on CPUs with AVX2
 takes the integer kernel: the activations rounded to int8 in blocks of 32, the codes multiplied as bytes with
-vpmaddubsw into exact int32 sums.
+vpmaddubsw into exact int32 sums, or with AVX512-VNNI's vpdpbusd 64 at a time (K a multiple of 64 bytes of a row,
+groups that hold whole 64-byte steps or at most 4 of them in one).
 Decode on CPUs with AVX2 only takes the float32 fused kernel, 8 lanes wide; without AVX2 every batch size takes the
 native chunks (plain C++ dequantize, torch's GEMM); without the native build the plain-torch reference runs.
 """
@@ -95,7 +96,10 @@ def linear_forward_q8(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor 
     y = library.call(kernels, "gemv_affine_q8", x2d, *weight_arguments(weight))
     if bias is not None:
         y += bias.float()
-    served("cpu.affine.q8_0")
+    # the native kernel takes its AVX512-VNNI loop on this condition (csrc q8_0_vnni_takes_affine)
+    span = 64 * 8 // weight.bits
+    vnni = kernels.uses_avx512_vnni() and k % span == 0 and (block % span == 0 or (span % block == 0 and span // block <= 4))
+    served("cpu.affine.q8_0_vnni" if vnni else "cpu.affine.q8_0")
     return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -17,7 +17,8 @@
   ones: no interleaving shuffle), and the activations' columns are permuted the same way, which leaves the product
   as it is.
 With activations="q8_0" (formats/activations.py), every batch on CPUs with AVX2 takes the integer kernel: the activations
-rounded to int8 in blocks of 32, the codebook to int8 steps, bytes multiplied with vpmaddubsw into exact int32 sums.
+rounded to int8 in blocks of 32, the codebook to int8 steps, bytes multiplied with vpmaddubsw into exact int32 sums, or
+with AVX512-VNNI's vpdpbusd 64 at a time (blocks of 64 or more, K a multiple of 128).
 Loading quantizes each weight with the native quantizer (the format's own codes and absmax, one pass). If the native
 kernels cannot be built, everything runs the plain-torch reference (native.py warns once).
 """
@@ -124,7 +125,9 @@ def linear_forward_q8(x: torch.Tensor, weight: CodebookWeight, bias: torch.Tenso
     y = library.call(kernels, "gemv_4bit_q8", x2d, *weight_arguments(weight), n, block)
     if bias is not None:
         y += bias.float()
-    served("cpu.codebook4bit.q8_0")
+    # the native kernel takes its AVX512-VNNI loop on this condition (csrc q8_0_vnni_takes)
+    vnni = kernels.uses_avx512_vnni() and block % 64 == 0 and k % 128 == 0
+    served("cpu.codebook4bit.q8_0_vnni" if vnni else "cpu.codebook4bit.q8_0")
     return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 
 

@@ -437,6 +437,75 @@ AVX2_F16C void gemv_rows_q8_span_avx2(const FusedArgs& a, const int8_t* x8, cons
   for (; n < n_end; ++n) q8_span_rows<BITS, MT, 1>(a, x8, xd, n);
 }
 
+// The q8_0 decode on CPUs with AVX512-VNNI: a row's 64 bytes per step (128 int4 columns, 256 int2), code plane p as
+// q8_span_rows takes it, against the activations written in that order per span (quantize_q8_0(x, 8 / BITS,
+// 64 * 8 / BITS)). The codes are unsigned bytes already, as vpdpbusd multiplies them: four products per int32 lane,
+// one instruction per 64 codes where the AVX2 loop spends three per 32. Lane l holds columns [4l, 4l + 4) * PLANES
+// of the span: activation block l * PLANES / 8, and group l * 4 * PLANES / block of the span's (at most 4; the caller
+// checks, q8_0_vnni_takes_affine). The zero points' share as q8_span_rows takes it off, 16 groups at a time.
+template <int BITS, int MT>
+AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin,
+                                   int64_t n_end) {
+  constexpr int PLANES = 8 / BITS;
+  constexpr int64_t SPAN = 64 * PLANES, BLOCKS = SPAN / Q8_BLOCK;  // columns of a span, activation blocks in it
+  const int64_t groups = a.K / a.block, steps = a.K / Q8_BLOCK, spans = a.K / SPAN, row_bytes = a.K * BITS / 8;
+  const int64_t span_groups = std::max<int64_t>(1, SPAN / a.block);
+  const __mmask16 group_mask = static_cast<__mmask16>((1 << span_groups) - 1);
+  const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
+  int32_t block_of[16], group_of[16];
+  for (int l = 0; l < 16; ++l) {
+    block_of[l] = static_cast<int32_t>(l * 4 * PLANES / Q8_BLOCK);
+    group_of[l] = static_cast<int32_t>(span_groups == 1 ? 0 : l * 4 * PLANES / a.block);
+  }
+  const __m512i block_of_lane = _mm512_loadu_si512(block_of), group_of_lane = _mm512_loadu_si512(group_of);
+  std::vector<float> lane_scale(MT * spans * 16);  // per activation row and span: each lane's activation scale
+  for (int m = 0; m < MT; ++m) {
+    for (int64_t sp = 0; sp < spans; ++sp) {
+      const float* d = xd + m * steps + sp * BLOCKS;
+      const __m512 span_scales = BLOCKS == 4 ? _mm512_castps128_ps512(_mm_loadu_ps(d))
+                                             : _mm512_castps256_ps512(_mm256_loadu_ps(d));
+      _mm512_storeu_ps(lane_scale.data() + (m * spans + sp) * 16, _mm512_permutexvar_ps(block_of_lane, span_scales));
+    }
+  }
+  const uint16_t* scale_bits = reinterpret_cast<const uint16_t*>(a.scale);
+  const uint16_t* zero_bits = reinterpret_cast<const uint16_t*>(a.zero);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* bytes = a.packed + n * row_bytes;
+    __m512 acc[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+    for (int64_t sp = 0; sp < spans; ++sp, bytes += 64) {
+      prefetch_ahead(bytes);
+      const __m512i raw = _mm512_loadu_si512(bytes);
+      __m512i codes[PLANES];
+      for (int p = 0; p < PLANES; ++p) codes[p] = _mm512_and_si512(_mm512_srli_epi16(raw, 8 - BITS * (p + 1)), mask);
+      const __m256i half_scales = _mm256_maskz_loadu_epi16(group_mask, scale_bits + n * groups + sp * SPAN / a.block);
+      const __m512 group_scale = _mm512_permutexvar_ps(group_of_lane, _mm512_cvtph_ps(half_scales));
+      for (int m = 0; m < MT; ++m) {
+        const int8_t* x = x8 + m * a.K + sp * SPAN;
+        __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], _mm512_loadu_si512(x));
+        for (int p = 1; p < PLANES; ++p) sums = _mm512_dpbusd_epi32(sums, codes[p], _mm512_loadu_si512(x + 64 * p));
+        const __m512 lane = _mm512_loadu_ps(lane_scale.data() + (m * spans + sp) * 16);
+        acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), lane), group_scale, acc[m]);
+      }
+    }
+    const uint16_t* s = scale_bits + n * groups;
+    const uint16_t* z = zero_bits + n * groups;
+    for (int m = 0; m < MT; ++m) {
+      const float* sums = a.sums + m * groups;
+      __m512 share16 = _mm512_setzero_ps();
+      int64_t g = 0;
+      for (; g + 16 <= groups; g += 16) {
+        const __m512 sz = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g))),
+                                        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(z + g))));
+        share16 = _mm512_fmadd_ps(sz, _mm512_loadu_ps(sums + g), share16);
+      }
+      float share = _mm512_reduce_add_ps(share16);
+      for (; g < groups; ++g) share += static_cast<float>(a.scale[n * groups + g]) * static_cast<float>(a.zero[n * groups + g]) * sums[g];
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - share;
+    }
+  }
+}
+
 // --- dequantize rows ----------------------------------------------------------------------------------------------
 
 struct Rows {
@@ -747,6 +816,12 @@ at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::
   return y;
 }
 
+// Whether gemv_affine_q8 takes gemv_rows_q8_vnni (affine.py's served name states the same condition).
+static bool q8_0_vnni_takes_affine(int64_t bits, int64_t block, int64_t K) {
+  const int64_t span = 64 * (8 / bits);  // gemv_rows_q8_vnni's columns per step: whole groups, or at most 4 of them
+  return has_avx512_vnni() && K % span == 0 && (block % span == 0 || (span % block == 0 && span / block <= 4));
+}
+
 // y (M, N) float32 = q8_0(x) (M, K) @ dequant(W).T for x float32, on CPUs with AVX2 (see gemv_rows_q8_avx2).
 at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                           const at::Tensor& zero, int64_t bits, int64_t block) {
@@ -757,10 +832,12 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
   TORCH_CHECK(block % Q8_BLOCK == 0 && K % block == 0, "gemv_affine_q8 needs K a multiple of the block and the block "
               "of ", Q8_BLOCK, ", not K = ", K, ", block = ", block);
   const Rows r = check_rows(packed, scale, zero, bits, block, K);
-  // a row's 32 bytes at a time (q8_span_rows) where a span of them lies within one group, or two of 64; else 32
+  // a row's 64 bytes at a time with AVX512-VNNI (gemv_rows_q8_vnni); else 32 (q8_span_rows) where a span of them lies
+  // within one group, or two of 64; else 32 columns
+  const bool vnni = q8_0_vnni_takes_affine(bits, block, K);
   const int64_t span = 32 * (8 / bits);
   const bool by_span = K % span == 0 && (block % span == 0 || (bits == 2 && block == 64));
-  const auto [x8, xd, block_sums] = quantize_q8_0(x, 8 / bits, by_span ? span : Q8_BLOCK);
+  const auto [x8, xd, block_sums] = quantize_q8_0(x, 8 / bits, vnni ? 2 * span : (by_span ? span : Q8_BLOCK));
   // each group's sum of the rounded activations, from its blocks'
   const int64_t groups = K / block, blocks_per_group = block / Q8_BLOCK;
   at::Tensor sums = at::zeros({M, groups}, x.options());
@@ -776,7 +853,10 @@ at::Tensor gemv_affine_q8(const at::Tensor& x, const at::Tensor& packed, const a
     constexpr int MT = decltype(rows)::value;
     const int8_t* x0 = x8.data_ptr<int8_t>() + m0 * K;
     const float* d0 = xd.data_ptr<float>() + m0 * (K / Q8_BLOCK);
-    if (by_span) {
+    if (vnni) {
+      bits == 4 ? gemv_rows_q8_vnni<4, MT>(part, x0, d0, begin, end)
+                : gemv_rows_q8_vnni<2, MT>(part, x0, d0, begin, end);
+    } else if (by_span) {
       bits == 4 ? gemv_rows_q8_span_avx2<4, MT>(part, x0, d0, begin, end)
                 : gemv_rows_q8_span_avx2<2, MT>(part, x0, d0, begin, end);
     } else {

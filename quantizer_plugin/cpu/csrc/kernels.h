@@ -91,7 +91,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const a
 // scale (absmax / 127) per block, the codes of each `span` of columns (a multiple of Q8_BLOCK) in the order the
 // kernels read a weight with `per_byte` codes per byte (the transpose of (span / per_byte, per_byte)); and the 4-bit
 // and 2-bit kernels of the mode, with each block's sum of the rounded activations (M, K / Q8_BLOCK) float32;
-// y (M, N) float32, on CPUs with AVX2, K a multiple of the block (or group) and it of Q8_BLOCK.
+// y (M, N) float32, on CPUs with AVX2 (their AVX512-VNNI loops where the CPU has it and the shapes fit), K a
+// multiple of the block (or group) and it of Q8_BLOCK.
 inline constexpr int64_t Q8_BLOCK = 32;
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_q8_0(const at::Tensor& x, int64_t per_byte, int64_t span);
 at::Tensor gemv_4bit_q8(const at::Tensor& x, const at::Tensor& packed,

@@ -34,8 +34,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_activations_int8", &quantize_activations_int8, "LLM.int8's activation codes, row absmax, outliers");
   m.def("gemv_dense", &gemv_dense, "y = x @ W.T for a few float32 activation rows, a 16-bit or float32 weight");
   m.def("quantize_q8_0", &quantize_q8_0, "activations q8_0: int8 codes per 32 (in the kernels' order per span), float32 scales");
-  m.def("gemv_4bit_q8", &gemv_4bit_q8, "y = q8_0(x) @ dequant(W).T, the codebook in int8 steps (AVX2)");
-  m.def("gemv_affine_q8", &gemv_affine_q8, "y = q8_0(x) @ dequant(W).T for an int4/int2 weight (AVX2)");
+  m.def("gemv_4bit_q8", &gemv_4bit_q8, "y = q8_0(x) @ dequant(W).T, the codebook in int8 steps (AVX2, AVX512-VNNI)");
+  m.def("gemv_affine_q8", &gemv_affine_q8, "y = q8_0(x) @ dequant(W).T for an int4/int2 weight (AVX2, AVX512-VNNI)");
   m.def("uses_avx2", &has_avx2, "whether the AVX2 kernels run on this CPU");
   m.def("uses_avx512_vnni", &has_avx512_vnni, "whether the AVX512-VNNI kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
