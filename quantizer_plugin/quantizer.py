@@ -13,6 +13,7 @@ from . import calibrated, gptq, ops
 from .calibration import METADATA_KEY, calibration_ids
 from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
+from .huge_pages import place_on_huge_pages
 from .integrations.peft import register_if_peft_imported
 from .integrations.transformers import keep_in_fp32_modules
 from .loading import LowBitQuantize
@@ -157,6 +158,7 @@ class LowBitHfQuantizer(HfQuantizer):
             ops.prepare(format_name, device)  # kernels ready before a first forward, which torch.compile may trace
         # The head kept in 16-bit is the largest weight of a decode step: it runs on the kept layers' kernels.
         KeptLinear.keep(model.get_output_embeddings())
+        place_on_huge_pages(model)  # what each decode step streams, on 2 MB pages (huge_pages.py)
         # transformers has no model-card hook for quantizers: pushes of this model add our section to the card.
         attach_model_card(model, self.quantization_config)
         attach_parameter_count(model)  # num_parameters() counts weights, not packed bytes (parameter_count.py)

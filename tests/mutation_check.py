@@ -318,6 +318,21 @@ def q8_rounding_ignores_the_span():
     wrap_native_kernel("quantize_q8_0", lambda kernel: lambda x, per_byte, span: kernel(x, per_byte, 32))
 
 
+def huge_pages_never_advised():
+    # the weights copied into their own mapping, but the kernel never asked for huge pages (no madvise)
+    import mmap
+    import types
+
+    from quantizer_plugin import huge_pages
+
+    class WithoutAdvice(mmap.mmap):
+        def madvise(self, *args):
+            pass
+
+    names = ("MAP_PRIVATE", "MAP_ANONYMOUS", "MADV_HUGEPAGE")
+    patch(huge_pages, "mmap", types.SimpleNamespace(mmap=WithoutAdvice, **{n: getattr(mmap, n) for n in names}))
+
+
 def head_quantized_as_the_other_layers():
     # LowBitConfig.head's format ignored: the head quantized in the other layers' scheme
     from quantizer_plugin import LowBitConfig
@@ -738,6 +753,10 @@ MUTATIONS: dict[str, Mutation] = {
     "cpu-affine-fused-drops-zero-points": Mutation(
         "the int4/int2 fused kernel ignores the zero points", cpu_affine_fused_drops_the_zero_points,
         ("tests/test_cpu_affine.py::test_the_fused_kernel_needs_its_zero_points",), needs="avx2"),
+    "huge-pages-never-advised": Mutation(
+        "the streamed weights moved into their own mapping without asking for huge pages", huge_pages_never_advised,
+        ("tests/test_huge_pages.py::test_the_streamed_weights_sit_in_one_mapping_advised_huge_and_compute_the_same",
+         "tests/test_huge_pages.py::test_a_model_larger_than_a_huge_page_gets_huge_pages")),
     "gptq-identity-hessian": Mutation(
         "GPTQ rounds every layer against the identity instead of its Hessian", gptq_hessian_is_the_identity,
         ("tests/test_gptq.py::test_codes_are_the_papers_gptq_on_the_same_grid",
