@@ -8,7 +8,8 @@ Providers (each skipped, with the reason in the report, where its library is mis
 - lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8: int8 activations, outlier
   columns in 16-bit), lowbit-int8-wo (activations=None: weight-only), lowbit-int4, lowbit-int2 (group 64),
   lowbit-nf4-q8_0, lowbit-int4-q8_0, lowbit-int2-q8_0 (activations="q8_0"): our LowBitLinear through the dispatch
-  seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report);
+  seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report), its tensors on huge
+  pages as from_pretrained places a model's (huge_pages.py);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
 - quanto-int2, quanto-int4, quanto-int8: optimum-quanto's qint2 / qint4 (group 64) / qint8 weights, bf16 activations;
 - torch-int4: torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu) on lowbit-int4's codes, group 64 (its scale
@@ -93,8 +94,11 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
         return linear
     if provider.startswith("lowbit-"):
         from quantizer_plugin import LowBitLinear
+        from quantizer_plugin.huge_pages import place_on_huge_pages
 
-        return LowBitLinear.from_float(linear, scheme_of(provider), compute_dtype=DTYPE)
+        layer = LowBitLinear.from_float(linear, scheme_of(provider), compute_dtype=DTYPE)
+        place_on_huge_pages(layer)  # where from_pretrained puts a loaded model's layers (huge_pages.py)
+        return layer
     if provider == "torch-int4":
         return TorchInt4(build("lowbit-int4", linear))
     if provider.startswith("bnb-"):

@@ -36,15 +36,36 @@ inline int64_t row_bytes_of(int64_t K, int64_t bits) {
 // The activations' columns within each STEP in the order the fused kernels read the codes: the STEP / per_byte
 // codes in the high bits of the STEP's bytes first, then the next bits, and so on (a transpose of (bytes, per_byte)).
 // int3's planes give the codes in column order.
+// Plain loops, as the two functions below: through ATen (reshape, transpose, contiguous; to, sum) they cost tens of
+// microseconds a call in dispatcher overhead, a millisecond of a decode step.
+template <typename T>
 at::Tensor step_order(const at::Tensor& x, int64_t bits) {
-  if (bits == 3) return x.contiguous();
-  const int64_t per_byte = 8 / bits;
-  return x.reshape({x.size(0), x.size(1) / STEP, STEP / per_byte, per_byte}).transpose(2, 3).contiguous();
+  if (bits == 3) return x;  // contiguous (check_fused)
+  const int64_t per_byte = 8 / bits, per_plane = STEP / per_byte, columns = x.size(0) * x.size(1);
+  at::Tensor ordered = at::empty_like(x);
+  const T* in = reinterpret_cast<const T*>(x.data_ptr());
+  T* out = reinterpret_cast<T*>(ordered.data_ptr());
+  for (int64_t step = 0; step < columns; step += STEP) {
+    for (int64_t p = 0; p < per_byte; ++p) {
+      for (int64_t b = 0; b < per_plane; ++b) out[step + p * per_plane + b] = in[step + b * per_byte + p];
+    }
+  }
+  return ordered;
 }
 
 // The sum of each group's activations, (M, groups) float32: the zero points' share of the product.
+template <typename T>
 at::Tensor group_sums(const at::Tensor& x, int64_t block) {
-  return x.to(at::kFloat).reshape({x.size(0), x.size(1) / block, block}).sum(2);
+  const int64_t groups = x.size(0) * (x.size(1) / block);
+  at::Tensor sums = at::empty({x.size(0), x.size(1) / block}, x.options().dtype(at::kFloat));
+  const T* in = reinterpret_cast<const T*>(x.data_ptr());
+  float* out = sums.data_ptr<float>();
+  for (int64_t g = 0; g < groups; ++g) {
+    float total = 0.0f;
+    for (int64_t i = 0; i < block; ++i) total += static_cast<float>(in[g * block + i]);
+    out[g] = total;
+  }
+  return sums;
 }
 
 // A float16 broadcast to 16 float32 lanes by the vector conversion (c10's scalar one is a dozen integer steps).
@@ -775,7 +796,7 @@ at::Tensor gemv_affine_bf16(const at::Tensor& x, const at::Tensor& packed, const
   TORCH_CHECK(x.scalar_type() == at::kBFloat16, "x must be bfloat16");
   TORCH_CHECK(has_avx512_bf16(), "gemv_affine_bf16 needs a CPU with AVX512-BF16");
   FusedArgs a = check_fused(x, packed, scale, zero, bits, block);
-  const at::Tensor xs = step_order(x, bits), sums = group_sums(x, block);
+  const at::Tensor xs = step_order<at::BFloat16>(x, bits), sums = group_sums<at::BFloat16>(x, block);
   at::Tensor y = at::empty({x.size(0), a.N}, x.options().dtype(at::kFloat));
   const auto* x0 = reinterpret_cast<const uint16_t*>(xs.data_ptr<at::BFloat16>());
   for_row_groups(x.size(0), a.N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
@@ -794,7 +815,7 @@ at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::
                        int64_t bits, int64_t block) {
   TORCH_CHECK(x.scalar_type() == at::kFloat, "x must be float32");
   FusedArgs a = check_fused(x, packed, scale, zero, bits, block);
-  const at::Tensor xs = step_order(x, bits), sums = group_sums(x, block);
+  const at::Tensor xs = step_order<float>(x, bits), sums = group_sums<float>(x, block);
   at::Tensor y = at::empty({x.size(0), a.N}, x.options());
   const float* x0 = xs.data_ptr<float>();
   const bool avx512 = has_avx512();
