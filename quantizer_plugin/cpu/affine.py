@@ -98,7 +98,8 @@ def linear_forward_q8(x: torch.Tensor, weight: AffineWeight, bias: torch.Tensor 
         y += bias.float()
     # the native kernel takes its AVX512-VNNI loop on this condition (csrc q8_0_vnni_takes_affine)
     span = 64 * 8 // weight.bits
-    vnni = kernels.uses_avx512_vnni() and k % span == 0 and (block % span == 0 or (span % block == 0 and span // block <= 4))
+    fits = block % span == 0 or (span % block == 0 and span // block <= 4)
+    vnni = kernels.uses_avx512_vnni() and k % span == 0 and fits
     served("cpu.affine.q8_0_vnni" if vnni else "cpu.affine.q8_0")
     return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], n)
 

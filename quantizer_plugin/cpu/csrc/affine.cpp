@@ -521,7 +521,9 @@ AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const f
         share16 = _mm512_fmadd_ps(sz, _mm512_loadu_ps(sums + g), share16);
       }
       float share = _mm512_reduce_add_ps(share16);
-      for (; g < groups; ++g) share += static_cast<float>(a.scale[n * groups + g]) * static_cast<float>(a.zero[n * groups + g]) * sums[g];
+      for (; g < groups; ++g) {
+        share += static_cast<float>(a.scale[n * groups + g]) * static_cast<float>(a.zero[n * groups + g]) * sums[g];
+      }
       a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - share;
     }
   }

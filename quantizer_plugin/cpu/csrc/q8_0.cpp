@@ -1,10 +1,10 @@
 // Activations rounded as llama.cpp's q8_0 (the activations mode "q8_0", formats/activations.py): each activation row
 // in blocks of 32 columns, each block int8 with one float32 scale, its absmax / 127. The 4-bit and 2-bit kernels of
 // that mode (codebook4bit.cpp, affine.cpp) multiply these bytes by the weight's codes in integers (AVX2's vpmaddubsw
-// 32 at a time, AVX512-VNNI's vpdpbusd 64), and scale each block's integer sum once. The codes are written in the order the kernels read a
-// weight's bytes: within each `span` of columns (32, or the columns of 32 weight bytes), the first code of every
-// byte, then the second, and so on. Also each block's sum of the rounded activations (its integer sum times its
-// scale), which the affine kernels' zero points take off.
+// 32 at a time, AVX512-VNNI's vpdpbusd 64), and scale each block's integer sum once. The codes are written in the
+// order the kernels read a weight's bytes: within each `span` of columns (32, or the columns of 32 or 64 weight
+// bytes), the first code of every byte, then the second, and so on. Also each block's sum of the rounded activations
+// (its integer sum times its scale), which the affine kernels' zero points take off.
 //
 // The rounding is the reference's, operation for operation: x * (127 / absmax) in float32, rounded half to even,
 // so the codes are the reference's exactly. A block holding a NaN or an infinity gets codes 0 and a NaN scale, so
@@ -47,7 +47,7 @@ inline void round_block_plain(const float* v, BlockCodes& out) {
 }
 
 // The same 8 lanes at a time: vcvtps2dq rounds half to even (the default rounding mode), as nearbyint does. The plain
-// loop cost 25 us per 4096 activations (a libm call per rounding), a tenth of a decode step's kernel time at 43 calls.
+// loop cost 25 us per 4096 activations (a libm call per rounding), about 1 ms of a decode step's 43 calls.
 AVX2 void round_block_avx2(const float* v, BlockCodes& out) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
   __m256 values[4], absmax = _mm256_setzero_ps(), check = _mm256_setzero_ps();
