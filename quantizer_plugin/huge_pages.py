@@ -5,7 +5,7 @@ a page walk, and the hardware prefetchers stop at every page boundary. Placed in
 kernel for 2 MB pages (madvise(MADV_HUGEPAGE), which Linux honours where transparent huge pages are "always" or
 "madvise", its usual default), the same weights need 512 times fewer translations. On the Xeon with AMX (2 threads),
 an eager nf4 decode of the 0.4B Llama went from 32.5 to 28.7 ms per token; copied into such a mapping without the
-advice, 30.7 and 31.4 (benchmarks/RESULTS.md).
+advice, 30.7 and 31.4 (one process, 5 alternating runs; docs/kernels.md).
 
 `place_on_huge_pages(model)` copies the parameters and buffers of the model's LowBitLinear layers and its kept head
 (modules.KeptLinear) into one such mapping, each tensor its own storage in it (so that save_pretrained sees no
