@@ -463,7 +463,7 @@ AVX2_F16C void gemv_rows_q8_span_avx2(const FusedArgs& a, const int8_t* x8, cons
 // 64 * 8 / BITS)). The codes are unsigned bytes already, as vpdpbusd multiplies them: four products per int32 lane,
 // one instruction per 64 codes where the AVX2 loop spends three per 32. Lane l holds columns [4l, 4l + 4) * PLANES
 // of the span: activation block l * PLANES / 8, and group l * 4 * PLANES / block of the span's (at most 4; the caller
-// checks, q8_0_vnni_takes_affine). The zero points' share as q8_span_rows takes it off, 16 groups at a time.
+// checks, q8_0_vnni_takes_affine). The zero points' share is taken off as the fused kernels take it (zero_point_share).
 template <int BITS, int MT>
 AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const float* xd, int64_t n_begin,
                                    int64_t n_end) {
@@ -473,25 +473,15 @@ AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const f
   const int64_t span_groups = std::max<int64_t>(1, SPAN / a.block);
   const __mmask16 group_mask = static_cast<__mmask16>((1 << span_groups) - 1);
   const __m512i mask = _mm512_set1_epi8((1 << BITS) - 1);
-  int32_t block_of[16], group_of[16];
-  for (int l = 0; l < 16; ++l) {
-    block_of[l] = static_cast<int32_t>(l * 4 * PLANES / Q8_BLOCK);
-    group_of[l] = static_cast<int32_t>(span_groups == 1 ? 0 : l * 4 * PLANES / a.block);
-  }
-  const __m512i block_of_lane = _mm512_loadu_si512(block_of), group_of_lane = _mm512_loadu_si512(group_of);
-  std::vector<float> lane_scale(MT * spans * 16);  // per activation row and span: each lane's activation scale
-  for (int m = 0; m < MT; ++m) {
-    for (int64_t sp = 0; sp < spans; ++sp) {
-      const float* d = xd + m * steps + sp * BLOCKS;
-      const __m512 span_scales = BLOCKS == 4 ? _mm512_castps128_ps512(_mm_loadu_ps(d))
-                                             : _mm512_castps256_ps512(_mm256_loadu_ps(d));
-      _mm512_storeu_ps(lane_scale.data() + (m * spans + sp) * 16, _mm512_permutexvar_ps(block_of_lane, span_scales));
-    }
-  }
-  const uint16_t* scale_bits = reinterpret_cast<const uint16_t*>(a.scale);
-  const uint16_t* zero_bits = reinterpret_cast<const uint16_t*>(a.zero);
+  int32_t group_of[16];
+  for (int l = 0; l < 16; ++l) group_of[l] = static_cast<int32_t>(span_groups == 1 ? 0 : l * 4 * PLANES / a.block);
+  const __m512i group_of_lane = _mm512_loadu_si512(group_of);
+  const std::vector<float> lane_scale = q8_lane_scales(xd, MT, steps, spans, BLOCKS, 1.0f);
+  std::vector<float> s(groups), z(groups);  // the row's scales and zero points in float32
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* bytes = a.packed + n * row_bytes;
+    halves_to_floats(a.scale + n * groups, groups, s.data());
+    halves_to_floats(a.zero + n * groups, groups, z.data());
     __m512 acc[MT];
     for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
     for (int64_t sp = 0; sp < spans; ++sp, bytes += 64) {
@@ -499,8 +489,8 @@ AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const f
       const __m512i raw = _mm512_loadu_si512(bytes);
       __m512i codes[PLANES];
       for (int p = 0; p < PLANES; ++p) codes[p] = _mm512_and_si512(_mm512_srli_epi16(raw, 8 - BITS * (p + 1)), mask);
-      const __m256i half_scales = _mm256_maskz_loadu_epi16(group_mask, scale_bits + n * groups + sp * SPAN / a.block);
-      const __m512 group_scale = _mm512_permutexvar_ps(group_of_lane, _mm512_cvtph_ps(half_scales));
+      const __m512 span_scales = _mm512_maskz_loadu_ps(group_mask, s.data() + sp * SPAN / a.block);
+      const __m512 group_scale = _mm512_permutexvar_ps(group_of_lane, span_scales);
       for (int m = 0; m < MT; ++m) {
         const int8_t* x = x8 + m * a.K + sp * SPAN;
         __m512i sums = _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes[0], _mm512_loadu_si512(x));
@@ -509,22 +499,8 @@ AVX512_VNNI void gemv_rows_q8_vnni(const FusedArgs& a, const int8_t* x8, const f
         acc[m] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(sums), lane), group_scale, acc[m]);
       }
     }
-    const uint16_t* s = scale_bits + n * groups;
-    const uint16_t* z = zero_bits + n * groups;
     for (int m = 0; m < MT; ++m) {
-      const float* sums = a.sums + m * groups;
-      __m512 share16 = _mm512_setzero_ps();
-      int64_t g = 0;
-      for (; g + 16 <= groups; g += 16) {
-        const __m512 sz = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + g))),
-                                        _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(z + g))));
-        share16 = _mm512_fmadd_ps(sz, _mm512_loadu_ps(sums + g), share16);
-      }
-      float share = _mm512_reduce_add_ps(share16);
-      for (; g < groups; ++g) {
-        share += static_cast<float>(a.scale[n * groups + g]) * static_cast<float>(a.zero[n * groups + g]) * sums[g];
-      }
-      a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - share;
+      a.y[m * a.N + n] = _mm512_reduce_add_ps(acc[m]) - zero_point_share(s.data(), z.data(), a.sums + m * groups, groups);
     }
   }
 }

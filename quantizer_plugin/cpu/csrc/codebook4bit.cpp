@@ -475,23 +475,19 @@ AVX512_VNNI void gemv_rows_q8_vnni(const uint8_t* packed, const Absmax& absmax, 
   for (int i = 0; i < 16; ++i) offset_table[i] = static_cast<uint8_t>(table16[i] + 128);
   const __m512i table = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(offset_table)));
   const __m512i low_nibble = _mm512_set1_epi8(0x0F), ones = _mm512_set1_epi8(1);
-  const __m512i lane_block = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
-  // per activation row and span: each lane's starting sum (the offset taken off) and its activation scale times the
+  // per activation row and span: each lane's starting sum (the offset taken off), and its activation scale times the
   // codebook's int8 step, 1 / 127
   std::vector<int32_t> start(MT * spans * 16);
-  std::vector<float> lane_scale(MT * spans * 16);
   for (int m = 0; m < MT; ++m) {
     for (int64_t s = 0; s < spans; ++s) {
       const int8_t* x = x8 + m * K + s * SPAN;
       __m512i codes = _mm512_dpbusd_epi32(_mm512_setzero_si512(), ones, _mm512_loadu_si512(x));
       codes = _mm512_dpbusd_epi32(codes, ones, _mm512_loadu_si512(x + SPAN / 2));
-      const int64_t at = (m * spans + s) * 16;
-      _mm512_storeu_si512(start.data() + at, _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(codes, 7)));
-      const __m512 scales = _mm512_castps128_ps512(_mm_loadu_ps(xd + m * steps + 4 * s));
-      _mm512_storeu_ps(lane_scale.data() + at,
-                       _mm512_mul_ps(_mm512_permutexvar_ps(lane_block, scales), _mm512_set1_ps(1.0f / 127.0f)));
+      _mm512_storeu_si512(start.data() + (m * spans + s) * 16,
+                          _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32(codes, 7)));
     }
   }
+  const std::vector<float> lane_scale = q8_lane_scales(xd, MT, steps, spans, SPAN / Q8_BLOCK, 1.0f / 127.0f);
   std::vector<float> row_absmax(blocks_per_row);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = packed + n * (K / 2);

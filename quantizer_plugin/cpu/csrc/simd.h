@@ -123,6 +123,27 @@ struct StoreBFloat16Native {  // one instruction for 32 values (round to nearest
   }
 };
 
+// The q8_0 activations' scales (one per 32 columns, q8_0.cpp) spread over the 16 int32 lanes of the AVX512-VNNI
+// q8_0 loops' 64-byte steps (codebook4bit.cpp, affine.cpp), times `factor`: a step covers `blocks` activation blocks
+// (4 or 8), and its lane l sums columns of block l * blocks / 16. Row m's step s is at (m * steps + s) * 16; `xd`
+// holds `per_row` scales a row.
+AVX512 inline std::vector<float> q8_lane_scales(const float* xd, int64_t rows, int64_t per_row, int64_t steps,
+                                                int64_t blocks, float factor) {
+  int32_t block_of[16];
+  for (int l = 0; l < 16; ++l) block_of[l] = static_cast<int32_t>(l * blocks / 16);
+  const __m512i block_of_lane = _mm512_loadu_si512(block_of);
+  const __mmask16 first_blocks = static_cast<__mmask16>((1 << blocks) - 1);
+  std::vector<float> lane_scales(rows * steps * 16);
+  for (int64_t m = 0; m < rows; ++m) {
+    for (int64_t s = 0; s < steps; ++s) {
+      const __m512 scales = _mm512_maskz_loadu_ps(first_blocks, xd + m * per_row + s * blocks);
+      _mm512_storeu_ps(lane_scales.data() + (m * steps + s) * 16,
+                       _mm512_mul_ps(_mm512_permutexvar_ps(block_of_lane, scales), _mm512_set1_ps(factor)));
+    }
+  }
+  return lane_scales;
+}
+
 // Weight rows a task runs through every group of activation rows before it moves on, when x has more than one group:
 // their bytes (16 to 64 KB at K = 4096) stay in L1 and L2 for the next group, so that the weight streams from memory
 // once per call however many rows x has. Each group's pass over a task's whole range read it from memory again,
