@@ -111,11 +111,12 @@ def _dequant_matmul_builds() -> list[Build]:
     )  # fmt: skip
     affine = dict(weight, scale_ptr="*fp16", zero_ptr="*fp16")
     int8 = dict(weight, packed_ptr="*i8")
-    kinds = dequant_matmul.CODEBOOK, dequant_matmul.AFFINE, dequant_matmul.INT8
+    kinds = dequant_matmul.CODEBOOK, dequant_matmul.AFFINE, dequant_matmul.INT8, dequant_matmul.FLOAT8
     # (name, weight pointers, KIND, BITS, dtype, block size, aligned rows, double quant): the default NF4 and int4
     # layouts at every tile candidate; then, at the first candidate, NF4 with a block inside one K tile in fp16, rows
     # that straddle blocks and bytes, and a block longer than any K tile; int4 and int2 with short last groups
-    # (per-element loads), int2 with whole groups, int3 (per-element loads of its bit planes), and weight-only int8.
+    # (per-element loads), int2 with whole groups, int3 (per-element loads of its bit planes), weight-only int8, and
+    # fp8 (e4m3fn with a scale per row, e5m2 with one per 128 columns).
     every_candidate = [("4bit", weight, kinds[0], 4, "bf16", 64, True, True), ("int4", affine, kinds[1], 4, "bf16", 64, True, False)]
     layouts = every_candidate + [
         ("4bit", weight, kinds[0], 4, "fp16", 16, True, False), ("4bit", weight, kinds[0], 4, "bf16", 64, False, True),
@@ -123,11 +124,13 @@ def _dequant_matmul_builds() -> list[Build]:
         ("int2", affine, kinds[1], 2, "fp16", 64, True, False), ("int2", affine, kinds[1], 2, "fp16", 64, False, False),
         ("int3", affine, kinds[1], 3, "bf16", 64, True, False),
         ("int8 weight-only", int8, kinds[2], 8, "bf16", 64, False, False),
+        ("fp8", weight, kinds[3], 8, "bf16", 4096, True, False), ("fp8_e5m2", weight, kinds[3], 8, "fp16", 128, True, False),
     ]  # fmt: skip
     builds = []
     for index, (family, pointers, kind, bits, dt, block, aligned, dq) in enumerate(layouts):
+        exponent_bits = {"fp8": 4, "fp8_e5m2": 5}.get(family, 0)
         common = dict(QUANT_BLOCK=block, DQ_BLOCK=256, DOUBLE_QUANT=dq, ALIGNED=aligned, KIND=kind, BITS=bits,
-                      DOT_PRECISION="tf32", INTERPRETED=False)  # fmt: skip
+                      EXPONENT_BITS=exponent_bits, DOT_PRECISION="tf32", INTERPRETED=False)  # fmt: skip
         forward = dict(x_ptr="*" + dt, **pointers, bias_ptr="*" + dt, y_ptr="*" + dt, workspace_ptr="*fp32",
                        counter_ptr="*i32")  # fmt: skip
         backward = dict(grad_y_ptr="*" + dt, **pointers, grad_x_ptr="*" + dt)

@@ -19,6 +19,9 @@ dequantizer (below), BITS the integer width, DOUBLE_QUANT the codebook variant, 
   codes, and one scale and zero point per (row, group), broadcast; otherwise, and always for int3, every element
   finds its bytes and its group.
 - Int8 (int8 values (N, K), float32 row absmax): q * (absmax / 127), as the reference computes it.
+- Float8 (fp8, fp8_e5m2: one byte per weight, its fp8 bit pattern; a float32 scale per group of a row): each byte's
+  value by the encoding's formula in integer and exact float32 arithmetic (no fp8 hardware or conversion needed),
+  times its group's scale. EXPONENT_BITS picks the encoding.
 Each tile is then rounded to the activations' dtype, as the reference rounds the whole weight.
 
 Shapes: decode (M <= 16) uses a weight-streaming configuration (a 16-row x tile, narrow N tiles so that enough
@@ -33,7 +36,7 @@ import triton
 import triton.language as tl
 
 from quantizer_plugin.formats.dynamic8bit import DOUBLE_QUANT_BLOCK
-from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, RowScaledWeight, check_record
+from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, Float8Weight, RowScaledWeight, check_record
 from quantizer_plugin.ops import served
 
 from .interpreter import cast_rounded, dot_16bit
@@ -45,8 +48,8 @@ from .tuning import DECODE_MAX_M, autotuned, interpreting, m_bucket, matmul_conf
 # The kernels index the flat weight with 32-bit integers; larger layers take the reference path.
 MAX_ELEMENTS = 2**31 - 1
 # KIND: which tile dequantizer a launch is specialised for, and the name its launches are recorded under.
-CODEBOOK, AFFINE, INT8 = 0, 1, 2
-FAMILY = {CODEBOOK: "codebook4bit", AFFINE: "affine", INT8: "int8_weight_only"}
+CODEBOOK, AFFINE, INT8, FLOAT8 = 0, 1, 2, 3
+FAMILY = {CODEBOOK: "codebook4bit", AFFINE: "affine", INT8: "int8_weight_only", FLOAT8: "float8"}
 
 
 @triton.jit
@@ -184,19 +187,44 @@ def _int8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _float8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                 EXPONENT_BITS: tl.constexpr):  # fmt: skip
+    """fp8: float32 tile value(byte) * scale of rows `rows`, columns k0 : k0 + BLOCK_K, zero outside W. A byte is a
+    sign bit, an exponent field e of EXPONENT_BITS bits and a mantissa m of the MANTISSA others: its magnitude is
+    m * 2^(1 - bias - MANTISSA) when e = 0 (subnormal), else (2^MANTISSA + m) * 2^(e - bias - MANTISSA); the power of
+    two is built from its float32 bits, so every step is exact."""
+    MANTISSA: tl.constexpr = 7 - EXPONENT_BITS
+    BIAS: tl.constexpr = (1 << (EXPONENT_BITS - 1)) - 1
+    cols = k0 + tl.arange(0, BLOCK_K)
+    row_ok = rows < N
+    ok = row_ok[:, None] & (cols < K)[None, :]
+    byte = tl.load(packed_ptr + rows[:, None] * K + cols[None, :], mask=ok, other=0).to(tl.int32)
+    e = (byte >> MANTISSA) & ((1 << EXPONENT_BITS) - 1)
+    m = byte & ((1 << MANTISSA) - 1)
+    power = ((tl.maximum(e, 1) + (127 - BIAS - MANTISSA)) << 23).to(tl.float32, bitcast=True)
+    magnitude = tl.where(e == 0, m, m + (1 << MANTISSA)).to(tl.float32) * power
+    value = tl.where((byte & 0x80) != 0, -magnitude, magnitude)
+    at = rows[:, None] * tl.cdiv(K, GROUP) + (cols // GROUP)[None, :]
+    return value * tl.load(scale_ptr + at, mask=ok, other=0.0)
+
+
+@triton.jit
 def _dequantize_tile(
     packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr, codebook_ptr,
     scale_ptr, zero_ptr, rows, k0, N, K,
     ROWS: tl.constexpr, BLOCK_K: tl.constexpr, QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr,
     DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr, KIND: tl.constexpr, BITS: tl.constexpr,
+    EXPONENT_BITS: tl.constexpr,
 ):  # fmt: skip
     """float32 tile dequant(W)[rows, k0 : k0 + BLOCK_K] of the KIND of weight, zero outside W. The codebook formats
     read the absmax pointers and the codebook; the affine ones scale_ptr and zero_ptr; int8 its row absmax at
-    scale_ptr. Pointers a KIND does not read are placeholders."""
+    scale_ptr; fp8 its group scales at scale_ptr. Pointers a KIND does not read are placeholders."""
     if KIND == 1:
         return _affine_tile(packed_ptr, scale_ptr, zero_ptr, rows, k0, N, K, ROWS, BLOCK_K, QUANT_BLOCK, BITS, ALIGNED)
     elif KIND == 2:
         return _int8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K)
+    elif KIND == 3:
+        return _float8_tile(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K, QUANT_BLOCK, EXPONENT_BITS)
     else:
         return _codebook_tile(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
@@ -210,7 +238,7 @@ def _matmul_kernel(
     codebook_ptr, scale_ptr, zero_ptr, bias_ptr, y_ptr, workspace_ptr, counter_ptr,
     M, N, K, M_BUCKET, stride_xm, stride_ym,
     QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-    KIND: tl.constexpr, BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr, EXPONENT_BITS: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     """y[M, N] = x[M, K] @ dequant(W)[N, K].T (+ bias), accumulated in float32; program (tile, split) reduces
@@ -229,7 +257,7 @@ def _matmul_kernel(
         w = _dequantize_tile(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
             codebook_ptr, scale_ptr, zero_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK,
-            DOUBLE_QUANT, ALIGNED, KIND, BITS,
+            DOUBLE_QUANT, ALIGNED, KIND, BITS, EXPONENT_BITS,
         )  # fmt: skip
         acc = dot_16bit(x, tl.trans(cast_rounded(w, x.dtype, INTERPRETED)), acc, DOT_PRECISION, INTERPRETED)
     y_ok = (rows_m[:, None] < M) & (rows_n[None, :] < N)
@@ -246,7 +274,7 @@ def _grad_input_kernel(
     codebook_ptr, scale_ptr, zero_ptr, grad_x_ptr,
     M, N, K, M_BUCKET, stride_gm, stride_xm,
     QUANT_BLOCK: tl.constexpr, DQ_BLOCK: tl.constexpr, DOUBLE_QUANT: tl.constexpr, ALIGNED: tl.constexpr,
-    KIND: tl.constexpr, BITS: tl.constexpr,
+    KIND: tl.constexpr, BITS: tl.constexpr, EXPONENT_BITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, INTERPRETED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):  # fmt: skip
@@ -264,14 +292,14 @@ def _grad_input_kernel(
         w = _dequantize_tile(
             packed_ptr, absmax_ptr, absmax_code_ptr, absmax_scale_ptr, absmax_offset_ptr, dynamic_code_ptr,
             codebook_ptr, scale_ptr, zero_ptr, rows_n, k0, N, K, BLOCK_N, BLOCK_K, QUANT_BLOCK, DQ_BLOCK,
-            DOUBLE_QUANT, ALIGNED, KIND, BITS,
+            DOUBLE_QUANT, ALIGNED, KIND, BITS, EXPONENT_BITS,
         )  # fmt: skip
         acc = dot_16bit(g, cast_rounded(w, g.dtype, INTERPRETED), acc, DOT_PRECISION, INTERPRETED)
     x_ok = (rows_m[:, None] < M) & (cols[None, :] < K)
     tl.store(grad_x_ptr + rows_m[:, None] * stride_xm + cols[None, :], cast_rounded(acc, grad_x_ptr.dtype.element_ty, INTERPRETED), mask=x_ok)
 
 
-_KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED", "KIND", "BITS"]
+_KEY = ["M_BUCKET", "N", "K", "QUANT_BLOCK", "DOUBLE_QUANT", "ALIGNED", "KIND", "BITS", "EXPONENT_BITS"]
 _FORWARD_DECODE = autotuned(_matmul_kernel, matmul_configs("4bit", "decode", splits_k=True), _KEY)
 _FORWARD_PREFILL = autotuned(_matmul_kernel, matmul_configs("4bit", "prefill", splits_k=True), _KEY)
 _GRAD_INPUT = autotuned(_grad_input_kernel, matmul_configs("4bit", "grad_input"), _KEY)
@@ -295,11 +323,16 @@ def row_scaled_pointers(weight: RowScaledWeight) -> dict:
     return dict(packed_ptr=weight.values, scale_ptr=weight.scale)
 
 
+def float8_pointers(weight: Float8Weight) -> dict:
+    return dict(packed_ptr=weight.values, scale_ptr=weight.scale)
+
+
 # family -> (KIND, the kernel pointers its record's fields fill): a new family's Triton kernel is an entry here
 FAMILIES = {
     CodebookWeight.family: (CODEBOOK, codebook_pointers),
     AffineWeight.family: (AFFINE, affine_pointers),
     RowScaledWeight.family: (INT8, row_scaled_pointers),
+    Float8Weight.family: (FLOAT8, float8_pointers),
 }
 
 
@@ -340,6 +373,7 @@ def _meta(weight, dtype: torch.dtype) -> dict:
     return dict(
         QUANT_BLOCK=block, DQ_BLOCK=DOUBLE_QUANT_BLOCK, DOUBLE_QUANT=kind == CODEBOOK and weight.double_quant,
         ALIGNED=kind != INT8 and weight.in_features % block == 0, KIND=kind, BITS=weight.bits,
+        EXPONENT_BITS=getattr(weight, "exponent_bits", 0),
         DOT_PRECISION="ieee" if dtype == torch.float32 else "tf32", INTERPRETED=interpreting(),
     )  # fmt: skip
 

@@ -1,6 +1,6 @@
 """The layer entry points of the Triton kernels, registered with the dispatch seam (quantizer_plugin.ops).
 
-- Every weight family with 16-bit activations (4-bit codebooks, per-group affine integers, row-scaled int8): the
+- Every weight family with 16-bit activations (4-bit codebooks, per-group affine integers, row-scaled int8, fp8): the
   generic dequantize-in-registers kernels of dequant_matmul.py, forward and input gradient. The row-scaled family's
   input gradient is int8_backward.py's, for both activations modes.
 - LLM.int8 (row-scaled weights, activations="int8"): the outlier-decomposed GEMM of int8_matmul.py (its maths in
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, RowScaledWeight, op_arguments
+from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, Float8Weight, RowScaledWeight, op_arguments
 from quantizer_plugin.ops import reference_backward, reference_forward, register_kernel
 
 from . import library
@@ -29,6 +29,7 @@ def _fits(weight) -> bool:
 @register_kernel(CodebookWeight.family, "triton")
 @register_kernel(AffineWeight.family, "triton")
 @register_kernel(RowScaledWeight.family, "triton")
+@register_kernel(Float8Weight.family, "triton")
 def linear_forward(x: torch.Tensor, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
                    activations=None) -> torch.Tensor:  # fmt: skip
     if not _fits(weight):
@@ -43,6 +44,7 @@ def linear_forward(x: torch.Tensor, weight, bias: torch.Tensor | None, compute_d
 
 @register_kernel(CodebookWeight.family, "triton", backward=True)
 @register_kernel(AffineWeight.family, "triton", backward=True)
+@register_kernel(Float8Weight.family, "triton", backward=True)
 def linear_grad_input(grad_y: torch.Tensor, weight, compute_dtype: torch.dtype) -> torch.Tensor:
     if not _fits(weight):
         return reference_backward(grad_y, weight, compute_dtype)

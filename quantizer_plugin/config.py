@@ -72,8 +72,9 @@ class LowBitConfig(QuantizationConfigMixin):
 
     Args:
         weights: "nf4", "fp4" (4-bit codebooks, bitsandbytes-compatible), "int4", "int3", "int2" (per-group affine
-            integers, scales and zero points optimised without calibration data) or "int8" (LLM.int8, or
-            weight-only with activations=None).
+            integers, scales and zero points optimised without calibration data), "int8" (LLM.int8, or
+            weight-only with activations=None), "fp8" (8-bit floats, e4m3fn) or "fp8_e5m2" (e5m2), both with
+            16-bit activations.
         activations: None (16-bit activations: weight-only quantization; the default except for weights="int8"),
             "int8" (LLM.int8's int8 activations; the default for weights="int8", and only there) or "q8_0"
             (nf4/fp4/int4/int2: each activation row rounded to int8 in blocks of 32, as llama.cpp does, so that the
@@ -81,7 +82,7 @@ class LowBitConfig(QuantizationConfigMixin):
             CPUs without AVX512-BF16, at a small accuracy cost: docs/kernels.md).
         double_quant: nf4/fp4 only (default True): store the per-block absmax as 8-bit codes around their mean.
         block_size: nf4/fp4/int4/int3/int2 (default 64): elements per absmax block or per affine group, a power of two
-            from 16 to 4096.
+            from 16 to 4096. fp8 (default None: one scale per row): the columns of a row that share a scale.
         compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
         outlier_threshold: LLM.int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
             16-bit; 0 turns the decomposition off.
@@ -156,7 +157,9 @@ class LowBitConfig(QuantizationConfigMixin):
         applicable = modes[activations]
         for field, value in given.items():
             if field in applicable:
-                value = _check_setting(field, applicable[field] if value is None else value)
+                value = applicable[field] if value is None else value
+                if value is not None:  # None is a default of its own where a format has it (fp8: a scale per row)
+                    value = _check_setting(field, value)
             elif value is not None:
                 raise ValueError(
                     f"LowBitConfig.{field} does not apply to weights={weights!r} with activations={activations!r}"

@@ -3,7 +3,8 @@
 - The weights a layer's stored tensors stand for, element by element: element i of the flattened weight is
   codebook[its 4-bit code] * absmax[i // block_size], the codebooks and the 8-bit dynamic code taken from
   bitsandbytes (a test-only dependency), the nibbles unpacked with integer arithmetic; int8 is codes * row_absmax / 127;
-  int4/int2 are (code - zero) * scale of the element's group, the codes unpacked with integer arithmetic.
+  int4/int2 are (code - zero) * scale of the element's group, the codes unpacked with integer arithmetic; fp8 is the
+  value of each byte's bit pattern by the OCP fp8 specification's formula times its group's scale.
 - LLM.int8's product written out in float64 from its definition (Dettmers et al. 2022, as bitsandbytes computes it):
   a column of x holding any |x| >= threshold is multiplied in floating point against the dequantized weight column;
   every other column goes through per-row int8 codes of x, whose row absmax skips the outlier entries.
@@ -77,6 +78,34 @@ def dequantize_affine(stored: dict[str, torch.Tensor], in_features: int, bits: i
 
 
 AFFINE_BITS = {"int4": 4, "int3": 3, "int2": 2}
+# fp8 formats: exponent bits (the byte's other bits: a sign bit, then the exponent, then the mantissa)
+FLOAT8_EXPONENT_BITS = {"fp8": 4, "fp8_e5m2": 5}
+
+
+def float8_value(byte: torch.Tensor, exponent_bits: int) -> torch.Tensor:
+    """The float64 value of each fp8 bit pattern, from the OCP 8-bit floating point specification (e4m3fn and
+    e5m2): sign bit s, exponent field e, mantissa field m of M = 7 - exponent_bits bits, bias 2^(E - 1) - 1;
+    (-1)^s 2^(1 - bias) m / 2^M for e = 0, else (-1)^s 2^(e - bias) (1 + m / 2^M). The non-finite patterns (e4m3fn:
+    S.1111.111; e5m2: e = 31) are NaN or, e5m2's with m = 0, infinities (a quantizer must never write them)."""
+    byte = byte.long()
+    mantissa_bits = 7 - exponent_bits
+    bias = 2 ** (exponent_bits - 1) - 1
+    sign = torch.where(byte >= 128, -1.0, 1.0).double()
+    e = (byte % 128) // 2**mantissa_bits
+    m = (byte % 2**mantissa_bits).double()
+    value = torch.where(e == 0, 2.0 ** (1 - bias) * m / 2**mantissa_bits,
+                        2.0 ** (e - bias).double() * (1 + m / 2**mantissa_bits))  # fmt: skip
+    top = e == 2**exponent_bits - 1
+    if exponent_bits == 4:
+        return torch.where(top & (m == 2**mantissa_bits - 1), torch.nan, sign * value)
+    return torch.where(top, torch.where(m == 0, sign * torch.inf, torch.nan), sign * value)
+
+
+def dequantize_float8(stored: dict[str, torch.Tensor], in_features: int, exponent_bits: int,
+                      block_size: int | None) -> torch.Tensor:  # fmt: skip
+    """Element (r, c) = fp8 value of byte (r, c) * scale[r, c // block] (block: the whole row when None), float32."""
+    group = torch.arange(in_features) // (block_size or in_features)
+    return (float8_value(stored["weight"], exponent_bits) * stored["weight_scale"].double()[:, group]).float()
 
 
 def weight_of(layer) -> torch.Tensor:
@@ -84,6 +113,9 @@ def weight_of(layer) -> torch.Tensor:
     stored = {name: tensor.detach().cpu() for name, tensor in layer.quantized_tensors().items()}
     if layer.scheme.weights == "int8":
         return dequantize_int8(stored)
+    if layer.scheme.weights in FLOAT8_EXPONENT_BITS:
+        return dequantize_float8(stored, layer.in_features, FLOAT8_EXPONENT_BITS[layer.scheme.weights],
+                                 layer.scheme.block_size)  # fmt: skip
     if layer.scheme.weights in AFFINE_BITS:
         return dequantize_affine(stored, layer.in_features, AFFINE_BITS[layer.scheme.weights], layer.scheme.block_size)
     return dequantize_4bit(stored, layer.out_features, layer.in_features, layer.scheme.weights, layer.scheme.block_size)

@@ -19,7 +19,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from quantizer_plugin import LowBitLinear, ops
-from quantizer_plugin.cpu import affine, codebook4bit, int8, library, native
+from quantizer_plugin.cpu import affine, codebook4bit, float8, int8, library, native
 from quantizer_plugin.formats import QuantScheme
 
 from helpers import load_quantized
@@ -32,6 +32,8 @@ SCHEMES = {
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
     "int2": QuantScheme("int2", block_size=32),
+    "fp8": QuantScheme("fp8"),
+    "fp8_e5m2-block-64": QuantScheme("fp8_e5m2", block_size=64),
 }
 # activations="q8_0": its kernels pass opcheck, and a layer compiles whole to eager's outputs
 Q8_SCHEMES = {"nf4-q8_0": QuantScheme("nf4", activations="q8_0"),
@@ -84,7 +86,7 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor) -> floa
     return ((a.float() - b.float()).abs() / ulp).max().item()
 
 
-@pytest.mark.parametrize("name", ["nf4", "int8", "int4", "nf4-q8_0"])
+@pytest.mark.parametrize("name", ["nf4", "int8", "int4", "fp8", "nf4-q8_0"])
 def test_compiled_layers_equal_eager_ones(name):
     # M = 1 takes the fused decode kernels; 7, 16 and 40 the AMX tiles where the CPU has AMX, the chunks elsewhere
     layer = make_layer(name, torch.bfloat16)
@@ -128,7 +130,8 @@ def test_every_native_kernel_and_input_gradient_passes_opcheck(monkeypatch):
         return grad_input
 
     monkeypatch.setattr(library, "call", recording)
-    for module, name in [(codebook4bit, "grad_input_4bit"), (int8, "grad_input_int8"), (affine, "grad_input_affine")]:
+    for module, name in [(codebook4bit, "grad_input_4bit"), (int8, "grad_input_int8"), (affine, "grad_input_affine"),
+                         (float8, "grad_input_float8")]:  # fmt: skip
         monkeypatch.setattr(module, "grad_input", recording_grad_input(name))
     for name, dtype, m in itertools.product(SCHEMES, [torch.bfloat16, torch.float16, torch.float32], M_VALUES):
         x = torch.randn(m, 256, dtype=dtype, requires_grad=True)
@@ -142,9 +145,10 @@ def test_every_native_kernel_and_input_gradient_passes_opcheck(monkeypatch):
     kernels = native.load()
     expected = {name for name in library.FORWARD_OPS if "amx" not in name or amx_int8_here()} | set(library.GRAD_INPUT_OPS)
     if not kernels.uses_amx_bf16():
-        expected -= {"linear_4bit_tiles", "linear_int8_tiles", "linear_affine_tiles"}
-    if not avx2_here():  # int8 and int4/int2 decode take the chunks, the kept head F.linear, q8_0 its reference
-        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16", "gemv_dense", "gemv_4bit_q8", "gemv_affine_q8"}
+        expected -= {"linear_4bit_tiles", "linear_int8_tiles", "linear_affine_tiles", "linear_float8_tiles"}
+    if not avx2_here():  # int8, int4/int2 and fp8 decode take the chunks, the kept head F.linear, q8_0 its reference
+        expected -= {"gemv_int8", "gemv_affine", "gemv_affine_bf16", "gemv_dense", "gemv_4bit_q8", "gemv_affine_q8",
+                     "gemv_float8"}
     if not avx512_bf16_here():
         expected -= {"gemv_affine_bf16"}
     if not bf16_lookups_here():

@@ -19,7 +19,7 @@ def test_every_gpu_candidate_compiles_for_sm90_without_spilling():
 
     kernels = {report["build"].split(" (")[0].split(" BLOCK")[0] for report in reports}
     expected = {"int8 tiled", "int8 streaming", "int8 grad_input", "int8 row quantize"}
-    for family in ("4bit", "int4", "int3", "int2", "int8 weight-only"):  # one generic kernel, each KIND of weight compiled
+    for family in ("4bit", "int4", "int3", "int2", "int8 weight-only", "fp8", "fp8_e5m2"):  # one generic kernel, each KIND of weight compiled
         expected |= {f"{family} forward, decode", f"{family} forward, prefill", f"{family} grad_input"}
     assert expected <= kernels, kernels
     assert any("SPLIT_K=4" in report["build"] for report in reports)  # the split-K reduction compiles too

@@ -1,5 +1,6 @@
-"""The generic dequantize-in-registers Triton kernel (kernels/dequant_matmul.py) on the integer weight-only formats:
-int4, int3, int2 (affine groups) and int8 with 16-bit activations, against the reference and the tests' own oracle.
+"""The generic dequantize-in-registers Triton kernel (kernels/dequant_matmul.py) on the integer weight-only formats
+(int4, int3, int2: affine groups; int8 with 16-bit activations) and fp8 (e4m3fn with a scale per row, e5m2 with one
+per group), against the reference and the tests' own oracle.
 
 On CPU they run through Triton's interpreter (TRITON_INTERPRET=1, set in conftest.py) at small shapes; on a GPU the
 same tests also run at real shapes.
@@ -30,8 +31,11 @@ SCHEMES = {
     "int3": lambda group: QuantScheme("int3", block_size=group),
     "int2": lambda group: QuantScheme("int2", block_size=group),
     "int8-weight-only": lambda group: QuantScheme("int8", activations=None),
+    "fp8": lambda group: QuantScheme("fp8"),
+    "fp8_e5m2": lambda group: QuantScheme("fp8_e5m2", block_size=group),
 }
-FAMILY = {"int4": "affine", "int3": "affine", "int2": "affine", "int8-weight-only": "int8_weight_only"}
+FAMILY = {"int4": "affine", "int3": "affine", "int2": "affine", "int8-weight-only": "int8_weight_only",
+          "fp8": "float8", "fp8_e5m2": "float8"}  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -73,7 +77,7 @@ def test_forward_matches_the_reference(device, name, dtype, m):
         assert kernel_error <= 2 * reference_error + TOLERANCES[dtype] * scale / 4, (n, k, kernel_error, reference_error)
 
 
-@pytest.mark.parametrize("name", ["int4", "int3", "int2"])
+@pytest.mark.parametrize("name", ["int4", "int3", "int2", "fp8", "fp8_e5m2"])
 def test_backward_through_the_frozen_weight_matches_the_oracle(device, name):
     n, k, group = SHAPES[device][0]
     layer = make_layer(name, n, k, group, torch.bfloat16, device)
@@ -81,7 +85,7 @@ def test_backward_through_the_frozen_weight_matches_the_oracle(device, name):
     grad_y = torch.randn(2, 5, n, device=device, dtype=torch.bfloat16)
     with ops.record_dispatch() as served:
         layer(x).backward(grad_y)
-    assert served == ["triton.affine.decode", "triton.affine.grad_input"]
+    assert served == [f"triton.{FAMILY[name]}.decode", f"triton.{FAMILY[name]}.grad_input"]
     exact = grad_y.double() @ oracles.weight_of(layer).double().to(device)
     assert (x.grad.double() - exact).abs().max().item() <= TOLERANCES[torch.bfloat16] * exact.abs().max().item()
 

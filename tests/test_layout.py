@@ -23,6 +23,7 @@ FORMATS = {
     "nf4-no-dq": dict(weights="nf4", double_quant=False),
     "fp4": dict(weights="fp4"),
     "int8": dict(weights="int8"),
+    "fp8": dict(weights="fp8"),
 }
 
 

@@ -19,11 +19,14 @@ from helpers import cosine, load_quantized, lowbit_modules, read_safetensors
 FORMATS = [
     dict(weights="nf4"), dict(weights="nf4", double_quant=False), dict(weights="fp4"), dict(weights="int8"),
     dict(weights="int8", activations=None), dict(weights="int4"), dict(weights="int3"), dict(weights="int2", block_size=32),
+    dict(weights="fp8"), dict(weights="fp8_e5m2", block_size=32),
 ]  # fmt: skip
-FORMAT_IDS = ["nf4", "nf4-no-dq", "fp4", "int8", "int8-weight-only", "int4", "int3", "int2"]
+FORMAT_IDS = ["nf4", "nf4-no-dq", "fp4", "int8", "int8-weight-only", "int4", "int3", "int2", "fp8", "fp8_e5m2"]
 # logits cosine to full precision on the random tiny Llama, and weight cosine of every layer
-LOGITS_FLOOR = {"int8": 0.999, "int4": 0.97, "nf4": 0.97, "fp4": 0.97, "int3": 0.9, "int2": 0.6}
-WEIGHT_FLOOR = {"int8": 0.9999, "int4": 0.99, "nf4": 0.99, "fp4": 0.99, "int3": 0.96, "int2": 0.85}
+LOGITS_FLOOR = {"int8": 0.999, "int4": 0.97, "nf4": 0.97, "fp4": 0.97, "int3": 0.9, "int2": 0.6, "fp8": 0.999,
+                "fp8_e5m2": 0.995}  # fmt: skip
+WEIGHT_FLOOR = {"int8": 0.9999, "int4": 0.99, "nf4": 0.99, "fp4": 0.99, "int3": 0.96, "int2": 0.85, "fp8": 0.999,
+                "fp8_e5m2": 0.997}  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +90,8 @@ def test_sharded_checkpoint_round_trips(llama_dir, tmp_path, token_ids):
     "config, low, high",
     [(FORMATS[FORMAT_IDS.index(name)], low, high) for name, low, high in
      [("nf4", 0.25, 0.27), ("nf4-no-dq", 0.25, 0.29), ("int8", 0.5, 0.52), ("int4", 0.28, 0.30), ("int3", 0.22, 0.235),
-      ("int2", 0.18, 0.19)]],
-    ids=["nf4", "nf4-no-dq", "int8", "int4", "int3", "int2-group-32"],
+      ("int2", 0.18, 0.19), ("fp8", 0.5, 0.53), ("fp8_e5m2", 0.55, 0.58)]],
+    ids=["nf4", "nf4-no-dq", "int8", "int4", "int3", "int2-group-32", "fp8", "fp8_e5m2-group-32"],
 )
 def test_saved_linear_bytes_are_the_formats_share_of_bf16(llama_dir, tmp_path, config, low, high):
     model = load_quantized(llama_dir, **config)

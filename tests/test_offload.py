@@ -22,11 +22,12 @@ from helpers import lowbit_modules, read_safetensors
 FORMATS = {
     "nf4": dict(weights="nf4"), "fp4": dict(weights="fp4", double_quant=False), "int8": dict(weights="int8"),
     "int8-weight-only": dict(weights="int8", activations=None), "int4": dict(weights="int4"), "int2": dict(weights="int2"),
+    "fp8": dict(weights="fp8"),
 }  # fmt: skip
 # Packed bytes on disk over the 16-bit bytes of the same weights (safetensors headers included).
 BYTE_RATIO = {
     "nf4": (0.25, 0.27), "fp4": (0.25, 0.29), "int8": (0.5, 0.52), "int8-weight-only": (0.5, 0.52),
-    "int4": (0.28, 0.30), "int2": (0.15, 0.17),
+    "int4": (0.28, 0.30), "int2": (0.15, 0.17), "fp8": (0.5, 0.53),
 }  # fmt: skip
 N_LAYERS = 4
 

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from quantizer_plugin import LowBitConfig
 
 FORMATS = {"nf4": dict(weights="nf4"), "nf4-no-dq": dict(weights="nf4", double_quant=False),
-           "fp4": dict(weights="fp4"), "int8": dict(weights="int8")}  # fmt: skip
+           "fp4": dict(weights="fp4"), "int8": dict(weights="int8"), "fp8": dict(weights="fp8")}  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ import oracles
 from conftest import tiny_llama_config
 from helpers import lowbit_modules
 
-# nf4 with double quant (the QLoRA recipe), fp4, LLM.int8, int8 weight-only, int4 and int2.
+# nf4 with double quant (the QLoRA recipe), fp4, LLM.int8, int8 weight-only, int4, int2 and fp8.
 FORMATS = {
     "nf4": dict(weights="nf4", double_quant=True),
     "fp4": dict(weights="fp4"),
@@ -37,6 +37,7 @@ FORMATS = {
     "int8-weight-only": dict(weights="int8", activations=None),
     "int4": dict(weights="int4"),
     "int2": dict(weights="int2"),
+    "fp8": dict(weights="fp8"),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -18,6 +18,7 @@ FORMATS = {
     "int4": dict(weights="int4"),
     "int3": dict(weights="int3"),
     "int2": dict(weights="int2", block_size=32),
+    "fp8": dict(weights="fp8"),
 }
 
 

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from quantizer_plugin import LowBitConfig, LowBitLinear
 
 FORMATS = [dict(weights="nf4"), dict(weights="fp4"), dict(weights="int8"), dict(weights="int8", activations=None),
-           dict(weights="int4"), dict(weights="int2")]  # fmt: skip
+           dict(weights="int4"), dict(weights="int2"), dict(weights="fp8")]  # fmt: skip
 
 
 class LoRALayer(nn.Module):

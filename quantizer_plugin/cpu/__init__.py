@@ -6,6 +6,7 @@
   by torch's own GEMM (oneDNN) on the thread that dequantized it (chunks.py).
 - LLM.int8 (int8.py): int8 activations times the int8 weight in exact int32 sums, outlier columns in float, at
   every batch size (csrc/llm_int8.cpp).
+- fp8 (float8.py): the same paths as weight-only int8, each byte turned into a float16 by moving its bits.
 - Kept 16-bit layers (dense.py): the output head a quantized model keeps in 16-bit, streamed once per decode step
   (csrc/dense.cpp).
 
@@ -15,6 +16,6 @@ first use.
 """
 
 from ..ops import register_preparation
-from . import affine, codebook4bit, dense, int8, native  # noqa: F401  (registration side effect)
+from . import affine, codebook4bit, dense, float8, int8, native  # noqa: F401  (registration side effect)
 
 register_preparation("cpu", native.load)

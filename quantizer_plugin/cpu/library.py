@@ -29,9 +29,11 @@ CODEBOOK_WEIGHT = ("Tensor packed, Tensor? absmax, Tensor? absmax_code, Tensor? 
                    "Tensor? dynamic_code, Tensor code")  # fmt: skip
 AFFINE_WEIGHT = "Tensor packed, Tensor scale, Tensor zero, int bits, int block"
 INT8_WEIGHT = "Tensor weight, Tensor scale"
+FLOAT8_WEIGHT = "Tensor weight, Tensor scale, int block, int exponent_bits"
 _CODEBOOK = f"Tensor x, {CODEBOOK_WEIGHT}, int N, int block"
 _AFFINE = f"Tensor x, {AFFINE_WEIGHT}"
 _INT8 = f"Tensor x, {INT8_WEIGHT}"
+_FLOAT8 = f"Tensor x, {FLOAT8_WEIGHT}"
 
 
 def _n_argument(arguments: dict) -> int:  # the 4-bit codebook kernels' weight is flat: N is an argument
@@ -61,6 +63,9 @@ FORWARD_OPS = {
     "gemv_affine_q8": (_AFFINE, _weight_rows, FLOAT32),  # activations="q8_0"
     "linear_affine_tiles": (_AFFINE, _weight_rows, FLOAT32),
     "linear_affine_chunked": (_AFFINE + ", int rows_per_chunk", _weight_rows, CHUNKED),
+    "gemv_float8": (_FLOAT8, _weight_rows, FLOAT32),
+    "linear_float8_tiles": (_FLOAT8, _weight_rows, FLOAT32),
+    "linear_float8_chunked": (_FLOAT8 + ", int rows_per_chunk", _weight_rows, CHUNKED),
     "gemv_dense": ("Tensor x, Tensor weight", _weight_rows, FLOAT32),  # a kept 16-bit layer (dense.py)
 }
 _library = torch.library.Library("quantizer_plugin", "DEF")

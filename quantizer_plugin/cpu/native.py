@@ -28,7 +28,7 @@ import torch
 
 NATIVE_ENV = "QUANTIZER_PLUGIN_NATIVE"
 SOURCES = [Path(__file__).with_name("csrc") / name
-           for name in ("cpu_features.cpp", "codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "llm_int8.cpp", "affine.cpp", "dense.cpp",
+           for name in ("cpu_features.cpp", "codebook4bit.cpp", "int8.cpp", "int8_amx.cpp", "llm_int8.cpp", "affine.cpp", "float8.cpp", "dense.cpp",
                          "q8_0.cpp", "module.cpp")]
 # Caps the instruction sets the kernels use (csrc/cpu_features.cpp), read once per process: a machine with AMX runs
 # the paths of a CPU without it. From the most to the least: everything the CPU has, then without AMX, without the

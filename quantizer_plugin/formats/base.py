@@ -32,15 +32,18 @@ class QuantScheme:
     """The per-layer quantization settings a format needs (a projection of LowBitConfig)."""
 
     weights: str
-    block_size: int = 64
+    block_size: int | None = FORMAT_DEFAULT  # the format's default (64; fp8: None, one scale per row)
     double_quant: bool = True
     outlier_threshold: float = 6.0
     format_version: int = FORMAT_VERSION
     activations: str | None = FORMAT_DEFAULT  # "int8" (LLM.int8) or None (16-bit activations)
 
     def __post_init__(self):
+        fmt = get_format(self.weights)
         if self.activations == FORMAT_DEFAULT:
-            object.__setattr__(self, "activations", get_format(self.weights).default_activations)
+            object.__setattr__(self, "activations", fmt.default_activations)
+        if self.block_size == FORMAT_DEFAULT:
+            object.__setattr__(self, "block_size", fmt.settings.get(self.activations, {}).get("block_size", 64))
 
     def detail(self) -> str:
         """The settings that apply to this format and activations mode, as `name=value` pairs."""

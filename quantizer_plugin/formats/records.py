@@ -164,7 +164,34 @@ class RowScaledWeight:
         return (self.values.float() * (self.scale / INT8_MAX)[:, None]).to(dtype)
 
 
-WeightRecord = Union[CodebookWeight, AffineWeight, RowScaledWeight]
+# The torch dtype of the fp8 encoding with this many exponent bits (the rest of the byte: a sign and the mantissa).
+FLOAT8_DTYPES = {4: torch.float8_e4m3fn, 5: torch.float8_e5m2}
+
+
+@weight_family
+@dataclass(eq=False)
+class Float8Weight:
+    """fp8 weights (fp8, fp8_e5m2): each element's byte an fp8 bit pattern (exponent_bits 4: e4m3fn, 5: e5m2), and a
+    float32 scale per `block_size` columns of a row (block_size = in_features: one per row; the last group of a row
+    may be short). Element (r, c) is fp8_value(values[r, c]) * scale[r, c // block_size]."""
+
+    family: ClassVar[str] = "float8"
+    bits: ClassVar[int] = 8
+    dtypes: ClassVar[dict] = dict(values=torch.uint8, scale=torch.float32)
+    out_features: int
+    in_features: int
+    block_size: int
+    exponent_bits: int
+    values: torch.Tensor  # uint8 (out, in): the fp8 bit patterns
+    scale: torch.Tensor  # float32 (out, groups)
+
+    def dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        values = self.values.view(FLOAT8_DTYPES[self.exponent_bits]).float()
+        scale = self.scale.repeat_interleave(self.block_size, dim=1)[:, : self.in_features]
+        return (values * scale).to(dtype)
+
+
+WeightRecord = Union[CodebookWeight, AffineWeight, RowScaledWeight, Float8Weight]
 
 
 def weight_families() -> list[str]:

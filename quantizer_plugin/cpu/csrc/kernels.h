@@ -58,6 +58,18 @@ at::Tensor linear_int8_tiles(const at::Tensor& x, const at::Tensor& weight, cons
 // row split into two int8 pieces (int8_amx.cpp), K a multiple of 64.
 at::Tensor linear_int8_amx(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale);
 
+// fp8 (float8.cpp; formats/fp8.py): `weight` uint8 (N, K) fp8 bit patterns (exponent_bits 4: e4m3fn, 5: e5m2),
+// `scale` float32 (N, ceil(K / block)) (block = K: one scale per row). The fused kernel returns y (M, N) float32
+// for float32 x; the tile kernel takes bfloat16 x with K a multiple of 32 and the block a multiple of 16.
+at::Tensor gemv_float8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block,
+                       int64_t exponent_bits);
+void dequantize_float8(const at::Tensor& weight, const at::Tensor& scale, int64_t block, int64_t exponent_bits,
+                       int64_t first, int64_t last, at::Tensor& out);
+at::Tensor linear_float8_chunked(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block,
+                                 int64_t exponent_bits, int64_t rows_per_chunk);
+at::Tensor linear_float8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, int64_t block,
+                               int64_t exponent_bits);
+
 // int4/int2 (formats/affine.py): `packed` uint8 (N, ceil(K * bits / 8)), `scale` and `zero` float16 (N, groups);
 // the fused kernels need K a multiple of the block and the block of 64, and return y (M, N) float32.
 at::Tensor gemv_affine(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale, const at::Tensor& zero,

@@ -36,6 +36,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("quantize_q8_0", &quantize_q8_0, "activations q8_0: int8 codes per 32 (in the kernels' order per span), float32 scales");
   m.def("gemv_4bit_q8", &gemv_4bit_q8, "y = q8_0(x) @ dequant(W).T, the codebook in int8 steps (AVX2, AVX512-VNNI)");
   m.def("gemv_affine_q8", &gemv_affine_q8, "y = q8_0(x) @ dequant(W).T for an int4/int2 weight (AVX2, AVX512-VNNI)");
+  m.def("gemv_float8", &gemv_float8, "y = x @ dequant(W).T for a few float32 activation rows, fp8 weight");
+  m.def("dequantize_float8", &dequantize_float8, "dequantize rows [first, last) of an fp8 weight into out");
+  m.def("linear_float8_chunked", &linear_float8_chunked, "x @ W.T, W (fp8) dequantized in row chunks per thread");
+  m.def("linear_float8_tiles", &linear_float8_tiles, "x @ W.T for bfloat16 x on the AMX tiles, fp8 weight");
   m.def("uses_avx2", &has_avx2, "whether the AVX2 kernels run on this CPU");
   m.def("uses_avx512_vnni", &has_avx512_vnni, "whether the AVX512-VNNI kernels run on this CPU");
   m.def("uses_avx512", &has_avx512, "whether the AVX-512 kernels run on this CPU");
@@ -64,5 +68,8 @@ TORCH_LIBRARY_IMPL(quantizer_plugin, CPU, m) {
   m.impl("gemv_affine_q8", TORCH_FN(gemv_affine_q8));
   m.impl("linear_affine_tiles", TORCH_FN(linear_affine_tiles));
   m.impl("linear_affine_chunked", TORCH_FN(linear_affine_chunked));
+  m.impl("gemv_float8", TORCH_FN(gemv_float8));
+  m.impl("linear_float8_tiles", TORCH_FN(linear_float8_tiles));
+  m.impl("linear_float8_chunked", TORCH_FN(linear_float8_chunked));
   m.impl("gemv_dense", TORCH_FN(gemv_dense));
 }
