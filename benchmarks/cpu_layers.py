@@ -7,11 +7,14 @@ Providers (each skipped, with the reason in the report, where its library is mis
 - bf16: torch.nn.functional.linear on the 16-bit weight (oneDNN; AMX on CPUs that have it);
 - lowbit-nf4, lowbit-fp4 (block 64, double quant), lowbit-int8 (LLM.int8: int8 activations, outlier
   columns in 16-bit), lowbit-int8-wo (activations=None: weight-only), lowbit-int4, lowbit-int2 (group 64),
-  lowbit-nf4-q8_0, lowbit-int4-q8_0, lowbit-int2-q8_0 (activations="q8_0"): our LowBitLinear through the dispatch
+  lowbit-fp8 (e4m3fn, a scale per row), lowbit-fp8-b128 (a scale per 128 columns of a row, the block of
+  transformers' FP8 checkpoints), lowbit-nf4-q8_0, lowbit-int4-q8_0, lowbit-int2-q8_0 (activations="q8_0"): our
+  LowBitLinear through the dispatch
   seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report), its tensors on huge
   pages as from_pretrained places a model's (huge_pages.py);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
-- quanto-int2, quanto-int4, quanto-int8: optimum-quanto's qint2 / qint4 (group 64) / qint8 weights, bf16 activations;
+- quanto-int2, quanto-int4, quanto-int8, quanto-fp8: optimum-quanto's qint2 / qint4 (group 64) / qint8 / qfloat8
+  weights, bf16 activations;
 - torch-int4: torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu) on lowbit-int4's codes, group 64 (its scale
   and zero point rounded to bfloat16, as that op takes them);
 - torchao-int8: torchao's Int8WeightOnlyConfig; torchao-int4: Int4WeightOnlyConfig (group 64, plain packing).
@@ -45,15 +48,18 @@ BATCH_SIZES = [1, 16, 128]
 SMOKE_SHAPES = [(256, 512)]
 SMOKE_BATCH_SIZES = [1, 16]
 DTYPE = torch.bfloat16
-OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int3", "lowbit-int2", "lowbit-nf4-q8_0",
-        "lowbit-int4-q8_0", "lowbit-int2-q8_0"]  # fmt: skip
-PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "torchao-int4", "torchao-int8", "torch-int4"]
+OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int3", "lowbit-int2",
+        "lowbit-fp8", "lowbit-fp8-b128", "lowbit-nf4-q8_0", "lowbit-int4-q8_0", "lowbit-int2-q8_0"]  # fmt: skip
+PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "quanto-fp8", "torchao-int4", "torchao-int8",
+         "torch-int4"]  # fmt: skip
 # At M = 1 a layer streams its weight once: each of ours (and bf16) should read it at this share of the machine's
 # measured read bandwidth (the decode-speed issue's target).
 BANDWIDTH_TARGET = 0.85
 # Decode (M = 1) targets against bf16: the CPU-speed issue's (nf4, fp4, int8) and the integer formats issue's.
 DECODE_TARGETS = {"lowbit-nf4": 2.0, "lowbit-fp4": 2.0, "lowbit-int8": 1.5, "lowbit-int8-wo": 1.5, "lowbit-int4": 2.0,
-                  "lowbit-int3": 2.5, "lowbit-int2": 1.0}  # fmt: skip
+                  "lowbit-int3": 2.5, "lowbit-int2": 1.0, "lowbit-fp8": 1.5, "lowbit-fp8-b128": 1.5}  # fmt: skip
+# The fp8 issue's decode target against our own weight-only int8 (the same bytes per weight): at least as fast.
+PEER_DECODE_TARGETS = {"lowbit-fp8": "lowbit-int8-wo", "lowbit-fp8-b128": "lowbit-int8-wo"}
 
 
 def scheme_of(provider: str):
@@ -62,6 +68,8 @@ def scheme_of(provider: str):
     weights = provider.removeprefix("lowbit-")
     if weights == "int8-wo":
         return QuantScheme("int8", activations=None)
+    if weights.startswith("fp8"):
+        return QuantScheme("fp8", block_size=128 if weights.endswith("-b128") else None)
     # activations="q8_0" where named; otherwise the format's default (LLM.int8's int8 activations for int8)
     modes = {"activations": "q8_0"} if weights.endswith("-q8_0") else {}
     weights = weights.removesuffix("-q8_0")
@@ -115,10 +123,11 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
             layer = layer.to("cpu")
         return layer.eval()
     if provider.startswith("quanto-"):
-        from optimum.quanto import freeze, qint2, qint4, qint8, quantize
+        from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
         model = torch.nn.Sequential(copy.deepcopy(linear))
-        quantize(model, weights={"quanto-int2": qint2, "quanto-int4": qint4, "quanto-int8": qint8}[provider])
+        qtypes = {"quanto-int2": qint2, "quanto-int4": qint4, "quanto-int8": qint8, "quanto-fp8": qfloat8}
+        quantize(model, weights=qtypes[provider])
         freeze(model)
         return model
     if provider.startswith("torchao-"):
@@ -205,6 +214,8 @@ def targets(rows: list[Row]) -> list[str]:
     for shape in sorted({r.shape for r in rows}):
         for provider, goal in DECODE_TARGETS.items():
             verdict(f"{shape}, M=1, {provider} vs bf16", ratio(shape, 1, provider, "bf16"), goal)
+        for provider, other in PEER_DECODE_TARGETS.items():
+            verdict(f"{shape}, M=1, {provider} vs {other}", ratio(shape, 1, provider, other), 1.0)
         for provider in OURS:
             verdict(f"{shape}, M=16, {provider} vs bf16", ratio(shape, 16, provider, "bf16"), 1.0)
             for m in sorted({r.m for r in rows if r.m >= 128}):

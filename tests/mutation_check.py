@@ -318,6 +318,30 @@ def q8_rounding_ignores_the_span():
     wrap_native_kernel("quantize_q8_0", lambda kernel: lambda x, per_byte, span: kernel(x, per_byte, 32))
 
 
+def cpu_fp8_kernels_read_the_other_encoding():
+    # every native fp8 kernel decodes e4m3fn bytes as e5m2 and e5m2 bytes as e4m3fn
+    for name in ("gemv_float8", "linear_float8_tiles", "linear_float8_chunked", "dequantize_float8"):
+        wrap_native_kernel(name, lambda kernel: lambda x, weight, scale, block, exponent_bits, *rest: kernel(
+            x, weight, scale, block, 9 - exponent_bits, *rest))
+
+
+def triton_fp8_drops_the_sign():
+    # the generic Triton kernel's fp8 tiles decode every byte as its magnitude (the sign bit ignored)
+    import triton
+    import triton.language as tl
+
+    import quantizer_plugin.kernels.dequant_matmul as kernels
+
+    original = kernels._float8_tile
+
+    @triton.jit
+    def magnitudes(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                   EXPONENT_BITS: tl.constexpr):  # fmt: skip
+        return tl.abs(original(packed_ptr, scale_ptr, rows, k0, N, K, BLOCK_K, GROUP, EXPONENT_BITS))
+
+    patch(kernels, "_float8_tile", magnitudes)
+
+
 def huge_pages_never_advised():
     # the weights copied into their own mapping, but the kernel never asked for huge pages (no madvise)
     import mmap
@@ -694,6 +718,13 @@ MUTATIONS: dict[str, Mutation] = {
         "the native q8_0 rounding writes the codes of 64 and 128 columns in the order of 32", q8_rounding_ignores_the_span,
         ("tests/test_q8_activations.py::test_the_native_rounding_is_the_references_in_the_kernels_order",),
         needs="avx2"),
+    "cpu-fp8-other-encoding": Mutation(
+        "the native fp8 kernels decode e4m3fn bytes as e5m2 and e5m2 bytes as e4m3fn", cpu_fp8_kernels_read_the_other_encoding,
+        ("tests/test_cpu_float8.py::test_fp8_forward_matches_the_oracle_and_runs_the_native_kernels",
+         "tests/test_cpu_float8.py::test_native_dequantize_decodes_every_finite_bit_pattern_exactly")),
+    "triton-fp8-drops-the-sign": Mutation(
+        "the generic Triton kernel's fp8 tiles decode every byte as its magnitude", triton_fp8_drops_the_sign,
+        ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),
     "head-in-the-layers-format": Mutation(
         "LowBitConfig.head's format ignored: the head quantized as the other layers", head_quantized_as_the_other_layers,
         ("tests/test_quantized_head.py::test_the_head_holds_its_formats_rounding_and_the_logits_come_from_it",)),

@@ -118,20 +118,25 @@ def test_the_fused_kernel_gives_the_same_result_on_any_number_of_threads():
     assert torch.equal(one, two)
 
 
-def test_a_group_of_zeros_and_tiny_weights_keep_their_values():
-    """A row of zeros (scale 0: no division by it) and a row of weights so small that most land on fp8 subnormals:
-    both decode to the oracle's values on every kernel path."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_row_of_zeros_and_a_row_of_subnormals_keep_their_values(dtype):
+    """A row of zeros (scale 0: no division by it), and a row whose absmax is e4m3fn's largest value (scale 1) and
+    whose other weights are e4m3fn's subnormals m * 2^-9: both decode to the oracle's values on the fused kernel and
+    on the AMX tiles or the chunks. The subnormal row's outputs are checked on their own (x's first column is 0)."""
     linear = torch.nn.Linear(64, 3, bias=False)
     with torch.no_grad():
         linear.weight[0] = 0.0
-        linear.weight[1] = torch.linspace(-1, 1, 64) * 1e-30
-        linear.weight[1, 0] = 1.0  # the row's absmax: the others fall into e4m3fn's subnormals and to zero
-    layer = LowBitLinear.from_float(linear, QuantScheme("fp8"), compute_dtype=torch.float32)
+        linear.weight[1] = torch.arange(64).remainder(8).float() * 2.0**-9 * torch.tensor([1.0, -1.0]).repeat(32)
+        linear.weight[1, 0] = 448.0
+    layer = LowBitLinear.from_float(linear, QuantScheme("fp8"), compute_dtype=dtype)
     weight = oracles.weight_of(layer)
-    assert bool((weight[0] == 0).all()) and torch.isfinite(weight).all()
+    assert torch.equal(weight[:2], linear.weight[:2].detach())  # every subnormal is stored exactly
     for m in (1, 40):
-        x = torch.randn(m, 64)
-        assert_close_to_scale(layer(x), x.double() @ weight.double().T, torch.float32)
+        x = torch.randn(m, 64).to(dtype)
+        x[:, 0] = 0.0
+        y = layer(x)
+        assert bool((y[:, 0] == 0).all())
+        assert_close_to_scale(y[:, 1], (x.double() @ weight.double().T)[:, 1], dtype)
 
 
 def test_fp8_config_defaults_to_a_scale_per_row_and_validates_the_block():

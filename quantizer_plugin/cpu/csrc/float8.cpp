@@ -13,7 +13,9 @@
 // e4m3fn has no infinities, and its NaN (S.1111.111) would decode to 480: quantize never writes it, and a checkpoint
 // that holds one is refused where it is read (checkpoints/), never multiplied here.
 
+#include <array>
 #include <cmath>
+#include <cstring>
 
 #include "amx.h"
 #include "kernels.h"
@@ -196,6 +198,50 @@ AVX512_BF16 void write_codes_float8(const uint8_t* weight, const float* scale, i
   }
 }
 
+// 32 fp8 bytes as the bfloat16 bits of their values, unscaled (exact: bfloat16 holds every e4m3fn and e5m2 value),
+// for the tiles of a weight with one scale per row. A normal byte is its exponent and mantissa moved into place with
+// the exponent rebased (+ 127 - bias); a subnormal one (exponent field 0) is looked up, its mantissa indexing a table
+// of m * 2^(1 - bias - M); the sign is moved to bit 15.
+template <int EXP>
+AVX512 inline __m512i decode32_bf16(const uint8_t* bytes) {
+  constexpr int M = 7 - EXP, BIAS = (1 << (EXP - 1)) - 1;
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(bytes)));
+  const __m512i normal = _mm512_add_epi16(_mm512_and_si512(_mm512_slli_epi16(w, 7 - M), _mm512_set1_epi16(0x7F << (7 - M))),
+                                          _mm512_set1_epi16(static_cast<int16_t>((127 - BIAS) << 7)));
+  alignas(64) static const auto table = [] {
+    std::array<uint16_t, 32> t{};
+    for (int m = 0; m < (1 << M); ++m) {
+      const float value = std::ldexp(static_cast<float>(m), 1 - BIAS - M);
+      uint32_t bits;
+      std::memcpy(&bits, &value, 4);
+      t[m] = static_cast<uint16_t>(bits >> 16);  // exact: m has at most 3 bits
+    }
+    return t;
+  }();
+  const __m512i subnormal = _mm512_permutexvar_epi16(w, _mm512_load_si512(table.data()));
+  const __mmask32 exponent_zero = _mm512_testn_epi16_mask(w, _mm512_set1_epi16(static_cast<int16_t>(0x7F & ~((1 << M) - 1))));
+  const __m512i magnitude = _mm512_mask_blend_epi16(exponent_zero, normal, subnormal);
+  return _mm512_ternarylogic_epi32(magnitude, _mm512_slli_epi16(w, 8), _mm512_set1_epi16(int16_t(0x8000)), 0xF8);
+}
+
+// write_codes_float8 for a weight with one scale per row: the values unscaled, the row's scale applied to the
+// products (tile_linear's row_scale), as the int8 tiles apply theirs.
+template <int EXP>
+AVX512_BF16 void write_values_float8(const uint8_t* weight, int64_t K, int64_t n0, int64_t rows, int64_t k_begin,
+                                     int64_t k_end, uint16_t* a) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* bytes = weight + (n0 + r) * K;
+    uint16_t* out = a + tile_offset(r, 0);
+    for (int64_t k0 = k_begin; k0 < k_end; k0 += 32, out += TILE_ELEMENTS) {
+      if (k0 % 64 == 0) {
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 + TILE_PREFETCH_ROWS * K), _MM_HINT_T1);
+        _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 + CHUNK_COLUMNS), _MM_HINT_T0);
+      }
+      _mm512_storeu_si512(out, decode32_bf16<EXP>(bytes + k0));
+    }
+  }
+}
+
 void check_float8(const at::Tensor& weight, const at::Tensor& scale, int64_t block, int64_t exponent_bits) {
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kByte && weight.is_contiguous(),
               "weight must be a contiguous uint8 matrix of fp8 bit patterns");
@@ -296,6 +342,16 @@ at::Tensor linear_float8_tiles(const at::Tensor& x, const at::Tensor& weight, co
   at::Tensor y;
   with_exponent_bits(exponent_bits, [&](auto exp) {
     constexpr int EXP = decltype(exp)::value;
+    if (block >= K) {
+      const float factor = 1.0f;
+      y = tile_linear(
+          pack_activations(x), x.size(0), weight.size(0), TILE_K,
+          [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
+            write_values_float8<EXP>(w, K, n0, rows, k_begin, k_end, out);
+          },
+          [&](int64_t n) { return s[n] * factor; });
+      return;
+    }
     y = tile_linear(
         pack_activations(x), x.size(0), weight.size(0), TILE_K,
         [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
