@@ -61,12 +61,54 @@ inline void with_exponent_bits(int64_t exponent_bits, const Fn& fn) {
   return fn(std::integral_constant<int, 5>{});
 }
 
+// gemv_float8_rows for a scale per block of a row (the block a multiple of 16): each 16 decoded weights times their
+// block's scale once, for all MT activation rows, and summed into one accumulator per row.
+template <int MT, int EXP>
+AVX512 void gemv_float8_rows_blocked(const uint8_t* weight, const float* scale, int64_t K, int64_t block,
+                                     const float* x, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  const int64_t groups = (K + block - 1) / block;
+  const float factor = decode_factor(EXP);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const uint8_t* row = weight + n * K;
+    const float* scales = scale + n * groups;
+    __m512 acc[MT];
+    float tail[MT];
+    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {  // a loop per block: no division per step
+      const int64_t last = std::min(K, (g + 1) * block);
+      const __m512 vs = _mm512_set1_ps(scales[g] * factor);
+      int64_t k = g * block;
+      for (; k + 32 <= last; k += 32) {
+        prefetch_ahead_per_line(row + k, 32);
+        const __m512 low = _mm512_mul_ps(decode16<EXP>(row + k), vs);
+        const __m512 high = _mm512_mul_ps(decode16<EXP>(row + k + 16), vs);
+        for (int m = 0; m < MT; ++m) {
+          acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), acc[m]);
+          acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
+        }
+      }
+      for (; k + 16 <= last; k += 16) {
+        const __m512 w = _mm512_mul_ps(decode16<EXP>(row + k), vs);
+        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
+      }
+      for (; k < last; ++k) {  // the last block's columns past its 16s: the block is a multiple of 16, K may not be
+        const float w = decode1(row[k], EXP) * scales[g] * factor;
+        for (int m = 0; m < MT; ++m) tail[m] += w * x[m * K + k];
+      }
+    }
+    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + tail[m];
+  }
+}
+
 // y[m][n] = sum over the groups g of row n of (sum over its columns of w * x[m]) * scale[n][g] * decode_factor, for
 // rows n in [n_begin, n_end): float32 products and sums, the weight streamed once (prefetched) for MT activation rows.
 template <int MT, int EXP>
 AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t K, int64_t block, const float* x,
                              float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t groups = (K + block - 1) / block;
+  if (groups > 1 && block % 16 == 0) {
+    return gemv_float8_rows_blocked<MT, EXP>(weight, scale, K, block, x, y, N, n_begin, n_end);
+  }
   const float factor = decode_factor(EXP);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weight + n * K;
@@ -181,6 +223,10 @@ AVX512_BF16 void write_codes_float8(const uint8_t* weight, const float* scale, i
                                     int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* a) {
   const int64_t groups = (K + block - 1) / block;
   const float factor = decode_factor(EXP);
+  // the block of column k: a shift for the power-of-two blocks LowBitConfig allows (a division costs tens of cycles)
+  const bool power_of_two = (block & (block - 1)) == 0;
+  const int shift = __builtin_ctzll(static_cast<unsigned long long>(block));
+  auto block_of = [&](int64_t k) { return power_of_two ? k >> shift : k / block; };
   for (int64_t r = 0; r < rows; ++r) {
     const uint8_t* bytes = weight + (n0 + r) * K;
     const float* scales = scale + (n0 + r) * groups;
@@ -190,9 +236,9 @@ AVX512_BF16 void write_codes_float8(const uint8_t* weight, const float* scale, i
         _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 + TILE_PREFETCH_ROWS * K), _MM_HINT_T1);
         _mm_prefetch(reinterpret_cast<const char*>(bytes + k0 + CHUNK_COLUMNS), _MM_HINT_T0);
       }
-      const __m512 low = _mm512_mul_ps(decode16<EXP>(bytes + k0), _mm512_set1_ps(scales[k0 / block] * factor));
+      const __m512 low = _mm512_mul_ps(decode16<EXP>(bytes + k0), _mm512_set1_ps(scales[block_of(k0)] * factor));
       const __m512 high =
-          _mm512_mul_ps(decode16<EXP>(bytes + k0 + 16), _mm512_set1_ps(scales[(k0 + 16) / block] * factor));
+          _mm512_mul_ps(decode16<EXP>(bytes + k0 + 16), _mm512_set1_ps(scales[block_of(k0 + 16)] * factor));
       _mm512_storeu_si512(out, (__m512i)_mm512_cvtne2ps_pbh(high, low));
     }
   }
@@ -269,16 +315,18 @@ at::Tensor gemv_float8(const at::Tensor& x, const at::Tensor& weight, const at::
   const bool avx512 = has_avx512();
   with_exponent_bits(exponent_bits, [&](auto exp) {
     constexpr int EXP = decltype(exp)::value;
-    for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
-      constexpr int MT = decltype(rows)::value;
-      const float* xm = x.data_ptr<float>() + m0 * K;
-      float* ym = y.data_ptr<float>() + m0 * N;
-      if (avx512) {
-        gemv_float8_rows<MT, EXP>(w, s, K, block, xm, ym, N, begin, end);
-      } else {
-        gemv_float8_rows_avx2<MT, EXP>(w, s, K, block, xm, ym, N, begin, end);
-      }
-    });
+    if (avx512) {
+      // 8 activation rows per pass (16 accumulators of 32 registers): each weight decoded once per 8 rows, not 4
+      for_row_groups<8>(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+        gemv_float8_rows<decltype(rows)::value, EXP>(w, s, K, block, x.data_ptr<float>() + m0 * K,
+                                                      y.data_ptr<float>() + m0 * N, N, begin, end);
+      });
+    } else {
+      for_row_groups(M, N, [&](int64_t begin, int64_t end, int64_t m0, auto rows) {
+        gemv_float8_rows_avx2<decltype(rows)::value, EXP>(w, s, K, block, x.data_ptr<float>() + m0 * K,
+                                                           y.data_ptr<float>() + m0 * N, N, begin, end);
+      });
+    }
   });
   return y;
 }

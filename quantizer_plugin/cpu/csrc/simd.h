@@ -150,22 +150,27 @@ AVX512 inline std::vector<float> q8_lane_scales(const float* xd, int64_t rows, i
 // once per 4 rows of x (M = 16 was 0.8x bf16 on AVX512-BF16 without AMX).
 inline constexpr int64_t ROW_TILE = 16;
 
+// kernel(n0, n1, m0, std::integral_constant<int, rows>) for a run-time `rows` from 1 to R.
+template <int R, typename Kernel>
+inline void call_with_rows(int64_t rows, int64_t n0, int64_t n1, int64_t m0, const Kernel& kernel) {
+  if constexpr (R > 1) {
+    if (rows < R) return call_with_rows<R - 1>(rows, n0, n1, m0, kernel);
+  }
+  kernel(n0, n1, m0, std::integral_constant<int, R>{});
+}
+
 // Runs kernel(n_begin, n_end, m0, rows) for a decode kernel: output rows split across threads (16 per task at the
-// least), activation rows in groups of at most 4 from m0, the most a kernel keeps accumulators for. `rows` is a
-// std::integral_constant, so that a kernel templated on its row count is instantiated once per group size.
-template <typename Kernel>
+// least), activation rows in groups of at most MAX_ROWS (4 unless a kernel has registers for more) from m0, the most
+// a kernel keeps accumulators for. `rows` is a std::integral_constant, so that a kernel templated on its row count
+// is instantiated once per group size.
+template <int MAX_ROWS = 4, typename Kernel>
 inline void for_row_groups(int64_t M, int64_t N, const Kernel& kernel) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    const int64_t tile = M > 4 ? ROW_TILE : end - begin;  // one group: a single pass, the kernel's own stream
+    const int64_t tile = M > MAX_ROWS ? ROW_TILE : end - begin;  // one group: a single pass, the kernel's own stream
     for (int64_t n0 = begin; n0 < end; n0 += tile) {
       const int64_t n1 = std::min(end, n0 + tile);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        switch (std::min<int64_t>(4, M - m0)) {
-          case 4: kernel(n0, n1, m0, std::integral_constant<int, 4>{}); break;
-          case 3: kernel(n0, n1, m0, std::integral_constant<int, 3>{}); break;
-          case 2: kernel(n0, n1, m0, std::integral_constant<int, 2>{}); break;
-          default: kernel(n0, n1, m0, std::integral_constant<int, 1>{});
-        }
+      for (int64_t m0 = 0; m0 < M; m0 += MAX_ROWS) {
+        call_with_rows<MAX_ROWS>(std::min<int64_t>(MAX_ROWS, M - m0), n0, n1, m0, kernel);
       }
     }
   });
