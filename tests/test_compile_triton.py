@@ -26,6 +26,7 @@ SCHEMES = {
     "int8-weight-only": QuantScheme("int8", activations=None),
     "int4": QuantScheme("int4"),
     "int2": QuantScheme("int2", block_size=32),
+    "fp8": QuantScheme("fp8"),
 }
 M_VALUES = [1, 33]  # the decode and the prefill kernels
 # library.py's op functions and the ops they define

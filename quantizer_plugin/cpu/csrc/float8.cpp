@@ -71,9 +71,10 @@ AVX512 void gemv_float8_rows_blocked(const uint8_t* weight, const float* scale, 
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weight + n * K;
     const float* scales = scale + n * groups;
-    __m512 acc[MT];
+    // up to 4 rows, a second sum per row for the high 16 of each 32: two FMA chains, not one waiting on the other
+    __m512 acc[MT], odd[MT];
     float tail[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
+    for (int m = 0; m < MT; ++m) acc[m] = odd[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {  // a loop per block: no division per step
       const int64_t last = std::min(K, (g + 1) * block);
       const __m512 vs = _mm512_set1_ps(scales[g] * factor);
@@ -84,7 +85,11 @@ AVX512 void gemv_float8_rows_blocked(const uint8_t* weight, const float* scale, 
         const __m512 high = _mm512_mul_ps(decode16<EXP>(row + k + 16), vs);
         for (int m = 0; m < MT; ++m) {
           acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), acc[m]);
-          acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
+          if constexpr (MT <= 4) {
+            odd[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), odd[m]);
+          } else {
+            acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
+          }
         }
       }
       for (; k + 16 <= last; k += 16) {
@@ -96,7 +101,7 @@ AVX512 void gemv_float8_rows_blocked(const uint8_t* weight, const float* scale, 
         for (int m = 0; m < MT; ++m) tail[m] += w * x[m * K + k];
       }
     }
-    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(acc[m]) + tail[m];
+    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], odd[m])) + tail[m];
   }
 }
 
@@ -106,7 +111,7 @@ template <int MT, int EXP>
 AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t K, int64_t block, const float* x,
                              float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t groups = (K + block - 1) / block;
-  if (groups > 1 && block % 16 == 0) {
+  if (MT > 2 && groups > 1 && block % 16 == 0) {  // for 1 or 2 rows a sum per block costs less than the products
     return gemv_float8_rows_blocked<MT, EXP>(weight, scale, K, block, x, y, N, n_begin, n_end);
   }
   const float factor = decode_factor(EXP);
@@ -117,15 +122,19 @@ AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t 
     for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t first = g * block, last = std::min(K, first + block);
-      __m512 acc[MT];
-      for (int m = 0; m < MT; ++m) acc[m] = _mm512_setzero_ps();
+      __m512 acc[MT], odd[MT];  // odd: as in gemv_float8_rows_blocked
+      for (int m = 0; m < MT; ++m) acc[m] = odd[m] = _mm512_setzero_ps();
       int64_t k = first;
       for (; k + 32 <= last; k += 32) {
         prefetch_ahead_per_line(row + k, 32);
         const __m512 low = decode16<EXP>(row + k), high = decode16<EXP>(row + k + 16);
         for (int m = 0; m < MT; ++m) {
           acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), acc[m]);
-          acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
+          if constexpr (MT <= 4) {
+            odd[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), odd[m]);
+          } else {
+            acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
+          }
         }
       }
       for (; k + 16 <= last; k += 16) {
@@ -134,7 +143,7 @@ AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t 
       }
       const float s = scale[n * groups + g] * factor;
       for (int m = 0; m < MT; ++m) {
-        total[m] = _mm512_fmadd_ps(acc[m], _mm512_set1_ps(s), total[m]);
+        total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m], odd[m]), _mm512_set1_ps(s), total[m]);
         float rest = 0.0f;
         for (int64_t t = k; t < last; ++t) rest += decode1(row[t], EXP) * x[m * K + t];
         tail[m] += rest * s;
