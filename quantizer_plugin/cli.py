@@ -284,11 +284,13 @@ def parser() -> argparse.ArgumentParser:
     quantize.add_argument("--no-fidelity", action="store_true", help="skip the fidelity comparison")
     quantize.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     quantize.set_defaults(handler=quantize_command)
-    convert = commands.add_parser("convert", help="convert a bitsandbytes checkpoint to ours, or ours to bitsandbytes")
+    convert = commands.add_parser("convert", help="convert a bitsandbytes or FP8 checkpoint to ours, or ours to "
+                                  "bitsandbytes")
     convert.add_argument("src", help="checkpoint folder, or a Hub repo id")
     convert.add_argument("out", help="folder to write the converted checkpoint to")
     convert.add_argument("--to", choices=["lowbit", "bitsandbytes"], default="lowbit",
-                         help="lowbit (default): a bitsandbytes checkpoint to ours; bitsandbytes: ours to theirs")  # fmt: skip
+                         help="lowbit (default): a bitsandbytes or FP8 checkpoint to ours; bitsandbytes: ours to "
+                              "theirs")  # fmt: skip
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     convert.set_defaults(handler=convert_command)
     build = commands.add_parser("build-kernels", help="build the native CPU kernels now (they are cached per machine)")

@@ -446,6 +446,31 @@ def convert_export_drops_the_nested_offset():
     patch(convert, "EXPORTERS", dict(convert.EXPORTERS, bitsandbytes=without_offset))  # the exporters by library
 
 
+def fp8_import_tiles_the_block_scales():
+    # the FP8 importer spreads the blocks' scales over the rows in the wrong order: the grid tiled (block row 0, 1, 0,
+    # 1, ...) where each block row's scale belongs on its block_m consecutive rows
+    from quantizer_plugin.checkpoints import convert
+
+    original = convert.IMPORTERS["fp8"]
+
+    def tiled(plan, quantization, shapes):
+        imported = original(plan, quantization, shapes)
+        for key in [key for key in plan.keys() if key.endswith(".weight_scale")]:
+            shard, produce = plan.entries[key]
+            rows = plan.source.headers[key.removesuffix("_scale") + "_scale_inv"].shape
+            block_rows = produce().shape[0] // rows[0] if len(rows) == 2 else 1
+
+            def reordered(produce=produce, rows=rows, block_rows=block_rows):
+                scales = produce()
+                grid = scales[::block_rows] if block_rows > 1 else scales
+                return grid.repeat(block_rows, 1)
+
+            plan.put(key, shard, reordered)
+        return imported
+
+    patch(convert, "IMPORTERS", dict(convert.IMPORTERS, fp8=tiled))  # the importers by quant_method
+
+
 def cpu_int8_tiles_take_the_columns_shifted():
     shift_the_columns_of("linear_int8_amx")
 
@@ -725,6 +750,9 @@ MUTATIONS: dict[str, Mutation] = {
     "triton-fp8-drops-the-sign": Mutation(
         "the generic Triton kernel's fp8 tiles decode every byte as its magnitude", triton_fp8_drops_the_sign,
         ("tests/test_kernels_weight_only.py::test_every_tile_layout_dequantizes_exactly",)),
+    "fp8-import-tiles-the-block-scales": Mutation(
+        "the FP8 checkpoint importer puts the scales of a block row on the wrong rows", fp8_import_tiles_the_block_scales,
+        ("tests/test_convert_fp8.py::test_an_fp8_checkpoint_converts_losslessly_and_runs_on_our_kernels",)),
     "head-in-the-layers-format": Mutation(
         "LowBitConfig.head's format ignored: the head quantized as the other layers", head_quantized_as_the_other_layers,
         ("tests/test_quantized_head.py::test_the_head_holds_its_formats_rounding_and_the_logits_come_from_it",)),

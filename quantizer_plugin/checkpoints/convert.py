@@ -2,7 +2,7 @@
 libraries.
 
 One importer per foreign `quant_method` (IMPORTERS) and one exporter per target library (EXPORTERS); bitsandbytes
-(bitsandbytes.py) is the first of each. Each rewrites a ConversionPlan (source.py): the source folder read lazily,
+(bitsandbytes.py) is the first of each, transformers' fine-grained FP8 (fp8.py) the second importer. Each rewrites a ConversionPlan (source.py): the source folder read lazily,
 the output written one shard at a time, so converting a checkpoint needs memory for one shard, not the model.
 
 The folder's other tensors and files are copied as they are; config.json gets the new quantization config; a sharded
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import bitsandbytes
+from . import bitsandbytes, fp8
 from .paths import CheckpointPathError, check_tree, relative_path
 from .source import INDEX, ConversionError, ConversionPlan, SourceCheckpoint
 from .staging import staged_folder
@@ -29,7 +29,8 @@ __all__ = ["ConversionError", "EXPORTERS", "IMPORTERS", "convert_checkpoint"]
 
 # fn(plan, the source's quantization_config, the model's linear shapes) -> the output's quantization_config
 Rewrite = Callable[[ConversionPlan, dict, dict], dict]
-IMPORTERS: dict[str, Rewrite] = {"bitsandbytes": bitsandbytes.import_checkpoint}  # by the source's quant_method
+# by the source's quant_method
+IMPORTERS: dict[str, Rewrite] = {"bitsandbytes": bitsandbytes.import_checkpoint, "fp8": fp8.import_checkpoint}
 EXPORTERS: dict[str, Rewrite] = {"bitsandbytes": bitsandbytes.export_checkpoint}  # by the target library
 OURS = "lowbit"
 
