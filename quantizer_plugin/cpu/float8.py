@@ -2,11 +2,12 @@
 
 - Decode (at most GEMV_MAX_M activation rows; more in a 16-bit compute dtype on CPUs without AMX:
   chunks.fused_rows): the native kernel (csrc/float8.cpp) streams the weight once per call, turns each byte into a
-  float16 by moving its bits (exact, no fp8 hardware: vcvtph2ps widens 16 at a time) and multiplies in float32,
-  each group's sum times its scale.
+  float16 by moving its bits (exact, no fp8 hardware: vcvtph2ps widens 16 at a time) and multiplies in float32, 8
+  activation rows per pass on AVX-512.
 - More rows, up to chunks.TILES_MAX_M, bfloat16 on CPUs with AMX (K a multiple of 32, the scale block of 16): the tile
-  kernel (csrc/amx.h) multiplies the weight as the reference dequantizes it (each value times its scale, rounded
-  once to bfloat16).
+  kernel (csrc/amx.h) on the weight decoded to bfloat16 (exact); a scale per row applied to the products, as int8's
+  tiles apply theirs, a scale per block multiplied into the weight before its rounding to bfloat16, as the reference
+  dequantizes it.
 - Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
 
 Loading quantizes with the format's own quantize (torch's conversion to float8 is already one vectorised pass).
