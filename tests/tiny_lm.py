@@ -118,9 +118,11 @@ def main() -> int:
     parser.add_argument("--also-seed", type=int, default=None,
                         help="with --save: then train from this seed too, into PATH-seed<N> (one after the other: "
                              "two trainings side by side would each take the same two cores)")  # fmt: skip
-    parser.add_argument("--tables", nargs="+", choices=["formats", "head", "gptq"], default=["formats", "head", "gptq"],
-                        help="the formats table, the output head quantized too (LowBitConfig.head), and GPTQ "
-                             "calibrated on the training text against the data-free fit")  # fmt: skip
+    parser.add_argument("--tables", nargs="+", choices=["formats", "head", "gptq", "fp8"],
+                        default=["formats", "head", "gptq", "fp8"],
+                        help="the formats table, the output head quantized too (LowBitConfig.head), GPTQ "
+                             "calibrated on the training text against the data-free fit, and fp8 against "
+                             "optimum-quanto's qfloat8")  # fmt: skip
     arguments = parser.parse_args()
     seed = arguments.seed
     if arguments.save is not None:
@@ -153,6 +155,22 @@ def main() -> int:
                 free = measured(LlamaForCausalLM.from_pretrained(path, quantization_config=LowBitConfig(**common)))
                 config = LowBitConfig(**common, method="gptq", dataset=train_ids, calibration_length=CONTEXT)
                 print(f"| {weights} | {group} | {free} | {measured(LlamaForCausalLM.from_pretrained(path, quantization_config=config))} |")
+            print()
+        if "fp8" in arguments.tables:  # optimum-quanto's qfloat8 (a scale per row) through its quantize and freeze
+            import copy
+
+            import optimum.quanto as quanto
+
+            print("| format | scale | ours | optimum-quanto |\n|---|---|---|---|")
+            for weights, peer in (("fp8", "qfloat8"), ("fp8_e5m2", "qfloat8_e5m2")):
+                theirs = copy.deepcopy(full)
+                quanto.quantize(theirs.model.layers, weights=getattr(quanto, peer))
+                quanto.freeze(theirs.model.layers)
+                for block in (None, 128):
+                    config = LowBitConfig(weights=weights, block_size=block, compute_dtype="float32")
+                    ours = measured(LlamaForCausalLM.from_pretrained(path, quantization_config=config))
+                    print(f"| {weights} | {'per row' if block is None else f'per {block} columns'} | {ours} | "
+                          f"{measured(theirs) if block is None else ''} |")  # fmt: skip
             print()
         if "formats" not in arguments.tables:
             return 0
