@@ -94,6 +94,16 @@ def test_layers_the_fp8_quantizer_left_in_16_bits_stay_so(tmp_path):
     assert model.config.quantization_config.block_size is None  # q and o's rows are one block of 128: a scale per row
 
 
+def test_static_activation_scales_are_dropped_with_a_warning(tmp_path):
+    source = fp8_checkpoint(tmp_path / "fp8", (32, 32))
+    state = load_file(str(source / "model.safetensors"))
+    state["model.layers.0.self_attn.q_proj.activation_scale"] = torch.tensor([0.02])
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match=r"1 static activation scales \(model.layers.0.self_attn.q_proj.activation_scale"):
+        converted = convert_checkpoint(source, tmp_path / "ours")
+    assert not any(key.endswith("activation_scale") for key in load_file(str(converted / "model.safetensors")))
+
+
 def test_bad_fp8_checkpoints_are_refused_by_tensor_and_nothing_is_written(tmp_path):
     source = fp8_checkpoint(tmp_path / "fp8", (32, 32))
     state = load_file(str(source / "model.safetensors"))

@@ -12,7 +12,7 @@ scale per block of columns of each row, so a block of rows becomes its scale rep
 | `weight` float8_e4m3fn (out, in) | `weight` uint8 (out, in): the same bytes |
 | `weight_scale_inv` (out / block_m, in / block_n) | `weight_scale` float32 (out, in / block_n): row r takes block row r // block_m |
 | one scale for the tensor (no block size, or a 1 x 1 grid) | one scale per row (block_size None), repeated |
-| `activation_scale` / `input_scale` (static activations) | dropped: our fp8 multiplies 16-bit activations |
+| `activation_scale` / `input_scale` (static activations) | dropped with a warning: our fp8 multiplies 16-bit activations |
 
 The block grid is read from each scale's shape, as transformers' dequantization reads it (the weight's dimensions must
 be multiples of the grid's); every layer must end up with the same column block, which must be one LowBitConfig allows
@@ -23,6 +23,8 @@ is written (which leaves nothing behind).
 """
 
 from __future__ import annotations
+
+import warnings
 
 import torch
 
@@ -61,6 +63,11 @@ def import_checkpoint(plan: ConversionPlan, quantization: dict, shapes: dict[str
         if whole_rows[module] and block is not None and blocks[module] > block:
             raise ConversionError(f"{plan.file_of(module)}: {module!r} has one scale per row of {blocks[module]} "
                                   f"columns, the other layers one per {block}; one config cannot hold them")  # fmt: skip
+    static = sorted(key for key in plan.source.headers if key.rsplit(".", 1)[-1] in ACTIVATION_SCALES)
+    if static:
+        warnings.warn(f"{folder}: its {len(static)} static activation scales ({static[0]}, ...) are dropped: the "
+                      "converted fp8 layers multiply 16-bit activations (the weights convert losslessly)",
+                      stacklevel=3)  # fmt: skip
     skip = [name for name in shapes if name not in quantized]
     try:
         config = LowBitConfig(weights=next(iter(formats.values())), block_size=block, compute_dtype="bfloat16",
