@@ -80,6 +80,22 @@ def test_an_fp8_checkpoint_converts_losslessly_and_runs_on_our_kernels(tmp_path,
         assert cosine(logits, theirs(token_ids).logits) > 0.9999
 
 
+def test_mxfp8_exponent_byte_scales_convert_as_their_powers_of_two(tmp_path):
+    """Scales stored as the exponent byte of a power of two (uint8, MXFP8's layout; transformers reads 2^(b - 127)):
+    the e8m0 checkpoint's scales rewritten as their bytes convert to the same weights, transformers' own dequantization
+    of the rewritten source."""
+    source = fp8_checkpoint(tmp_path / "fp8", (16, 64), "ue8m0")
+    state = load_file(str(source / "model.safetensors"))
+    for key in [key for key in state if key.endswith(".weight_scale_inv")]:
+        state[key] = state[key].view(torch.uint8)
+    save_file(state, str(source / "model.safetensors"), metadata={"format": "pt"})
+    model = AutoModelForCausalLM.from_pretrained(convert_checkpoint(source, tmp_path / "ours"))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LowBitLinear)}
+    assert len(layers) == 14
+    for module, layer in layers.items():
+        assert torch.equal(oracles.weight_of(layer), transformers_weight(state, module)), module
+
+
 def test_layers_the_fp8_quantizer_left_in_16_bits_stay_so(tmp_path):
     """Blocks of 128 divide neither the MLP's 320 nor k/v's 64 rows: transformers keeps those weights in bf16, and so
     do we."""
