@@ -24,7 +24,7 @@ def tiny_lm_path():
 def test_fp8_moves_the_small_lm_no_more_than_quantos_qfloat8(tiny_lm_path, weights, peer):
     """The KL divergence from the float32 model's next-byte distribution over the whole held-out text, with the
     decoder's linears in fp8 (a scale per row, float32 compute) and in quanto's qfloat8 (its default: a scale per
-    output row, the same granularity): ours at most quanto's, and far below 4-bit's."""
+    output row, the same granularity): ours at most quanto's."""
     import tiny_lm
     from transformers import LlamaForCausalLM
 
@@ -40,8 +40,5 @@ def test_fp8_moves_the_small_lm_no_more_than_quantos_qfloat8(tiny_lm_path, weigh
     theirs = copy.deepcopy(full)
     quanto.quantize(theirs.model.layers, weights=getattr(quanto, peer))
     quanto.freeze(theirs.model.layers)
-    nf4 = LlamaForCausalLM.from_pretrained(tiny_lm_path, quantization_config=LowBitConfig(weights="nf4",
-                                                                                          compute_dtype="float32"))
-    ours_kl, quanto_kl, nf4_kl = divergence(ours), divergence(theirs), divergence(nf4)
+    ours_kl, quanto_kl = divergence(ours), divergence(theirs)
     assert 0 < ours_kl <= quanto_kl, (weights, ours_kl, quanto_kl)
-    assert ours_kl < nf4_kl / 3, (weights, ours_kl, nf4_kl)
