@@ -61,73 +61,32 @@ inline void with_exponent_bits(int64_t exponent_bits, const Fn& fn) {
   return fn(std::integral_constant<int, 5>{});
 }
 
-// gemv_float8_rows for a scale per block of a row (the block a multiple of 16): each 16 decoded weights times their
-// block's scale once, for all MT activation rows, and summed into one accumulator per row.
-template <int MT, int EXP>
-AVX512 void gemv_float8_rows_blocked(const uint8_t* weight, const float* scale, int64_t K, int64_t block,
-                                     const float* x, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
-  const int64_t groups = (K + block - 1) / block;
-  const float factor = decode_factor(EXP);
-  for (int64_t n = n_begin; n < n_end; ++n) {
-    const uint8_t* row = weight + n * K;
-    const float* scales = scale + n * groups;
-    // up to 4 rows, a second sum per row for the high 16 of each 32: two FMA chains, not one waiting on the other
-    __m512 acc[MT], odd[MT];
-    float tail[MT];
-    for (int m = 0; m < MT; ++m) acc[m] = odd[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) {  // a loop per block: no division per step
-      const int64_t last = std::min(K, (g + 1) * block);
-      const __m512 vs = _mm512_set1_ps(scales[g] * factor);
-      int64_t k = g * block;
-      for (; k + 32 <= last; k += 32) {
-        prefetch_ahead_per_line(row + k, 32);
-        const __m512 low = _mm512_mul_ps(decode16<EXP>(row + k), vs);
-        const __m512 high = _mm512_mul_ps(decode16<EXP>(row + k + 16), vs);
-        for (int m = 0; m < MT; ++m) {
-          acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), acc[m]);
-          if constexpr (MT <= 4) {
-            odd[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), odd[m]);
-          } else {
-            acc[m] = _mm512_fmadd_ps(high, _mm512_loadu_ps(x + m * K + k + 16), acc[m]);
-          }
-        }
-      }
-      for (; k + 16 <= last; k += 16) {
-        const __m512 w = _mm512_mul_ps(decode16<EXP>(row + k), vs);
-        for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
-      }
-      for (; k < last; ++k) {  // the last block's columns past its 16s: the block is a multiple of 16, K may not be
-        const float w = decode1(row[k], EXP) * scales[g] * factor;
-        for (int m = 0; m < MT; ++m) tail[m] += w * x[m * K + k];
-      }
-    }
-    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(_mm512_add_ps(acc[m], odd[m])) + tail[m];
-  }
-}
-
-// y[m][n] = sum over the groups g of row n of (sum over its columns of w * x[m]) * scale[n][g] * decode_factor, for
+// y[m][n] = sum over the blocks g of row n of (sum over its columns of w * x[m]) * scale[n][g] * decode_factor, for
 // rows n in [n_begin, n_end): float32 products and sums, the weight streamed once (prefetched) for MT activation rows.
-template <int MT, int EXP>
-AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t K, int64_t block, const float* x,
-                             float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+// A block's scale is applied one of two ways, the same sum to within float32 rounding: SCALED multiplies the decoded
+// weights by it, once for all MT rows; otherwise each row's sum over the block is multiplied by it, one FMA per row
+// and block, which costs less for 1 or 2 rows and for one block per row.
+template <int MT, int EXP, bool SCALED>
+AVX512 void gemv_float8_rows_scaled_as(const uint8_t* weight, const float* scale, int64_t K, int64_t block,
+                                       const float* x, float* y, int64_t N, int64_t n_begin, int64_t n_end) {
   const int64_t groups = (K + block - 1) / block;
-  if (MT > 2 && groups > 1 && block % 16 == 0) {  // for 1 or 2 rows a sum per block costs less than the products
-    return gemv_float8_rows_blocked<MT, EXP>(weight, scale, K, block, x, y, N, n_begin, n_end);
-  }
   const float factor = decode_factor(EXP);
   for (int64_t n = n_begin; n < n_end; ++n) {
     const uint8_t* row = weight + n * K;
-    __m512 total[MT];
+    // up to 4 rows, a second sum per row for the high 16 of each 32: two FMA chains, not one waiting on the other.
+    // SCALED sums every block into them; otherwise they hold one block's sums, which `total` takes in scaled.
+    __m512 acc[MT], odd[MT], total[MT];
     float tail[MT];
-    for (int m = 0; m < MT; ++m) total[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
-    for (int64_t g = 0; g < groups; ++g) {
+    for (int m = 0; m < MT; ++m) acc[m] = odd[m] = total[m] = _mm512_setzero_ps(), tail[m] = 0.0f;
+    for (int64_t g = 0; g < groups; ++g) {  // a loop per block: no division per step
       const int64_t first = g * block, last = std::min(K, first + block);
-      __m512 acc[MT], odd[MT];  // odd: as in gemv_float8_rows_blocked
-      for (int m = 0; m < MT; ++m) acc[m] = odd[m] = _mm512_setzero_ps();
+      const float s = scale[n * groups + g] * factor;
+      const __m512 vs = _mm512_set1_ps(s);
       int64_t k = first;
       for (; k + 32 <= last; k += 32) {
         prefetch_ahead_per_line(row + k, 32);
-        const __m512 low = decode16<EXP>(row + k), high = decode16<EXP>(row + k + 16);
+        __m512 low = decode16<EXP>(row + k), high = decode16<EXP>(row + k + 16);
+        if constexpr (SCALED) low = _mm512_mul_ps(low, vs), high = _mm512_mul_ps(high, vs);
         for (int m = 0; m < MT; ++m) {
           acc[m] = _mm512_fmadd_ps(low, _mm512_loadu_ps(x + m * K + k), acc[m]);
           if constexpr (MT <= 4) {
@@ -138,19 +97,36 @@ AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t 
         }
       }
       for (; k + 16 <= last; k += 16) {
-        const __m512 w = decode16<EXP>(row + k);
+        __m512 w = decode16<EXP>(row + k);
+        if constexpr (SCALED) w = _mm512_mul_ps(w, vs);
         for (int m = 0; m < MT; ++m) acc[m] = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + m * K + k), acc[m]);
       }
-      const float s = scale[n * groups + g] * factor;
-      for (int m = 0; m < MT; ++m) {
-        total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m], odd[m]), _mm512_set1_ps(s), total[m]);
+      if constexpr (!SCALED) {
+        for (int m = 0; m < MT; ++m) {
+          total[m] = _mm512_fmadd_ps(_mm512_add_ps(acc[m], odd[m]), vs, total[m]);
+          acc[m] = odd[m] = _mm512_setzero_ps();
+        }
+      }
+      for (int m = 0; k < last && m < MT; ++m) {  // the block's columns past its 16s (only a row's last block)
         float rest = 0.0f;
         for (int64_t t = k; t < last; ++t) rest += decode1(row[t], EXP) * x[m * K + t];
         tail[m] += rest * s;
       }
     }
-    for (int m = 0; m < MT; ++m) y[m * N + n] = _mm512_reduce_add_ps(total[m]) + tail[m];
+    for (int m = 0; m < MT; ++m) {
+      const __m512 sum = SCALED ? _mm512_add_ps(acc[m], odd[m]) : total[m];
+      y[m * N + n] = _mm512_reduce_add_ps(sum) + tail[m];
+    }
   }
+}
+
+template <int MT, int EXP>
+AVX512 void gemv_float8_rows(const uint8_t* weight, const float* scale, int64_t K, int64_t block, const float* x,
+                             float* y, int64_t N, int64_t n_begin, int64_t n_end) {
+  if (MT > 2 && block < K) {  // several blocks a row and 3 rows or more: the scaled weights serve every row
+    return gemv_float8_rows_scaled_as<MT, EXP, true>(weight, scale, K, block, x, y, N, n_begin, n_end);
+  }
+  gemv_float8_rows_scaled_as<MT, EXP, false>(weight, scale, K, block, x, y, N, n_begin, n_end);
 }
 
 // gemv_float8_rows for CPUs with AVX2 only: 8 weights per float32 vector, the same float32 products.
@@ -400,13 +376,12 @@ at::Tensor linear_float8_tiles(const at::Tensor& x, const at::Tensor& weight, co
   with_exponent_bits(exponent_bits, [&](auto exp) {
     constexpr int EXP = decltype(exp)::value;
     if (block >= K) {
-      const float factor = 1.0f;
       y = tile_linear(
           pack_activations(x), x.size(0), weight.size(0), TILE_K,
           [&](int64_t n0, int64_t rows, int64_t k_begin, int64_t k_end, uint16_t* out) {
             write_values_float8<EXP>(w, K, n0, rows, k_begin, k_end, out);
           },
-          [&](int64_t n) { return s[n] * factor; });
+          [&](int64_t n) { return s[n]; });  // the values are exact, unscaled: the row's scale is all that is left
       return;
     }
     y = tile_linear(
