@@ -13,8 +13,12 @@ Providers (each skipped, with the reason in the report, where its library is mis
   seam, i.e. the CPU backend (the record of which kernel served the calls goes in the report), its tensors on huge
   pages as from_pretrained places a model's (huge_pages.py);
 - bnb-nf4, bnb-int8: bitsandbytes' Linear4bit / Linear8bitLt;
+- lowbit-w8a8 (int8 weights, static int8 activations), lowbit-w8a8-fp8 (fp8 weights, static e4m3 activations),
+  their step STATIC_INPUT_ABSMAX over the grid's largest value; lowbit-int8-dynamic (LLM.int8 with outlier_threshold
+  0: per-token int8 activations);
 - quanto-int2, quanto-int4, quanto-int8, quanto-fp8: optimum-quanto's qint2 / qint4 (group 64) / qint8 / qfloat8
-  weights, bf16 activations;
+  weights, bf16 activations; quanto-w8a8, quanto-w8a8-fp8: qint8 / qfloat8 weights and activations, calibrated by
+  its Calibration on 128 standard normal rows;
 - torch-int4: torch's own CPU int4 kernel (_weight_int4pack_mm_for_cpu) on lowbit-int4's codes, group 64 (its scale
   and zero point rounded to bfloat16, as that op takes them);
 - torchao-int8: torchao's Int8WeightOnlyConfig; torchao-int4: Int4WeightOnlyConfig (group 64, plain packing).
@@ -49,9 +53,15 @@ SMOKE_SHAPES = [(256, 512)]
 SMOKE_BATCH_SIZES = [1, 16]
 DTYPE = torch.bfloat16
 OURS = ["lowbit-nf4", "lowbit-fp4", "lowbit-int8", "lowbit-int8-wo", "lowbit-int4", "lowbit-int3", "lowbit-int2",
-        "lowbit-fp8", "lowbit-fp8-b128", "lowbit-nf4-q8_0", "lowbit-int4-q8_0", "lowbit-int2-q8_0"]  # fmt: skip
-PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "quanto-fp8", "torchao-int4", "torchao-int8",
-         "torch-int4"]  # fmt: skip
+        "lowbit-fp8", "lowbit-fp8-b128", "lowbit-nf4-q8_0", "lowbit-int4-q8_0", "lowbit-int2-q8_0", "lowbit-w8a8",
+        "lowbit-w8a8-fp8", "lowbit-int8-dynamic"]  # fmt: skip
+PEERS = ["bnb-nf4", "bnb-int8", "quanto-int2", "quanto-int4", "quanto-int8", "quanto-fp8", "quanto-w8a8",
+         "quanto-w8a8-fp8", "torchao-int4", "torchao-int8", "torch-int4"]  # fmt: skip
+# Static activations' step in the benchmark (the inputs are standard normal, |x| up to about 5): 5 over the grid's
+# largest value, as a calibration on such inputs would record.
+STATIC_INPUT_ABSMAX = 5.0
+# Prefill targets against bf16 (the activations issue's W8A8 int8 at M = 128, on VNNI or AMX-INT8).
+PREFILL_TARGETS = {"lowbit-w8a8": 1.3}
 # At M = 1 a layer streams its weight once: each of ours (and bf16) should read it at this share of the machine's
 # measured read bandwidth (the decode-speed issue's target).
 BANDWIDTH_TARGET = 0.85
@@ -68,6 +78,11 @@ def scheme_of(provider: str):
     weights = provider.removeprefix("lowbit-")
     if weights == "int8-wo":
         return QuantScheme("int8", activations=None)
+    if weights == "int8-dynamic":  # per-token int8 activations, no outlier columns
+        return QuantScheme("int8", activations="int8", outlier_threshold=0.0)
+    if weights.startswith("w8a8"):  # static activations, one calibrated step per layer (no smoothing: the kernel)
+        fp8 = weights.endswith("fp8")
+        return QuantScheme("fp8" if fp8 else "int8", activations="fp8_static" if fp8 else "int8_static")
     if weights.startswith("fp8"):
         return QuantScheme("fp8", block_size=128 if weights.endswith("-b128") else None)
     # activations="q8_0" where named; otherwise the format's default (LLM.int8's int8 activations for int8)
@@ -102,9 +117,13 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
         return linear
     if provider.startswith("lowbit-"):
         from quantizer_plugin import LowBitLinear
+        from quantizer_plugin.formats.activations import STATIC_MODES
         from quantizer_plugin.huge_pages import place_on_huge_pages
 
         layer = LowBitLinear.from_float(linear, scheme_of(provider), compute_dtype=DTYPE)
+        if layer.static_activations:
+            largest = STATIC_MODES[layer.scheme.activations].largest
+            layer.input_scale.data.fill_(STATIC_INPUT_ABSMAX / largest)
         place_on_huge_pages(layer)  # where from_pretrained puts a loaded model's layers (huge_pages.py)
         return layer
     if provider == "torch-int4":
@@ -126,8 +145,15 @@ def build(provider: str, linear: torch.nn.Linear) -> torch.nn.Module:
         from optimum.quanto import freeze, qfloat8, qint2, qint4, qint8, quantize
 
         model = torch.nn.Sequential(copy.deepcopy(linear))
-        qtypes = {"quanto-int2": qint2, "quanto-int4": qint4, "quanto-int8": qint8, "quanto-fp8": qfloat8}
-        quantize(model, weights=qtypes[provider])
+        qtypes = {"quanto-int2": qint2, "quanto-int4": qint4, "quanto-int8": qint8, "quanto-fp8": qfloat8,
+                  "quanto-w8a8": qint8, "quanto-w8a8-fp8": qfloat8}  # fmt: skip
+        static = provider.startswith("quanto-w8a8")
+        quantize(model, weights=qtypes[provider], activations=qtypes[provider] if static else None)
+        if static:  # its Calibration, on inputs like the benchmark's
+            from optimum.quanto import Calibration
+
+            with torch.no_grad(), Calibration():
+                model(torch.randn(128, linear.in_features, generator=torch.Generator().manual_seed(7)).to(DTYPE))
         freeze(model)
         return model
     if provider.startswith("torchao-"):
@@ -216,6 +242,9 @@ def targets(rows: list[Row]) -> list[str]:
             verdict(f"{shape}, M=1, {provider} vs bf16", ratio(shape, 1, provider, "bf16"), goal)
         for provider, other in PEER_DECODE_TARGETS.items():
             verdict(f"{shape}, M=1, {provider} vs {other}", ratio(shape, 1, provider, other), 1.0)
+        for provider, goal in PREFILL_TARGETS.items():
+            for m in sorted({r.m for r in rows if r.m >= 128}):
+                verdict(f"{shape}, M={m}, {provider} vs bf16", ratio(shape, m, provider, "bf16"), goal)
         for provider in OURS:
             verdict(f"{shape}, M=16, {provider} vs bf16", ratio(shape, 16, provider, "bf16"), 1.0)
             for m in sorted({r.m for r in rows if r.m >= 128}):

@@ -5,6 +5,8 @@
   input gradient is int8_backward.py's, for both activations modes.
 - LLM.int8 (row-scaled weights, activations="int8"): the outlier-decomposed GEMM of int8_matmul.py (its maths in
   int8_activation.py).
+- Static activations (W8A8: "int8_static" on row-scaled weights, "fp8_static" on fp8): the grid values through the
+  generic kernel, scaled by the input_scale.
 Like the references, the input is cast to the layer's compute dtype, the kernels compute in it, and the result is
 returned in the input's dtype. While torch.compile traces, each launch goes through its custom op (library.py).
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from quantizer_plugin.formats.activations import StaticFloat8Activations, StaticInt8Activations
 from quantizer_plugin.formats.records import AffineWeight, CodebookWeight, Float8Weight, RowScaledWeight, op_arguments
 from quantizer_plugin.ops import reference_backward, reference_forward, register_kernel
 
@@ -40,6 +43,20 @@ def linear_forward(x: torch.Tensor, weight, bias: torch.Tensor | None, compute_d
     else:
         y = dequant_matmul(x2d, weight, bias, check_weight=False)
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+@register_kernel(RowScaledWeight.family, "triton", activations=StaticInt8Activations.mode)
+@register_kernel(Float8Weight.family, "triton", activations=StaticFloat8Activations.mode)
+def static_forward(x: torch.Tensor, weight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                   activations: StaticInt8Activations | StaticFloat8Activations) -> torch.Tensor:  # fmt: skip
+    """Static activations (W8A8): their grid values (int8 codes or e4m3 values, exact in every 16-bit dtype) through
+    the generic kernel, the products scaled by input_scale once in float32 (the int8 x int8 tensor-core path would
+    need the grid inside the kernel; on a CPU-only project the generic one is what the interpreter checks)."""
+    codes = activations.codes(x.reshape(-1, weight.in_features)).to(compute_dtype)
+    y = linear_forward(codes, weight, None, compute_dtype).float() * activations.input_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
 @register_kernel(CodebookWeight.family, "triton", backward=True)

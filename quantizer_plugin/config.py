@@ -10,6 +10,7 @@ import torch
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .formats import FORMAT_VERSION, QuantScheme, format_names, get_format
+from .formats.activations import STATIC_MODES
 
 QUANT_METHOD = "lowbit"
 # FORMAT_VERSION (formats/base.py) is the on-disk layout version. A checkpoint written by a newer layout is refused;
@@ -17,7 +18,8 @@ QUANT_METHOD = "lowbit"
 
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 _FIELDS = (
-    "weights", "activations", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules", "head"
+    "weights", "activations", "double_quant", "block_size", "compute_dtype", "outlier_threshold", "skip_modules", "head",
+    "smoothing_alpha",
 )
 
 
@@ -48,7 +50,7 @@ def _positive_int(field: str, value: Any) -> int:
 
 
 # The fields a format's settings may name (WeightFormat.settings); which apply depends on weights and activations.
-FORMAT_SETTINGS = ("double_quant", "block_size", "outlier_threshold")
+FORMAT_SETTINGS = ("double_quant", "block_size", "outlier_threshold", "smoothing_alpha")
 _UNSET = object()  # LowBitConfig(activations=...) not given: the format's default (None is a value: 16-bit)
 
 
@@ -60,6 +62,11 @@ def _check_setting(field: str, value: Any) -> Any:
         isinstance(value, bool) or not isinstance(value, int) or not (16 <= value <= 4096 and value & (value - 1) == 0)
     ):
         raise ValueError(f"LowBitConfig.block_size must be a power of two from 16 to 4096, got {value!r}")
+    if field == "smoothing_alpha":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"LowBitConfig.smoothing_alpha must be a number from 0 to 1 (or None: no smoothing), "
+                             f"got {value!r}")  # fmt: skip
+        value = float(value)
     if field == "outlier_threshold":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise ValueError(f"LowBitConfig.outlier_threshold must be a number >= 0, got {value!r}")
@@ -76,7 +83,11 @@ class LowBitConfig(QuantizationConfigMixin):
             weight-only with activations=None), "fp8" (8-bit floats, e4m3fn) or "fp8_e5m2" (e5m2), both with
             16-bit activations.
         activations: None (16-bit activations: weight-only quantization; the default except for weights="int8"),
-            "int8" (LLM.int8's int8 activations; the default for weights="int8", and only there) or "q8_0"
+            "int8" (LLM.int8's int8 activations, per token; the default for weights="int8", and only there; with
+            outlier_threshold=0, plain dynamic per-token int8), "int8_static" (weights="int8") or "fp8_static"
+            (weights="fp8"/"fp8_e5m2"): W8A8, the activations on one grid per layer whose step (input_scale) a
+            calibration pass records, from `dataset` while loading or by quantizer_plugin.calibrate(model, ...)
+            afterwards (quantizer_plugin/activation_scales.py); or "q8_0"
             (nf4/fp4/int4/int2: each activation row rounded to int8 in blocks of 32, as llama.cpp does, so that the
             CPU multiplies bytes by the weight's codes; a codebook is rounded to int8 steps too. Fastest decode on
             CPUs without AVX512-BF16, at a small accuracy cost: docs/kernels.md).
@@ -86,6 +97,9 @@ class LowBitConfig(QuantizationConfigMixin):
         compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
         outlier_threshold: LLM.int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
             16-bit; 0 turns the decomposition off.
+        smoothing_alpha: static activations only (default 0.5): SmoothQuant's migration strength, the input
+            channels' factors max|x|^alpha / max|w|^(1 - alpha) from the calibration data, folded into the norm
+            before the layer where there is one and into the layer's input otherwise; None: no smoothing.
         skip_modules: module names (or patterns) kept in full precision. Default: the output embedding, tied
             weights and the last module, as transformers' bitsandbytes integration does.
         head: None (default: the output head stays in 16-bit, as bitsandbytes keeps it) or a weight format for it,
@@ -98,8 +112,9 @@ class LowBitConfig(QuantizationConfigMixin):
             calibrated.py); block_size then defaults to 128, as GPTQModel's group. The calibration settings below are
             not saved in config.json (the checkpoint reloads as any other); the method and its calibration are
             recorded in the checkpoint's safetensors metadata instead.
-        dataset: method="gptq"'s calibration data: a list of strings (with `tokenizer`), a tensor of token ids, or
-            "pydoc" (Python's documentation topics, shipped with every Python; with `tokenizer`).
+        dataset: the calibration data of method="gptq" or of static activations: a list of strings (with
+            `tokenizer`), a tensor of token ids, or "pydoc" (Python's documentation topics, shipped with every Python;
+            with `tokenizer`).
         tokenizer: a tokenizer, or its name or path, for a dataset of text.
         calibration_samples, calibration_length: the number of calibration sequences (default 128) and their
             tokens (default 512).
@@ -126,6 +141,7 @@ class LowBitConfig(QuantizationConfigMixin):
         calibration_length: int = 512,
         damp: float = 0.01,
         act_order: bool = True,
+        smoothing_alpha: float | None = _UNSET,
     ):
         if quant_method != QUANT_METHOD:
             raise ValueError(f"LowBitConfig.quant_method must be {QUANT_METHOD!r}, got {quant_method!r}")
@@ -153,11 +169,14 @@ class LowBitConfig(QuantizationConfigMixin):
         self._set_calibration(method, dataset, tokenizer, calibration_samples, calibration_length, damp, act_order)
         if method == "gptq" and block_size is None and "block_size" in modes[activations]:
             block_size = GPTQ_BLOCK_SIZE
-        given = dict(zip(FORMAT_SETTINGS, (double_quant, block_size, outlier_threshold)))
+        # smoothing_alpha=None turns SmoothQuant off: not given is the format's default (_UNSET)
+        explicit_none = {"smoothing_alpha"} if smoothing_alpha is None else set()
+        smoothing_alpha = None if smoothing_alpha is _UNSET else smoothing_alpha
+        given = dict(zip(FORMAT_SETTINGS, (double_quant, block_size, outlier_threshold, smoothing_alpha)))
         applicable = modes[activations]
         for field, value in given.items():
             if field in applicable:
-                value = applicable[field] if value is None else value
+                value = applicable[field] if value is None and field not in explicit_none else value
                 if value is not None:  # None is a default of its own where a format has it (fp8: a scale per row)
                     value = _check_setting(field, value)
             elif value is not None:
@@ -165,6 +184,9 @@ class LowBitConfig(QuantizationConfigMixin):
                     f"LowBitConfig.{field} does not apply to weights={weights!r} with activations={activations!r}"
                 )
             setattr(self, field, value)
+        if method == "gptq" and activations in STATIC_MODES and self.smoothing_alpha is not None:
+            raise ValueError("LowBitConfig.smoothing_alpha: SmoothQuant rescales the weights after GPTQ has rounded "
+                             "them, which would undo its fit; pass smoothing_alpha=None with method='gptq'")  # fmt: skip
         self.compute_dtype = _resolve_compute_dtype(compute_dtype)
         if skip_modules is not None:
             if isinstance(skip_modules, str) or not all(isinstance(name, str) for name in skip_modules):
@@ -179,8 +201,14 @@ class LowBitConfig(QuantizationConfigMixin):
         """Validate and keep the calibrated method's settings (none of them is saved in config.json)."""
         if method is not None and method not in METHODS:
             raise ValueError(f"LowBitConfig.method: expected None or one of {list(METHODS)}, got {method!r}")
-        if method is None and dataset is not None:
-            raise ValueError("LowBitConfig.dataset is given but method is unset: pass method='gptq' to calibrate")
+        static = self.activations in STATIC_MODES
+        if method is None and dataset is not None and not static:
+            raise ValueError("LowBitConfig.dataset is given but nothing calibrates: pass method='gptq', or static "
+                             "activations (activations='int8_static' or 'fp8_static')")  # fmt: skip
+        if dataset is not None:
+            text = isinstance(dataset, str) or (isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset))
+            if text and tokenizer is None:
+                raise ValueError("LowBitConfig.tokenizer: a dataset of text needs a tokenizer (an object or its name)")
         if method == "gptq":
             from .gptq import GPTQSettings, supports
 
@@ -190,9 +218,6 @@ class LowBitConfig(QuantizationConfigMixin):
             if dataset is None:
                 raise ValueError("LowBitConfig.dataset: method='gptq' needs calibration data (texts, token ids or "
                                  "'pydoc')")  # fmt: skip
-            text = isinstance(dataset, str) or (isinstance(dataset, (list, tuple)) and all(isinstance(t, str) for t in dataset))
-            if text and tokenizer is None:
-                raise ValueError("LowBitConfig.tokenizer: a dataset of text needs a tokenizer (an object or its name)")
             if not isinstance(act_order, bool):
                 raise TypeError(f"LowBitConfig.act_order must be a bool, got {act_order!r}")
             try:
@@ -206,11 +231,12 @@ class LowBitConfig(QuantizationConfigMixin):
 
     def calibration_record(self) -> dict[str, Any] | None:
         """What the checkpoint's metadata records of a calibrated method (None for the data-free fits)."""
-        if self.method is None:
+        if self.dataset is None:
             return None
         dataset = self.dataset if isinstance(self.dataset, str) else type(self.dataset).__name__
-        return {"method": self.method, "dataset": dataset, "samples": self.calibration_samples,
-                "length": self.calibration_length, "damp": self.damp, "act_order": self.act_order}  # fmt: skip
+        record = {"method": self.method, "dataset": dataset, "samples": self.calibration_samples,
+                  "length": self.calibration_length}  # fmt: skip
+        return record | ({"damp": self.damp, "act_order": self.act_order} if self.method == "gptq" else {})
 
     @property
     def scheme(self) -> QuantScheme:
@@ -246,6 +272,7 @@ class LowBitConfig(QuantizationConfigMixin):
             "skip_modules": None if self.skip_modules is None else list(self.skip_modules),
             # written only when set, so that a config without it stays readable by versions that predate the field
             **({"head": self.head} if self.head is not None else {}),
+            **({"smoothing_alpha": self.smoothing_alpha} if self.activations in STATIC_MODES else {}),
         }
 
     def __iter__(self):

@@ -9,7 +9,7 @@ from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import ops
 from .formats.base import NonFiniteWeightError
-from .modules import LowBitLinear
+from .modules import LowBitLinear, uncalibrated_tensors
 
 
 class LowBitQuantize(ConversionOps):
@@ -46,6 +46,7 @@ class LowBitQuantize(ConversionOps):
                 tensors = ops.quantize(layer.fmt, weight, layer.scheme)
             except NonFiniteWeightError as error:
                 raise ValueError(f"{key}: {error}") from None
-            for name, tensor in tensors.items():
+            # a static activations mode's input_scale: NaN until calibration (after loading) records it
+            for name, tensor in (uncalibrated_tensors(layer.in_features, layer.scheme, weight.device) | tensors).items():
                 result[f"{prefix}.{name}"] = nn.Parameter(tensor, requires_grad=False)
         return result

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from .formats import QuantScheme, get_format
+from .formats.activations import INPUT_SCALE, INPUT_SMOOTHING
 from . import ops
 
 
@@ -36,13 +37,20 @@ class LowBitLinear(nn.Module):
         self.out_features = out_features
         self.scheme = scheme
         self.fmt = get_format(scheme.weights)
-        self.activations = self.fmt.activations(scheme)  # None (16-bit), or the activations mode's typed settings
+        # None (16-bit), or the activations mode's typed settings; a static mode's are built at each call from the
+        # stored input_scale (activation_record)
+        self.activations = self.fmt.activations(scheme)
+        self.static_activations = bool(self.fmt.activation_specs(in_features, scheme))
+        self.module_name: str | None = None  # the model's name for this layer, for errors (set where it is swapped in)
+        # calibration (activation_scales.py): while set, called with each input, and the layer runs in 16-bit
+        self.observer = None
+        self._checked_scale = None  # the input_scale last found calibrated: (data pointer, version)
         self.compute_dtype = compute_dtype
         # GPT-2's Conv1D stores its weight as (in, out); the quantize step transposes it once, at load.
         self.source_is_conv1d = source_is_conv1d
         self._tensor_names = []
         self._stored_dtypes = {}
-        for name, spec in self.fmt.tensor_specs(out_features, in_features, scheme).items():
+        for name, spec in self.tensor_specs().items():
             tensor = torch.empty(spec.shape, dtype=spec.dtype, device=device)
             self.register_parameter(name, nn.Parameter(tensor, requires_grad=False))
             self._tensor_names.append(name)
@@ -67,7 +75,9 @@ class LowBitLinear(nn.Module):
         return layer
 
     def tensor_specs(self):
-        return self.fmt.tensor_specs(self.out_features, self.in_features, self.scheme)
+        """The stored tensors: the format's, then the activations mode's (a static mode's input_scale)."""
+        specs = self.fmt.tensor_specs(self.out_features, self.in_features, self.scheme)
+        return specs | self.fmt.activation_specs(self.in_features, self.scheme)
 
     def quantized_tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors, each in its format's dtype (see the class docstring)."""
@@ -84,9 +94,28 @@ class LowBitLinear(nn.Module):
         """
         return self.fmt.record(self.quantized_tensors(), self.out_features, self.in_features, self.scheme)
 
+    def activation_record(self):
+        """The activations mode's record for this call: a static mode's holds the stored input_scale, which must have
+        been calibrated (UncalibratedLayerError otherwise; checked once per value of the tensor, and not while
+        torch.compile traces, which a calibrated layer has passed in eager calls)."""
+        if not self.static_activations:
+            return self.activations
+        tensors = {name: tensor for name, tensor in self.quantized_tensors().items() if name in STATIC_TENSORS}
+        scale = tensors[INPUT_SCALE]
+        if not torch.compiler.is_compiling() and not scale.is_meta:
+            key = (scale.data_ptr(), scale._version)
+            if key != self._checked_scale:
+                if not bool((torch.isfinite(scale) & (scale > 0)).all()):
+                    raise UncalibratedLayerError(self)
+                self._checked_scale = key
+        return self.fmt.activations(self.scheme, tensors)
+
     def load_quantized(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Set the stored tensors, checking each against the format's spec."""
+        """Set the stored tensors, checking each against the format's spec. A static activations mode's input_scale,
+        when not given, is NaN: not calibrated (the layer refuses to run until a calibration sets it)."""
         specs = self.tensor_specs()
+        device = next(iter(tensors.values())).device if tensors else None
+        tensors = uncalibrated_tensors(self.in_features, self.scheme, device) | dict(tensors)
         if set(tensors) != set(specs):
             raise ValueError(f"expected tensors {sorted(specs)}, got {sorted(tensors)}")
         for name, tensor in tensors.items():
@@ -112,6 +141,9 @@ class LowBitLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observer is not None:  # calibrating: the input observed, the product taken with 16-bit activations
+            self.observer(x)
+            return ops.lowbit_linear(x, self, activations=None)
         return ops.lowbit_linear(x, self)
 
     def _apply(self, fn, recurse=True):
@@ -137,6 +169,27 @@ class LowBitLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weights={self.scheme.weights}, {self.scheme.detail()}, compute_dtype={self.compute_dtype}"
         )
+
+
+class UncalibratedLayerError(RuntimeError):
+    def __init__(self, layer: LowBitLinear):
+        name = layer.module_name or f"a LowBitLinear ({layer.in_features} -> {layer.out_features})"
+        super().__init__(
+            f"{name}: activations={layer.scheme.activations!r} needs the input_scale a calibration pass records, and "
+            "this layer has none (never calibrated, or its calibration saw no input): run "
+            "quantizer_plugin.calibrate(model, dataset, tokenizer=...) or load with LowBitConfig(dataset=...)"
+        )
+
+
+STATIC_TENSORS = (INPUT_SCALE, INPUT_SMOOTHING)
+
+
+def uncalibrated_tensors(in_features: int, scheme: QuantScheme, device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """A fresh layer's activation tensors: a static mode's input_scale as NaN, which no calibration leaves, and its
+    input smoothing as ones (none)."""
+    specs = get_format(scheme.weights).activation_specs(in_features, scheme)
+    fill = {INPUT_SCALE: float("nan"), INPUT_SMOOTHING: 1.0}
+    return {name: torch.full(spec.shape, fill[name], dtype=spec.dtype, device=device) for name, spec in specs.items()}
 
 
 def _stored_dtypes_in_state_dict(module: LowBitLinear, state_dict: dict, prefix: str, local_metadata) -> None:

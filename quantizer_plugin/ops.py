@@ -238,6 +238,9 @@ def _register_references() -> None:
     _FORWARD[("rowscaled8", "int8", "torch")] = reference_forward
     _FORWARD[("codebook4bit", "q8_0", "torch")] = reference_forward
     _FORWARD[("affine", "q8_0", "torch")] = reference_forward
+    # static activations (W8A8): int8 on row-scaled int8 weights, e4m3 on fp8 weights
+    _FORWARD[("rowscaled8", "int8_static", "torch")] = reference_forward
+    _FORWARD[("float8", "fp8_static", "torch")] = reference_forward
 
 
 _register_references()
@@ -266,11 +269,17 @@ class _FrozenWeightLinear(torch.autograd.Function):
         return grad_x, grad_bias, None, None, None, None
 
 
-def lowbit_linear(x: torch.Tensor, layer: LowBitLinear) -> torch.Tensor:
-    """The quantized layer's forward: picks the backend and applies the frozen-weight autograd rule."""
+_LAYERS_OWN = object()  # lowbit_linear's activations: the layer's own mode
+
+
+def lowbit_linear(x: torch.Tensor, layer: LowBitLinear, activations=_LAYERS_OWN) -> torch.Tensor:
+    """The quantized layer's forward: picks the backend and applies the frozen-weight autograd rule. `activations`
+    None runs it with 16-bit activations whatever its mode (calibration observes a layer so)."""
     if x.shape[-1] != layer.in_features:
         raise ValueError(f"input has {x.shape[-1]} features, the layer expects {layer.in_features}")
-    weight, activations = layer.weight_record(), layer.activations
+    weight = layer.weight_record()
+    if activations is _LAYERS_OWN:
+        activations = layer.activation_record()
     mode = None if activations is None else activations.mode
     backend = _backend_for(weight.family, mode, x.device, layer.fmt.name)
     if torch.is_grad_enabled() and (x.requires_grad or (layer.bias is not None and layer.bias.requires_grad)):

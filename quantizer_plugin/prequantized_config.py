@@ -16,7 +16,7 @@ from __future__ import annotations
 from .config import QUANT_METHOD, LowBitConfig
 from .integrations.transformers import wrap_config_merge
 
-STORED_FIELDS = ("weights", "activations", "double_quant", "block_size", "head")
+STORED_FIELDS = ("weights", "activations", "double_quant", "block_size", "head", "smoothing_alpha")
 LOADING_FIELDS = ("compute_dtype", "outlier_threshold")
 
 

@@ -10,6 +10,7 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 
 from . import calibrated, gptq, ops
+from .activation_scales import calibrate, static_layers
 from .calibration import METADATA_KEY, calibration_ids
 from .checkpoints.paths import check_checkpoint_files
 from .config import LowBitConfig
@@ -133,6 +134,14 @@ class LowBitHfQuantizer(HfQuantizer):
             self.stash = None
         self.calibration = config.calibration_record() | summary
 
+    def _calibrate_activations(self, model) -> None:
+        """Static activations: their input scales (and SmoothQuant) from the config's dataset (activation_scales.py)."""
+        config = self.quantization_config
+        summary = calibrate(model, config.dataset, config.tokenizer, config.calibration_samples, config.calibration_length)
+        record = {"activations": config.activations, "smoothing_alpha": config.smoothing_alpha,
+                  "activation_layers": summary["layers"]}  # fmt: skip
+        self.calibration = (self.calibration or config.calibration_record()) | record
+
     def get_state_dict_and_metadata(self, model):
         # the calibrated method's record, in every shard's safetensors header (config.json stays a plain LowBitConfig)
         if self.calibration is None:
@@ -146,6 +155,8 @@ class LowBitHfQuantizer(HfQuantizer):
                 module.requires_grad_(False)
         if self.stash is not None:
             self._calibrate(model)
+        if self.quantization_config.dataset is not None and not self.pre_quantized and static_layers(model):
+            self._calibrate_activations(model)
         if self.pre_quantized:
             upgrade_layout(model, self.quantization_config)
         else:

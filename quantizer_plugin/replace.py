@@ -77,6 +77,7 @@ def _swap(model, name, module, in_features, out_features, scheme, compute_dtype,
         )
     if module.bias is not None:
         new_module.bias = nn.Parameter(torch.empty_like(module.bias, device="meta"), requires_grad=False)
+    new_module.module_name = name
     model.set_submodule(name, new_module)
 
 

@@ -35,7 +35,8 @@ JOBS = {
     # then the same LM from a second training seed, into out-seed1 (GPTQ's accuracy is asserted for both)
     "tiny-lm": Job(("tests/test_integer_formats.py::test_small_trained_lm_against_hqq_and_round_to_nearest",
                     "tests/test_gptq.py::test_gptq_moves_the_small_lm_less_than_the_data_free_fit",
-                    "tests/test_fp8_accuracy.py::test_fp8_moves_the_small_lm_no_more_than_quantos_qfloat8"),
+                    "tests/test_fp8_accuracy.py::test_fp8_moves_the_small_lm_no_more_than_quantos_qfloat8",
+                    "tests/test_w8a8_accuracy.py::"),
                    (sys.executable, str(TESTS / "tiny_lm.py"), "--save", "{out}", "--also-seed", "1")),
     "compile-report": Job(("tests/test_kernels_compile.py::test_every_gpu_candidate_compiles_for_sm90_without_spilling",),
                           (sys.executable, "-c", COMPILE_REPORT),
@@ -43,6 +44,11 @@ JOBS = {
 }
 
 _running: dict[str, tuple[subprocess.Popen, Path]] = {}
+
+
+def waits(node_id: str) -> bool:
+    """Whether the test `node_id` waits for a job."""
+    return any(node_id.startswith(job.needed_by) for job in JOBS.values())
 
 
 def start_needed(node_ids: list[str]) -> None:

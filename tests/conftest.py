@@ -19,6 +19,13 @@ import quantizer_plugin  # noqa: F401  (registers "lowbit" with transformers)
 import background
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """The tests that wait for a background job run last (in their order), so that the job runs beside the rest of
+    the suite instead of holding the suite up at the first of them (tests/background.py)."""
+    waiting = [item for item in items if background.waits(item.nodeid)]
+    items[:] = [item for item in items if not background.waits(item.nodeid)] + waiting
+
+
 def pytest_collection_finish(session):
     """Start the slow self-contained jobs the collected tests need (tests/background.py), to run beside them."""
     background.start_needed([item.nodeid for item in session.items])

@@ -533,7 +533,7 @@ def cpu_llm_int8_drops_the_outliers():
 
     def call(kernels, name, *args):
         if name in ("linear_llm_int8", "linear_llm_int8_tiles"):
-            args = (*args[:-1], 0.0)  # the threshold: no column is an outlier
+            args = (*args[:-2], 0.0, args[-1])  # the threshold: no column is an outlier
         return original(kernels, name, *args)
 
     patch(library, "call", call)
@@ -653,6 +653,27 @@ def gptq_refit_ignores_the_hessian():
         self, weight, codes, torch.eye(hessian.shape[0]), damp))
 
 
+def static_activations_ignore_the_input_scale():
+    import torch
+    from quantizer_plugin.formats import base
+
+    activations = base.WeightFormat.activations
+
+    def unit_scale(self, scheme, tensors=None):
+        record = activations(self, scheme, tensors)
+        if tensors and getattr(record, "input_scale", None) is not None:
+            return replace(record, input_scale=torch.ones_like(record.input_scale))
+        return record
+
+    patch(base.WeightFormat, "activations", unit_scale)
+
+
+def smoothquant_factor_on_the_wrong_side():
+    from quantizer_plugin import activation_scales
+
+    patch(activation_scales, "input_factors", lambda s: s)  # inputs multiplied by s, as the weights are
+
+
 MUTATIONS: dict[str, Mutation] = {
     "4bit-dequantize-returns-zeros": Mutation(
         "4-bit dequantize returns zeros", dequantize_4bit_returns_zeros,
@@ -753,6 +774,13 @@ MUTATIONS: dict[str, Mutation] = {
     "fp8-import-tiles-the-block-scales": Mutation(
         "the FP8 checkpoint importer puts the scales of a block row on the wrong rows", fp8_import_tiles_the_block_scales,
         ("tests/test_convert_fp8.py::test_an_fp8_checkpoint_converts_losslessly_and_runs_on_our_kernels",)),
+    "static-input-scale-ignored": Mutation(
+        "static activations run on a step of 1, not the calibrated input_scale", static_activations_ignore_the_input_scale,
+        ("tests/test_static_activations.py::test_static_layer_computes_the_written_out_product",)),
+    "smoothquant-factor-wrong-side": Mutation(
+        "SmoothQuant multiplies the inputs by its factors, as the weights, instead of dividing them",
+        smoothquant_factor_on_the_wrong_side,
+        ("tests/test_static_activations.py::test_smoothquant_moves_the_outlier_channel_into_the_weights_and_keeps_each_product",)),
     "head-in-the-layers-format": Mutation(
         "LowBitConfig.head's format ignored: the head quantized as the other layers", head_quantized_as_the_other_layers,
         ("tests/test_quantized_head.py::test_the_head_holds_its_formats_rounding_and_the_logits_come_from_it",)),

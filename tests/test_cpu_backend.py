@@ -369,8 +369,9 @@ def test_llm_int8_on_the_int8_tiles_is_the_register_tiles_bit_for_bit(dtype):
     for m, n, k in [(5, 37, 64), (16, 70, 128), (17, 16, 256), (33, 130, 192)]:
         layer = make_layer(QuantScheme("int8"), n, k, dtype, seed=m)
         x = llm_int8_input(m, k, dtype, seed=n)
-        args = (x, layer.weight, layer.weight_scale, 6.0)
-        assert torch.equal(kernels.linear_llm_int8_tiles(*args), kernels.linear_llm_int8(*args)), (m, n, k)
+        for input_scale in (None, torch.tensor([0.02])):  # LLM.int8, and static int8 activations
+            args = (x, layer.weight, layer.weight_scale, 0.0 if input_scale is not None else 6.0, input_scale)
+            assert torch.equal(kernels.linear_llm_int8_tiles(*args), kernels.linear_llm_int8(*args)), (m, n, k)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -10,6 +10,9 @@
   dequantizes it.
 - Otherwise: native dequantize of row chunks for torch's 16-bit GEMM (chunks.py), as does the input gradient.
 
+Static fp8 activations (activations="fp8_static", W8A8): each activation rounded to e4m3 on the calibrated grid (exact
+in bfloat16), multiplied on the same paths (bf16 dot products on the tiles), the products scaled by input_scale.
+
 Loading quantizes with the format's own quantize (torch's conversion to float8 is already one vectorised pass).
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from ..formats.activations import StaticFloat8Activations
 from ..formats.records import Float8Weight
 from ..ops import reference_backward, reference_forward, register_kernel, served
 from . import chunks, library, native
@@ -34,8 +38,29 @@ def linear_forward(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | N
     kernels = native.load()
     if kernels is None:
         return reference_forward(x, weight, bias, compute_dtype, activations)
-    dtype = compute_dtype
-    x2d = x.reshape(-1, weight.in_features)
+    y = _product(kernels, x.reshape(-1, weight.in_features), weight, compute_dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+@register_kernel(Float8Weight.family, "cpu", activations=StaticFloat8Activations.mode)
+def static_fp8_forward(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                       activations: StaticFloat8Activations) -> torch.Tensor:  # fmt: skip
+    """Static fp8 activations: their e4m3 values (exact in every 16-bit dtype) through the kernels above, the
+    products then scaled by input_scale, once, in float32."""
+    kernels = native.load()
+    if kernels is None:
+        return reference_forward(x, weight, bias, compute_dtype, activations)
+    codes = activations.codes(x.reshape(-1, weight.in_features)).to(compute_dtype)
+    y = _product(kernels, codes, weight, compute_dtype).float() * activations.input_scale
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+
+
+def _product(kernels, x2d: torch.Tensor, weight: Float8Weight, dtype: torch.dtype) -> torch.Tensor:
+    """x2d @ dequant(W).T on the path the shape takes (the module docstring): float32, or `dtype` when chunked."""
     if x2d.shape[0] <= chunks.fused_rows(kernels, GEMV_MAX_M, dtype) and kernels.uses_avx2():
         y = library.call(kernels, "gemv_float8", x2d.to(dtype).float().contiguous(), *weight_arguments(weight))
         served("cpu.float8.fused")
@@ -47,9 +72,7 @@ def linear_forward(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | N
         rows = chunks.rows_per_chunk(weight.in_features, dtype)
         y = library.call(kernels, "linear_float8_chunked", x2d.to(dtype).contiguous(), *weight_arguments(weight), rows)
         served("cpu.float8.dequantize_matmul")
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    return y.to(dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    return y
 
 
 @library.grad_input_op("grad_input_float8", library.FLOAT8_WEIGHT)

@@ -8,6 +8,8 @@ the weight dequantized as the reference dequantizes it. The int32 sums come from
 CPUs with AMX-INT8 and K a multiple of 64, from the int8 tiles ("llm_int8_tiles"). Every path gives the same bytes.
 Its result is the reference's to within the order of the outlier columns' float sums (tests/test_cpu_backend.py), and
 bitsandbytes' LLM.int8 to within its rounding (tests/test_int8.py). Without the native build, the reference runs.
+Static int8 activations (activations="int8_static", W8A8) run on the same kernel and paths, every row's codes
+round(x / input_scale) and its "absmax" 127 steps, with no outlier columns.
 
 Weight-only (activations=None, optimum-quanto's w8a16): the activations stay 16-bit.
 - Decode (at most GEMV_MAX_M activation rows; more in a 16-bit compute dtype on CPUs without AMX:
@@ -34,7 +36,7 @@ import torch
 
 from ..formats import QuantScheme, WeightFormat
 from ..formats.base import NonFiniteWeightError
-from ..formats.activations import Int8Activations
+from ..formats.activations import Int8Activations, StaticInt8Activations
 from ..formats.records import RowScaledWeight
 from ..ops import reference_backward, reference_forward, reference_quantize, register_kernel, served
 from . import chunks, library, native
@@ -74,20 +76,25 @@ def quantize(fmt: WeightFormat, weight: torch.Tensor, scheme: QuantScheme) -> di
 
 
 @register_kernel(RowScaledWeight.family, "cpu", activations=Int8Activations.mode)
+@register_kernel(RowScaledWeight.family, "cpu", activations=StaticInt8Activations.mode)
 def llm_int8_forward(x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                     activations: Int8Activations) -> torch.Tensor:  # fmt: skip
-    """LLM.int8 by the native kernel: its int8 part exactly the reference's, its outlier part in float."""
+                     activations: Int8Activations | StaticInt8Activations) -> torch.Tensor:  # fmt: skip
+    """LLM.int8 by the native kernel: its int8 part exactly the reference's, its outlier part in float. Static int8
+    activations are the same kernel with every row's codes on the input_scale's grid, and no outlier columns."""
     kernels = native.load()
     if kernels is None:
         return reference_forward(x, weight, bias, compute_dtype, activations)
-    x2d = x.reshape(-1, weight.in_features).to(compute_dtype).contiguous()
-    threshold = float(activations.outlier_threshold)
+    x2d = x.reshape(-1, weight.in_features).to(compute_dtype)
+    static = isinstance(activations, StaticInt8Activations)
+    x2d = (activations.smooth(x2d) if static else x2d).contiguous()  # smoothed: float32, as the reference rounds it
+    threshold, input_scale = (0.0, activations.input_scale) if static else (float(activations.outlier_threshold), None)
+    kind = "static_int8" if static else "llm_int8"
     if uses_llm_int8_tiles(kernels, x2d.shape[0], weight):
-        y = library.call(kernels, "linear_llm_int8_tiles", x2d, weight.values, weight.scale, threshold)
-        served("cpu.int8.llm_int8_tiles")
+        y = library.call(kernels, "linear_llm_int8_tiles", x2d, weight.values, weight.scale, threshold, input_scale)
+        served(f"cpu.int8.{kind}_tiles")
     else:  # the kernel takes VNNI, AVX2 or plain C++, as the CPU has them
-        y = library.call(kernels, "linear_llm_int8", x2d, weight.values, weight.scale, threshold)
-        served("cpu.int8.llm_int8_vnni" if kernels.uses_avx512_vnni() else "cpu.int8.llm_int8")
+        y = library.call(kernels, "linear_llm_int8", x2d, weight.values, weight.scale, threshold, input_scale)
+        served(f"cpu.int8.{kind}_vnni" if kernels.uses_avx512_vnni() else f"cpu.int8.{kind}")
     if bias is not None:
         y = y + bias.float()  # as the reference: the bias added in float32, one rounding to the compute dtype
     return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)

@@ -56,8 +56,9 @@ FORWARD_OPS = {
     "linear_int8_amx": (_INT8, _weight_rows, FLOAT32),
     "linear_int8_tiles": (_INT8, _weight_rows, FLOAT32),
     "linear_int8_chunked": (_INT8 + ", int rows_per_chunk", _weight_rows, CHUNKED),
-    "linear_llm_int8": (_INT8 + ", float threshold", _weight_rows, FLOAT32),
-    "linear_llm_int8_tiles": (_INT8 + ", float threshold", _weight_rows, FLOAT32),
+    # LLM.int8 (activations="int8"), or static int8 activations with their input_scale (activations="int8_static")
+    "linear_llm_int8": (_INT8 + ", float threshold, Tensor? input_scale", _weight_rows, FLOAT32),
+    "linear_llm_int8_tiles": (_INT8 + ", float threshold, Tensor? input_scale", _weight_rows, FLOAT32),
     "gemv_affine": (_AFFINE, _weight_rows, FLOAT32),
     "gemv_affine_bf16": (_AFFINE, _weight_rows, FLOAT32),
     "gemv_affine_q8": (_AFFINE, _weight_rows, FLOAT32),  # activations="q8_0"

@@ -12,9 +12,10 @@ from typing import ClassVar
 
 import torch
 
-from .records import INT8_MAX, AffineWeight, CodebookWeight, RowScaledWeight
+from .records import FLOAT8_DTYPES, INT8_MAX, AffineWeight, CodebookWeight, Float8Weight, RowScaledWeight
 
-__all__ = ["INT8_MAX", "Int8Activations", "Q8Activations", "outlier_columns", "quantize_activations", "quantize_blocks",
+__all__ = ["INPUT_SCALE", "INPUT_SMOOTHING", "INT8_MAX", "Int8Activations", "Q8Activations", "STATIC_MODES", "StaticFloat8Activations",
+           "StaticInt8Activations", "outlier_columns", "quantize_activations", "quantize_blocks",
            "quantize_rows"]  # fmt: skip
 
 
@@ -138,4 +139,87 @@ class Q8Activations:
         return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
 
 
-ActivationRecord = Int8Activations | Q8Activations
+# The tensors a layer with static activations stores beside its weight: the activations' step, one float32 (shape
+# (1,): no stored tensor is 0-d, formats/base.py), NaN until a calibration pass sets it; and with SmoothQuant
+# (smoothing_alpha), the factors its input is multiplied by first, float32 (in_features,): ones where the smoothing
+# is folded into the norm before the layer (quantizer_plugin/activation_scales.py).
+INPUT_SCALE = "input_scale"
+INPUT_SMOOTHING = "input_smoothing"
+
+
+@dataclass(frozen=True)
+class _StaticActivations:
+    input_scale: torch.Tensor  # float32 (1,)
+    input_smoothing: torch.Tensor | None = None  # float32 (in_features,)
+
+    def smooth(self, x2d: torch.Tensor) -> torch.Tensor:
+        """x times the input smoothing factors, in float32 (x itself without them)."""
+        return x2d if self.input_smoothing is None else x2d.float() * self.input_smoothing
+
+    def _product(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+                 out_features: int) -> torch.Tensor:  # fmt: skip
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], out_features)
+
+
+@dataclass(frozen=True)
+class StaticInt8Activations(_StaticActivations):
+    """Static int8 activations (W8A8 with row-scaled int8 weights): every activation rounded to int8 on one grid,
+    round(x / input_scale) clamped to +-127, the step recorded by calibration (the activations' absmax over the
+    calibration data / 127) and stored with the layer. The int8 products are summed exactly, as LLM.int8's, and
+    scaled by input_scale * the weight row's scale / 127: LLM.int8's arithmetic with every row's absmax replaced by
+    127 steps, and no outlier columns."""
+
+    mode: ClassVar[str] = "int8_static"
+    largest: ClassVar[float] = INT8_MAX
+
+    def codes(self, x2d: torch.Tensor) -> torch.Tensor:
+        """round(smoothed x * (1 / input_scale)) clamped to +-127, as float32 (NaN where x is NaN)."""
+        return (self.smooth(x2d).float() * torch.reciprocal(self.input_scale)).round().clamp(-INT8_MAX, INT8_MAX)
+
+    def reference_linear(
+        self, x: torch.Tensor, weight: RowScaledWeight, bias: torch.Tensor | None, compute_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """y = (codes @ W's int8 values.T) * input_scale * row scale / 127 + bias in plain torch (float64 sums, which
+        hold int8 products exactly), in x's dtype through the compute dtype."""
+        if not isinstance(weight, RowScaledWeight):
+            raise TypeError(f"activations={self.mode!r} takes row-scaled int8 weights, not {type(weight).__name__}")
+        x2d = x.reshape(-1, weight.in_features).to(compute_dtype)
+        accumulated = self.codes(x2d).double() @ weight.values.double().T
+        absmax = (self.input_scale * INT8_MAX).double()  # 127 steps, as LLM.int8's row absmax (the kernels' order)
+        y = (accumulated * (absmax * weight.scale.double()[None, :] / (INT8_MAX * INT8_MAX))).float()
+        return self._product(x, y, bias, compute_dtype, weight.out_features)
+
+
+@dataclass(frozen=True)
+class StaticFloat8Activations(_StaticActivations):
+    """Static fp8 activations (W8A8 with fp8 weights): every activation divided by input_scale and rounded to the
+    nearest float8 e4m3fn (clamped to +-448, the largest finite value), the step recorded by calibration (absmax over
+    the calibration data / 448) and stored with the layer; y = (those fp8 values @ dequant(W).T) * input_scale. An fp8
+    value is exact in bfloat16, so CPUs multiply it on their bf16 dot products."""
+
+    mode: ClassVar[str] = "fp8_static"
+    largest: ClassVar[float] = float(torch.finfo(torch.float8_e4m3fn).max)
+
+    def codes(self, x2d: torch.Tensor) -> torch.Tensor:
+        """smoothed x * (1 / input_scale) clamped to +-448, rounded to e4m3fn, as float32 (NaN where x is NaN)."""
+        scaled = (self.smooth(x2d).float() * torch.reciprocal(self.input_scale)).clamp(-self.largest, self.largest)
+        return scaled.to(FLOAT8_DTYPES[4]).float()
+
+    def reference_linear(
+        self, x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor | None, compute_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """y = (fp8(x / input_scale) @ dequant(W).T) * input_scale + bias in plain torch (float64 sums), in x's dtype
+        through the compute dtype."""
+        if not isinstance(weight, Float8Weight):
+            raise TypeError(f"activations={self.mode!r} takes fp8 weights, not {type(weight).__name__}")
+        x2d = x.reshape(-1, weight.in_features).to(compute_dtype)
+        products = self.codes(x2d).double() @ weight.dequantize(torch.float32).double().T
+        return self._product(x, (products * self.input_scale.double()).float(), bias, compute_dtype, weight.out_features)
+
+
+StaticActivations = StaticInt8Activations | StaticFloat8Activations
+# mode -> its record class, for the 8-bit weight families that take it
+STATIC_MODES = {cls.mode: cls for cls in (StaticInt8Activations, StaticFloat8Activations)}
+ActivationRecord = Int8Activations | Q8Activations | StaticActivations

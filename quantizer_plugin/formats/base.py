@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .activations import ActivationRecord, Q8Activations
+from .activations import INPUT_SCALE, INPUT_SMOOTHING, STATIC_MODES, ActivationRecord, Q8Activations
 
 
 # The on-disk layout version (tensor names, shapes, codebooks); LowBitConfig.format_version records it in config.json.
@@ -35,8 +35,10 @@ class QuantScheme:
     block_size: int | None = FORMAT_DEFAULT  # the format's default (64; fp8: None, one scale per row)
     double_quant: bool = True
     outlier_threshold: float = 6.0
+    smoothing_alpha: float | None = None  # static activations: SmoothQuant's migration strength (None: no smoothing)
     format_version: int = FORMAT_VERSION
-    activations: str | None = FORMAT_DEFAULT  # "int8" (LLM.int8) or None (16-bit activations)
+    # "int8" (LLM.int8), "q8_0", "int8_static", "fp8_static" (formats/activations.py) or None (16-bit activations)
+    activations: str | None = FORMAT_DEFAULT
 
     def __post_init__(self):
         fmt = get_format(self.weights)
@@ -106,20 +108,35 @@ class WeightFormat(ABC):
     def record(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme):
         """The stored tensors (as `tensor_specs` names them, in their stored dtypes) as the family's typed record."""
 
-    def activations(self, scheme: QuantScheme) -> ActivationRecord | None:
+    def activations(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor] | None = None) -> ActivationRecord | None:
         """The record of the scheme's activations mode: None for 16-bit activations (every format's default); q8_0
-        where the format's settings name it."""
+        or a static mode where the format's settings name it (a static mode's record holds the layer's input_scale
+        from `tensors`, None without them)."""
         if scheme.activations is None:
             return None
         if scheme.activations == Q8Activations.mode and Q8Activations.mode in self.settings:
             return Q8Activations()
+        if scheme.activations in STATIC_MODES and scheme.activations in self.settings:
+            tensors = tensors or {}
+            return STATIC_MODES[scheme.activations](tensors.get(INPUT_SCALE), tensors.get(INPUT_SMOOTHING))
         raise ValueError(f"weights={self.name!r} takes activations in {list(self.settings)}, got {scheme.activations!r}")
+
+    @staticmethod
+    def activation_specs(in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
+        """The tensors the scheme's activations mode stores beside the weight's: a static mode's input_scale, and
+        its input_smoothing with SmoothQuant (formats/activations.py)."""
+        if scheme.activations not in STATIC_MODES:
+            return {}
+        specs = {INPUT_SCALE: TensorSpec((1,), torch.float32)}
+        if scheme.smoothing_alpha is not None:
+            specs[INPUT_SMOOTHING] = TensorSpec((in_features,), torch.float32)
+        return specs
 
     def conform(
         self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme
     ) -> dict[str, torch.Tensor]:
         """The same tensors shaped as `scheme.format_version` lays them out (layouts differ only by shape)."""
-        specs = self.tensor_specs(out_features, in_features, scheme)
+        specs = self.tensor_specs(out_features, in_features, scheme) | self.activation_specs(in_features, scheme)
         return {name: tensor.reshape(specs[name].shape) for name, tensor in tensors.items()}
 
     def dequantize(
@@ -140,7 +157,7 @@ class WeightFormat(ABC):
     ) -> torch.Tensor:
         """The layer's plain-torch forward in the scheme's activations mode (see `reference_linear` below)."""
         weight = self.record(tensors, out_features, in_features, scheme)
-        return reference_linear(x, weight, bias, compute_dtype, self.activations(scheme))
+        return reference_linear(x, weight, bias, compute_dtype, self.activations(scheme, tensors))
 
 
 def reference_linear(

@@ -9,6 +9,7 @@ Stored tensors (groups = 1 per row by default, else ceil(in_features / block_siz
   weight        uint8   (out_features, in_features)  the fp8 bit patterns (uint8, so that a model-wide cast to a
                                                      float dtype, which converts every floating tensor, leaves them)
   weight_scale  float32 (out_features, groups)       absmax / largest finite value (0 for a group of zeros)
+  input_scale   float32 (1,)                         activations="fp8_static" only: the activations' step
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ _CHUNK_ELEMENTS = 1 << 22
 class Float8Format(WeightFormat):
     bits = 8
     family = Float8Weight.family
-    settings = {None: {"block_size": None}}  # None: one scale per row
+    # block_size None: one scale per row. "fp8_static": W8A8, e4m3 activations with a calibrated input_scale stored
+    # beside the weight (activations.py: StaticFloat8Activations).
+    settings = {None: {"block_size": None}, "fp8_static": {"block_size": None, "smoothing_alpha": None}}
 
     def __init__(self, name: str, exponent_bits: int):
         if exponent_bits not in FLOAT8_DTYPES:

@@ -5,6 +5,7 @@ activations=None, the same weights multiplied by 16-bit activations (weight-only
 Stored tensors:
   weight        int8    (out_features, in_features)  round(W * 127 / row_absmax)
   weight_scale  float32 (out_features,)              row_absmax (bitsandbytes' SCB)
+  input_scale   float32 (1,)                         activations="int8_static" only: the activations' step
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ class Int8RowwiseFormat(WeightFormat):
     name = "int8"
     bits = 8
     family = RowScaledWeight.family
-    # LLM.int8 by default; activations=None is weight-only: the same stored tensors, and x @ dequant(W).T in 16-bit.
-    settings = {"int8": {"outlier_threshold": 6.0}, None: {}}
+    # LLM.int8 by default (outlier_threshold=0: dynamic per-token int8 activations without outlier columns);
+    # activations=None is weight-only: the same stored tensors, and x @ dequant(W).T in 16-bit; "int8_static" is W8A8
+    # with a calibrated input_scale stored beside them (activations.py: StaticInt8Activations).
+    settings = {"int8": {"outlier_threshold": 6.0}, None: {}, "int8_static": {"smoothing_alpha": 0.5}}
 
     def tensor_specs(self, out_features: int, in_features: int, scheme: QuantScheme) -> dict[str, TensorSpec]:
         return {
@@ -41,10 +44,10 @@ class Int8RowwiseFormat(WeightFormat):
     def record(self, tensors: dict[str, torch.Tensor], out_features: int, in_features: int, scheme: QuantScheme):
         return RowScaledWeight(out_features, in_features, values=tensors["weight"], scale=tensors["weight_scale"])
 
-    def activations(self, scheme: QuantScheme) -> Int8Activations | None:
+    def activations(self, scheme: QuantScheme, tensors: dict[str, torch.Tensor] | None = None):
         if scheme.activations == "int8":
             return Int8Activations(scheme.outlier_threshold)
-        return super().activations(scheme)
+        return super().activations(scheme, tensors)
 
 
 INT8 = register_format(Int8RowwiseFormat())

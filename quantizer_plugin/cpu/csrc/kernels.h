@@ -92,11 +92,13 @@ at::Tensor gemv_dense(const at::Tensor& x, const at::Tensor& weight);
 
 // LLM.int8 (llm_int8.cpp): y (M, N) float32 = the int8 part plus the outlier columns' (rounded to x's dtype), for x
 // (M, K) float32, bfloat16 or float16 in the compute dtype; and the activations' side alone, as the reference's
-// quantize_activations: (int8 codes (M, K), float32 row absmax, bool outlier column mask (K,)).
-at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold);
+// quantize_activations: (int8 codes (M, K), float32 row absmax, bool outlier column mask (K,)). With input_scale
+// (static int8 activations: one float32 step), every row's codes are round(x / step), and threshold is 0.
+at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold,
+                           const c10::optional<at::Tensor>& input_scale);
 // The same on the AMX-INT8 tiles (past decode), K a multiple of 64; the same bytes.
 at::Tensor linear_llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                 double threshold);
+                                 double threshold, const c10::optional<at::Tensor>& input_scale);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const at::Tensor& x, double threshold);
 
 // Activations mode "q8_0" (q8_0.cpp): each row of x (M, K) float32 in blocks of Q8_BLOCK, int8 codes and a float32

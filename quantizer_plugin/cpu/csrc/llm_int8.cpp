@@ -58,8 +58,8 @@ DotPath dot_path() {
 
 // Code: the codes' C++ type; k_step: their row stride's multiple; offset: added to every code (vpdpbusd's 128).
 template <typename In, typename Code = int16_t>
-Activations prepare_activations(const In* x, int64_t M, int64_t K, float threshold, int64_t k_step = K_STEP,
-                                int offset = 0) {
+Activations prepare_activations(const In* x, int64_t M, int64_t K, float threshold, float step = 0.0f,
+                                int64_t k_step = K_STEP, int offset = 0) {
   Activations a;
   a.padded_k = (K + k_step - 1) / k_step * k_step;
   a.codes = at::full({M, a.padded_k}, offset, at::TensorOptions(c10::CppTypeToScalarType<Code>::value));
@@ -94,9 +94,13 @@ Activations prepare_activations(const In* x, int64_t M, int64_t K, float thresho
         nan |= std::isnan(magnitude);
         if (!(threshold > 0 && magnitude >= threshold)) largest = std::max(largest, magnitude);
       }
-      absmax[m] = nan ? NAN : largest;
+      // Static activations (step > 0, formats/activations.py: StaticInt8Activations): every row's codes are
+      // round(x / step) as the reference computes them (x times the float32 reciprocal of the step), and its
+      // "absmax" is 127 steps, so that the epilogue below scales the sums as it scales LLM.int8's.
+      absmax[m] = nan ? NAN : step > 0.0f ? step * 127.0f : largest;
       // torch computes the reference's 127 / absmax (a number over a tensor) as reciprocal(absmax) * 127
-      const float scale = (1.0f / std::max(absmax[m], std::numeric_limits<float>::min())) * 127.0f;
+      const float scale = step > 0.0f ? 1.0f / step
+                                      : (1.0f / std::max(absmax[m], std::numeric_limits<float>::min())) * 127.0f;
       for (int64_t k = 0; k < K; ++k) {
         // code 0 in an outlier column (multiplied in float), which holds every entry at or above the threshold
         if (is_outlier[k]) continue;
@@ -281,12 +285,13 @@ void llm_int8_rows(const Activations& a, const int8_t* weight, const float* weig
 }
 
 template <typename In>
-at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax, float threshold) {
+at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax, float threshold,
+                    float step) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0);
   const DotPath path = dot_path();
   const Activations a = path == DotPath::VPDPBUSD
-                            ? prepare_activations<In, uint8_t>(x.data_ptr<In>(), M, K, threshold, VNNI_K_STEP, 128)
-                            : prepare_activations<In>(x.data_ptr<In>(), M, K, threshold);
+                            ? prepare_activations<In, uint8_t>(x.data_ptr<In>(), M, K, threshold, step, VNNI_K_STEP, 128)
+                            : prepare_activations<In>(x.data_ptr<In>(), M, K, threshold, step);
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const int8_t* w = weight.data_ptr<int8_t>();
   const float* absmax = weight_absmax.data_ptr<float>();
@@ -300,10 +305,10 @@ at::Tensor llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Ten
 // The same on the AMX-INT8 tiles: the codes of each 16 activation rows one tile, the weight as stored.
 template <typename In>
 at::Tensor llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& weight_absmax,
-                          float threshold) {
+                          float threshold, float step) {
   const int64_t M = x.size(0), K = x.size(1), N = weight.size(0), groups = (M + TILE_ROWS - 1) / TILE_ROWS;
   // (K is a multiple of the tiles' 64 bytes: the codes come unpadded)
-  const Activations a = prepare_activations<In, int8_t>(x.data_ptr<In>(), M, K, threshold, INT8_TILE_K);
+  const Activations a = prepare_activations<In, int8_t>(x.data_ptr<In>(), M, K, threshold, step, INT8_TILE_K);
   const at::Tensor packed =
       pack_int8_tile_rows(at::constant_pad_nd(a.codes, {0, 0, 0, groups * TILE_ROWS - M}));
   at::Tensor y = at::empty({M, N}, x.options().dtype(at::kFloat));
@@ -332,6 +337,16 @@ void check_activations(const at::Tensor& x) {
               "x must be float32, bfloat16 or float16, not ", x.scalar_type());
 }
 
+// The static activations' step (StaticInt8Activations.input_scale: one positive float32), or 0 for LLM.int8's
+// per-row absmax.
+float static_step(const c10::optional<at::Tensor>& input_scale) {
+  if (!input_scale.has_value()) return 0.0f;
+  TORCH_CHECK(input_scale->scalar_type() == at::kFloat && input_scale->numel() == 1, "input_scale must be one float32");
+  const float step = input_scale->item<float>();
+  TORCH_CHECK(step > 0.0f && std::isfinite(step), "input_scale must be positive and finite, not ", step);
+  return step;
+}
+
 void check_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale) {
   check_activations(x);
   TORCH_CHECK(weight.dim() == 2 && weight.scalar_type() == at::kChar && weight.is_contiguous(),
@@ -357,27 +372,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> quantize_activations_int8(const a
   return {a.codes.narrow(1, 0, K).to(at::kChar), a.absmax, outliers};
 }
 
-at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold) {
+at::Tensor linear_llm_int8(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale, double threshold,
+                           const c10::optional<at::Tensor>& input_scale) {
   check_llm_int8(x, weight, scale);
-  const float cut = static_cast<float>(threshold);
+  const float cut = static_cast<float>(threshold), step = static_step(input_scale);
   switch (x.scalar_type()) {
-    case at::kBFloat16: return llm_int8<at::BFloat16>(x, weight, scale, cut);
-    case at::kHalf: return llm_int8<at::Half>(x, weight, scale, cut);
-    default: return llm_int8<float>(x, weight, scale, cut);
+    case at::kBFloat16: return llm_int8<at::BFloat16>(x, weight, scale, cut, step);
+    case at::kHalf: return llm_int8<at::Half>(x, weight, scale, cut, step);
+    default: return llm_int8<float>(x, weight, scale, cut, step);
   }
 }
 
 at::Tensor linear_llm_int8_tiles(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& scale,
-                                 double threshold) {
+                                 double threshold, const c10::optional<at::Tensor>& input_scale) {
   TORCH_CHECK(has_amx_int8(), "linear_llm_int8_tiles needs a CPU with AMX-INT8 and the tile state granted");
   check_llm_int8(x, weight, scale);
   TORCH_CHECK(x.size(1) % INT8_TILE_K == 0, "linear_llm_int8_tiles needs K a multiple of ", INT8_TILE_K, ", not ",
               x.size(1));
-  const float cut = static_cast<float>(threshold);
+  const float cut = static_cast<float>(threshold), step = static_step(input_scale);
   switch (x.scalar_type()) {
-    case at::kBFloat16: return llm_int8_tiles<at::BFloat16>(x, weight, scale, cut);
-    case at::kHalf: return llm_int8_tiles<at::Half>(x, weight, scale, cut);
-    default: return llm_int8_tiles<float>(x, weight, scale, cut);
+    case at::kBFloat16: return llm_int8_tiles<at::BFloat16>(x, weight, scale, cut, step);
+    case at::kHalf: return llm_int8_tiles<at::Half>(x, weight, scale, cut, step);
+    default: return llm_int8_tiles<float>(x, weight, scale, cut, step);
   }
 }
 
