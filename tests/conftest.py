@@ -27,7 +27,10 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 def pytest_collection_finish(session):
-    """Start the slow self-contained jobs the collected tests need (tests/background.py), to run beside them."""
+    """Start the slow self-contained jobs the collected tests need (tests/background.py), to run beside them (not
+    when pytest only lists them)."""
+    if session.config.option.collectonly:
+        return
     background.start_needed([item.nodeid for item in session.items])
 
 
