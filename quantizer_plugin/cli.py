@@ -117,7 +117,7 @@ def build_config(args) -> LowBitConfig:
         # a preset's settings that the chosen activations mode does not take give way (an option given here stays)
         applicable = get_format(config["weights"]).settings.get(config["activations"], {})
         for field in FORMAT_SETTINGS:
-            if field not in applicable and overrides[field] is None:
+            if field not in applicable and overrides.get(field) is None:
                 config.pop(field, None)
     if calibration:  # not fields of a saved config: LowBitConfig takes them as arguments
         return LowBitConfig(**config, **calibration)

@@ -32,6 +32,10 @@ from .replace import (
 from .serialization import check_prequantized_checkpoint, upgrade_layout
 
 
+def _ignore(x) -> None:
+    """An observer that records nothing: the layer runs with 16-bit activations (LowBitLinear.forward)."""
+
+
 class LowBitHfQuantizer(HfQuantizer):
     requires_calibration = False
     quantization_config: LowBitConfig
@@ -123,11 +127,17 @@ class LowBitHfQuantizer(HfQuantizer):
             bar = bar or logging.tqdm(total=total, desc="GPTQ: blocks")
             bar.update(done - bar.n)
 
+        # Static activations are calibrated afterwards (_calibrate_activations): meanwhile their layers run in 16 bits.
+        uncalibrated = static_layers(model).values()
+        for layer in uncalibrated:
+            layer.observer = _ignore
         try:
             ids = calibration_ids(config.dataset, config.tokenizer, config.calibration_samples, config.calibration_length)
             settings = gptq.GPTQSettings(damp=config.damp, act_order=config.act_order)
             summary = calibrated.quantize_blocks(model, self.stash, ids, settings, progress=progress)
         finally:
+            for layer in uncalibrated:
+                layer.observer = None
             if bar is not None:
                 bar.close()
             self.stash.close()

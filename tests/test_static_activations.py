@@ -243,3 +243,22 @@ def test_a_static_layer_compiles_whole_to_its_eager_outputs(monkeypatch, mode):
     layer.input_scale.data.mul_(2)  # a new calibration: the compiled graph reads the tensor
     x = torch.randn(16, 256, dtype=torch.bfloat16)
     assert torch.equal(compiled(x), layer(x))
+
+
+def test_gptq_then_static_activations_calibrate_in_one_load(llama_path, tmp_path):
+    """method="gptq" rounds the weights with the layers running in 16 bits, then the same data calibrates the
+    activations; the checkpoint's metadata records both."""
+    import json
+
+    import safetensors
+
+    ids = calibration_ids()
+    model = load(llama_path, weights="int8", activations="int8_static", smoothing_alpha=None, method="gptq",
+                 dataset=ids, calibration_samples=8, calibration_length=32)  # fmt: skip
+    layers = [m for m in model.modules() if isinstance(m, LowBitLinear)]
+    assert len(layers) == 14 and all(bool(torch.isfinite(m.input_scale).all()) for m in layers)
+    model.save_pretrained(tmp_path / "out")
+    with safetensors.safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        record = json.loads(f.metadata()["quantizer_plugin.calibration"])
+    assert (record["method"], record["blocks"], record["activations"], record["activation_layers"]) == (
+        "gptq", 2, "int8_static", 14)
