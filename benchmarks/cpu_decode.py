@@ -89,7 +89,10 @@ def load(provider: str, path: Path, llama_cpp_source: Path | None, out: Path, co
             name, _, value = option.rpartition("=")
             settings[name or "activations"] = value
         if settings.get("activations", "").endswith("_static"):  # W8A8: calibrated while loading, on random ids
-            ids = torch.randint(0, MODEL["vocab_size"], (16, 64), generator=torch.Generator().manual_seed(3))
+            from transformers import AutoConfig
+
+            vocab = AutoConfig.from_pretrained(path).vocab_size
+            ids = torch.randint(0, vocab, (16, 64), generator=torch.Generator().manual_seed(3))
             settings |= {"dataset": ids, "calibration_samples": 16, "calibration_length": 64}
         kwargs["quantization_config"] = quantizer_plugin.LowBitConfig(weights=weights, **settings)
     elif provider == "bnb-nf4":
