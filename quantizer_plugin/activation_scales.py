@@ -59,7 +59,6 @@ class Calibration:
                 raise ValueError(f"{name}: calibration writes the input scales of layers in memory, and this one is "
                                  "offloaded: calibrate on a model that fits, save it, then load it with the device_map")  # fmt: skip
         self.channel_absmax: dict[str, torch.Tensor] = {}
-        self.inputs: dict[str, torch.Tensor] = {}  # each layer's first input, held while calibrating (norm detection)
         self._norm_outputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # norm -> its last (input, output)
         self.norm_of: dict[str, tuple[str, torch.Tensor]] = {}  # layer -> (the norm whose output it reads, its input)
         self._hooks = []
@@ -79,7 +78,10 @@ class Calibration:
             self._norm_outputs[name] = (args[0].detach(), output)  # the last call's only: memory stays one per norm
 
     def _observe(self, name: str, x: torch.Tensor) -> None:
-        absmax = x.detach().reshape(-1, x.shape[-1]).float().abs().amax(dim=0)
+        # what the grid rounds: the input times the layer's smoothing so far (a model calibrated again keeps its own)
+        smoothing = getattr(self.layers[name], INPUT_SMOOTHING, None)
+        smoothed = x.detach().reshape(-1, x.shape[-1]).float() * (1 if smoothing is None else smoothing.float())
+        absmax = smoothed.abs().amax(dim=0)
         if not bool(torch.isfinite(absmax).all()):
             raise ValueError(f"{name}: the calibration activations hold NaN or infinite values; no input_scale is set")
         previous = self.channel_absmax.get(name)
@@ -113,8 +115,9 @@ class Calibration:
                 if name in factors:
                     absmax = absmax / factors[name]
                     _scale_weight_columns(layer, factors[name])
-                    if name not in folded:
-                        getattr(layer, INPUT_SMOOTHING).copy_(input_factors(factors[name]))
+                    if name not in folded:  # on top of the factors an earlier calibration left
+                        smoothing = getattr(layer, INPUT_SMOOTHING)
+                        smoothing.copy_(smoothing * input_factors(factors[name]))
                 largest = STATIC_MODES[layer.scheme.activations].largest
                 step = absmax.max().clamp(min=torch.finfo(torch.float32).tiny) / largest
                 getattr(layer, INPUT_SCALE).copy_(step.reshape(1))

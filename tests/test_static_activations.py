@@ -262,3 +262,19 @@ def test_gptq_then_static_activations_calibrate_in_one_load(llama_path, tmp_path
         record = json.loads(f.metadata()["quantizer_plugin.calibration"])
     assert (record["method"], record["blocks"], record["activations"], record["activation_layers"]) == (
         "gptq", 2, "int8_static", 14)
+
+
+def test_calibrating_again_keeps_the_product(llama_path):
+    """A second calibration (say on other data) smooths on top of the first: each layer's full-precision product on
+    its input stays the unsmoothed model's."""
+    ids = calibration_ids()
+    once = load(llama_path, weights="int8", activations="int8_static", dataset=ids, calibration_samples=8,
+                calibration_length=32)  # fmt: skip
+    twice = load(llama_path, weights="int8", activations="int8_static", dataset=ids, calibration_samples=8,
+                 calibration_length=32)  # fmt: skip
+    quantizer_plugin.calibrate(twice, ids.flip(0), samples=8, length=32)
+    name = "model.layers.1.mlp.down_proj"  # no norm before it: its factors accumulate in input_smoothing
+    x = torch.randn(5, once.get_submodule(name).in_features)
+    products = [(x * m.get_submodule(name).input_smoothing) @ oracles.weight_of(m.get_submodule(name)).T
+                for m in (once, twice)]  # fmt: skip
+    assert torch.allclose(products[0], products[1], rtol=0.03, atol=0.03 * float(products[0].abs().max()))
