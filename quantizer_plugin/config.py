@@ -97,7 +97,8 @@ class LowBitConfig(QuantizationConfigMixin):
         compute_dtype: dtype of the matmul (default bfloat16); a torch.dtype or its name.
         outlier_threshold: LLM.int8 only (default 6.0): activation columns with any |x| >= it are multiplied in
             16-bit; 0 turns the decomposition off.
-        smoothing_alpha: static activations only (default 0.5): SmoothQuant's migration strength, the input
+        smoothing_alpha: static activations only (default 0.5 for int8_static, None for fp8_static, where it did
+            not help on the small LM: benchmarks/RESULTS.md): SmoothQuant's migration strength, the input
             channels' factors max|x|^alpha / max|w|^(1 - alpha) from the calibration data, folded into the norm
             before the layer where there is one and into the layer's input otherwise; None: no smoothing.
         skip_modules: module names (or patterns) kept in full precision. Default: the output embedding, tied
