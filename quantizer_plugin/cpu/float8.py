@@ -54,9 +54,7 @@ def static_fp8_forward(x: torch.Tensor, weight: Float8Weight, bias: torch.Tensor
         return reference_forward(x, weight, bias, compute_dtype, activations)
     codes = activations.codes(x.reshape(-1, weight.in_features)).to(compute_dtype)
     y = _product(kernels, codes, weight, compute_dtype).float() * activations.input_scale
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], weight.out_features)
+    return activations.output(x, y, bias, compute_dtype, weight.out_features)
 
 
 def _product(kernels, x2d: torch.Tensor, weight: Float8Weight, dtype: torch.dtype) -> torch.Tensor:

@@ -156,8 +156,10 @@ class _StaticActivations:
         """x times the input smoothing factors, in float32 (x itself without them)."""
         return x2d if self.input_smoothing is None else x2d.float() * self.input_smoothing
 
-    def _product(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
-                 out_features: int) -> torch.Tensor:  # fmt: skip
+    def output(self, x: torch.Tensor, y: torch.Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype,
+               out_features: int) -> torch.Tensor:  # fmt: skip
+        """The layer's output from the float32 products y (M, N), already scaled: plus the bias in float32, rounded
+        once to the compute dtype, in x's dtype and leading shape (the reference's end, and every kernel's)."""
         if bias is not None:
             y = y + bias.float()
         return y.to(compute_dtype).to(x.dtype).reshape(*x.shape[:-1], out_features)
@@ -189,7 +191,7 @@ class StaticInt8Activations(_StaticActivations):
         accumulated = self.codes(x2d).double() @ weight.values.double().T
         absmax = (self.input_scale * INT8_MAX).double()  # 127 steps, as LLM.int8's row absmax (the kernels' order)
         y = (accumulated * (absmax * weight.scale.double()[None, :] / (INT8_MAX * INT8_MAX))).float()
-        return self._product(x, y, bias, compute_dtype, weight.out_features)
+        return self.output(x, y, bias, compute_dtype, weight.out_features)
 
 
 @dataclass(frozen=True)
@@ -216,7 +218,7 @@ class StaticFloat8Activations(_StaticActivations):
             raise TypeError(f"activations={self.mode!r} takes fp8 weights, not {type(weight).__name__}")
         x2d = x.reshape(-1, weight.in_features).to(compute_dtype)
         products = self.codes(x2d).double() @ weight.dequantize(torch.float32).double().T
-        return self._product(x, (products * self.input_scale.double()).float(), bias, compute_dtype, weight.out_features)
+        return self.output(x, (products * self.input_scale.double()).float(), bias, compute_dtype, weight.out_features)
 
 
 StaticActivations = StaticInt8Activations | StaticFloat8Activations
